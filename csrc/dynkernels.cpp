@@ -1,0 +1,42 @@
+// dynkernels._C: module init and the whole op surface, in one place.
+//
+// Every op's schema is defined here; each backend registers its kernels with
+// TORCH_LIBRARY_IMPL next to the kernel (csrc/<family>/<op>_{cpu,cuda}.cpp).
+// Fake (meta) kernels and autograd are registered in Python
+// (dynkernels/ops/<family>.py), so every op works under torch.compile.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef DYNKERNELS_TORCH_VERSION
+#define DYNKERNELS_TORCH_VERSION "unknown"
+#endif
+#ifndef DYNKERNELS_CUDA_ARCH_LIST
+#define DYNKERNELS_CUDA_ARCH_LIST ""
+#endif
+
+TORCH_LIBRARY(dynkernels, m) {
+  // ---- pointops (mmcv layout: xyz (B, N, 3), features (B, C, N)) ----
+  // (B, N, 3) float -> (B, num_points) int64, exact FPS, ties to the lowest index.
+  m.def("furthest_point_sample(Tensor xyz, int num_points, int start_index) -> Tensor");
+  // (B, N, 3), (B, M, 3) -> (B, M, num_samples) int64; -1 rows for empty balls.
+  m.def("ball_query(Tensor xyz, Tensor centers, float min_radius, float radius, int num_samples) -> Tensor");
+  // (B, C, N) features, (B, K) int32/int64 idx -> (B, C, K); idx -1 reads zero.
+  m.def("gather_features(Tensor features, Tensor idx, bool deterministic) -> Tensor");
+  // grad (B, C, K) -> (B, C, num_points); deterministic selects the atomic-free CUDA path.
+  m.def("gather_features_backward(Tensor grad_out, Tensor idx, SymInt num_points, bool deterministic) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dynkernels C++/CUDA kernels; the ops live in torch.ops.dynkernels";
+  m.def("built_torch_version", [] { return std::string(DYNKERNELS_TORCH_VERSION); },
+        "torch version this extension was compiled against");
+  m.def("with_cuda", [] {
+#ifdef WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "whether CUDA kernels were compiled in");
+  m.def("cuda_arch_list", [] { return std::string(DYNKERNELS_CUDA_ARCH_LIST); },
+        "TORCH_CUDA_ARCH_LIST used for the CUDA build (empty for CPU builds)");
+}
