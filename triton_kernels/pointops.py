@@ -46,7 +46,9 @@ def _gather_features_bwd_atomic_kernel(
 
 
 @triton.jit
-def _gather_features_bwd_segment_kernel(grad_out_ptr, order_ptr, offsets_ptr, grad_ptr, C, N, K, BLOCK_C: tl.constexpr):
+def _gather_features_bwd_segment_kernel(
+    grad_out_ptr, order_ptr, offsets_ptr, grad_ptr, C, N, K, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr
+):
     # One program per (point, channel block): sums its CSR segment in a fixed
     # order (ascending k), so the result does not depend on scheduling.
     seg = tl.program_id(0).to(tl.int64)  # b * N + n
@@ -57,10 +59,10 @@ def _gather_features_bwd_segment_kernel(grad_out_ptr, order_ptr, offsets_ptr, gr
     start = tl.load(offsets_ptr + seg)
     stop = tl.load(offsets_ptr + seg + 1)
     rows = b * C + cs.to(tl.int64)
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
     for j in range(start, stop):
         k = tl.load(order_ptr + j) - b * K
-        acc += tl.load(grad_out_ptr + rows * K + k, mask=c_in, other=0.0).to(tl.float32)
+        acc += tl.load(grad_out_ptr + rows * K + k, mask=c_in, other=0.0).to(ACC_DTYPE)
     tl.store(grad_ptr + rows * N + n, acc.to(grad_ptr.dtype.element_ty), mask=c_in)
 
 
@@ -108,7 +110,10 @@ def gather_features_bwd(
         order, offsets = segment_order(idx, n)
         grad = torch.empty((batch, channels, n), dtype=grad_out.dtype, device=grad_out.device)
         grid = (batch * n, triton.cdiv(channels, block_c))
-        _gather_features_bwd_segment_kernel[grid](grad_out, order, offsets, grad, channels, n, k, BLOCK_C=block_c)
+        acc = tl.float64 if grad_out.dtype == torch.float64 else tl.float32
+        _gather_features_bwd_segment_kernel[grid](
+            grad_out, order, offsets, grad, channels, n, k, BLOCK_C=block_c, ACC_DTYPE=acc
+        )
         return grad
     # Atomics accumulate in fp32 for half types, then round once.
     acc_dtype = torch.float32 if grad_out.dtype in (torch.float16, torch.bfloat16) else grad_out.dtype

@@ -8,6 +8,8 @@ mmcv and mmdet3d, so that their users can swap these in. Every op takes
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import reference
@@ -181,7 +183,7 @@ def _gather(op: str, features: torch.Tensor, idx: torch.Tensor, deterministic, b
     if chosen == "reference":
         return reference.gather_points(features, idx)
     batch, channels = features.shape[:2]
-    flat = idx.reshape(batch, -1)
+    flat = idx.reshape(batch, math.prod(idx.shape[1:]))
     if chosen == "triton":
         out = torch.ops.dynkernels.gather_features_triton(features, flat, bool(deterministic))
     else:

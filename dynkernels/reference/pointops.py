@@ -7,6 +7,8 @@ in float32 (float64 for float64 inputs; half types are upcast to float32).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -84,7 +86,7 @@ def gather_points(features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """features (B, C, N), idx (B, ...) -> (B, C, ...); index -1 reads zero and
     passes no gradient."""
     batch, channels, n = features.shape
-    flat = idx.reshape(batch, 1, -1)
+    flat = idx.reshape(batch, 1, math.prod(idx.shape[1:]))
     if n == 0:
         out = features.new_zeros((batch, channels, flat.shape[-1]))
     else:
