@@ -29,7 +29,10 @@ def _extensions():
     sources = ["csrc/dynkernels.cpp"] + _sources("*/*_cpu.cpp")
     # -ffp-contract=off: the point ops promise bit-equal distances with the
     # reference, which a compiler-fused multiply-add would break.
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for expands to an inline `#pragma omp parallel`;
+    # without the flag every "parallel" CPU kernel silently runs on one thread.
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     define_macros = [("DYNKERNELS_TORCH_VERSION", f'"{torch.__version__}"')]
     if with_cuda:
         sources += _sources("*/*_cuda.cpp") + _sources("*/*_kernel.cu")
@@ -42,6 +45,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--fmad=false", "-lineinfo"]},
+            extra_link_args=link,
         )
     else:
         ext = CppExtension(
@@ -50,6 +54,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -26,8 +26,14 @@ def _half_types(device: str) -> list[torch.dtype]:
 @pytest.mark.parametrize("dtype", POINT_DTYPES)
 @pytest.mark.parametrize(
     "batch,n,m,kind",
-    [(1, 1, 1, "uniform"), (3, 37, 5, "uniform"), (2, 1000, 129, "scene"), (1, 20011, 301, "uniform"),
-     (3, 9001, 257, "scene"), (2, 517, 517, "grid")],
+    [
+        (1, 1, 1, "uniform"),
+        (3, 37, 5, "uniform"),
+        (2, 1000, 129, "scene"),
+        (1, 20011, 301, "uniform"),
+        (3, 9001, 257, "scene"),
+        (2, 517, 517, "grid"),
+    ],
 )
 def test_fps_matches_reference(device, backend, dtype, batch, n, m, kind):
     xyz = random_cloud(batch, n, kind=kind, dtype=dtype, device=device)
@@ -97,8 +103,13 @@ def test_fps_matches_open3d_and_fpsample():
 @pytest.mark.parametrize("dtype", POINT_DTYPES)
 @pytest.mark.parametrize(
     "batch,n,m,ns,radius,min_radius",
-    [(1, 1, 1, 1, 0.1, 0.0), (2, 333, 17, 5, 0.2, 0.0), (3, 1001, 65, 32, 0.15, 0.05), (2, 50, 7, 64, 0.5, 0.0),
-     (1, 4099, 129, 17, 0.02, 0.0)],
+    [
+        (1, 1, 1, 1, 0.1, 0.0),
+        (2, 333, 17, 5, 0.2, 0.0),
+        (3, 1001, 65, 32, 0.15, 0.05),
+        (2, 50, 7, 64, 0.5, 0.0),
+        (1, 4099, 129, 17, 0.02, 0.0),
+    ],
 )
 def test_ball_query_matches_reference(device, backend, dtype, batch, n, m, ns, radius, min_radius):
     xyz = random_cloud(batch, n, dtype=dtype, device=device)
@@ -136,10 +147,12 @@ def test_ball_query_half_and_non_contiguous(device, backend):
 
 @pytest.mark.parametrize("device,backend", SAMPLE_CASES)
 def test_ball_query_empty(device, backend):
-    assert ops.ball_query(torch.rand(0, 5, 3, device=device), torch.rand(0, 2, 3, device=device), 0.1, 3,
-                          backend=backend).shape == (0, 2, 3)
-    none = ops.ball_query(torch.rand(2, 0, 3, device=device), torch.rand(2, 4, 3, device=device), 0.1, 3,
-                          backend=backend)
+    assert ops.ball_query(
+        torch.rand(0, 5, 3, device=device), torch.rand(0, 2, 3, device=device), 0.1, 3, backend=backend
+    ).shape == (0, 2, 3)
+    none = ops.ball_query(
+        torch.rand(2, 0, 3, device=device), torch.rand(2, 4, 3, device=device), 0.1, 3, backend=backend
+    )
     assert torch.equal(none, torch.full((2, 4, 3), -1, device=device))
 
 
@@ -169,8 +182,9 @@ def test_grouping_matches_reference(device, backend, dtype, index_dtype, determi
     out.backward(grad)
     want.backward(grad)
     # Sums of the same terms; half types accumulate in fp32 in the kernels.
-    torch.testing.assert_close(f_kernel.grad.double(), _scatter_sum(grad.double(), idx, features.shape[2]),
-                               **TOLERANCES[dtype])
+    torch.testing.assert_close(
+        f_kernel.grad.double(), _scatter_sum(grad.double(), idx, features.shape[2]), **TOLERANCES[dtype]
+    )
     if dtype in (torch.float32, torch.float64) and (deterministic or device == "cpu"):
         assert torch.equal(f_kernel.grad, _scatter_sum(grad, idx, features.shape[2]))
 
@@ -288,22 +302,39 @@ def test_compile_fullgraph(device, backend):
         (lambda: ops.ball_query(torch.rand(2, 10, 3), torch.rand(3, 4, 3), 0.1, 4), ValueError, "batch sizes"),
         (lambda: ops.ball_query(torch.rand(2, 10, 3), torch.rand(2, 4, 3), 0.0, 4), ValueError, "radius"),
         (lambda: ops.ball_query(torch.rand(2, 10, 3), torch.rand(2, 4, 3), -1.0, 4), ValueError, "radius"),
-        (lambda: ops.ball_query(torch.rand(2, 10, 3), torch.rand(2, 4, 3), 0.1, 4, min_radius=0.2), ValueError,
-         "min_radius"),
+        (
+            lambda: ops.ball_query(torch.rand(2, 10, 3), torch.rand(2, 4, 3), 0.1, 4, min_radius=0.2),
+            ValueError,
+            "min_radius",
+        ),
         (lambda: ops.ball_query(torch.rand(2, 10, 3), torch.rand(2, 4, 3), 0.1, 0), ValueError, "num_samples"),
         (lambda: ops.ball_query(torch.rand(2, 10, 3), torch.rand(2, 4, 3).double(), 0.1, 2), TypeError, "dtype"),
-        (lambda: ops.ball_query(torch.rand(2, 10, 3), torch.rand(2, 4, 3, device="meta"), 0.1, 2), ValueError,
-         "one device"),
-        (lambda: ops.grouping_operation(torch.rand(2, 3, 10), torch.zeros(2, 4, dtype=torch.long)), ValueError,
-         r"\(B, M, ns\)"),
+        (
+            lambda: ops.ball_query(torch.rand(2, 10, 3), torch.rand(2, 4, 3, device="meta"), 0.1, 2),
+            ValueError,
+            "one device",
+        ),
+        (
+            lambda: ops.grouping_operation(torch.rand(2, 3, 10), torch.zeros(2, 4, dtype=torch.long)),
+            ValueError,
+            r"\(B, M, ns\)",
+        ),
         (lambda: ops.grouping_operation(torch.rand(2, 3, 10), torch.zeros(2, 4, 2)), TypeError, "int32 or int64"),
         (lambda: ops.grouping_operation(torch.rand(2, 3, 10), torch.full((2, 4, 2), 10)), IndexError, r"\[-1, 10\)"),
         (lambda: ops.grouping_operation(torch.rand(2, 3, 10), torch.full((2, 4, 2), -2)), IndexError, r"\[-1, 10\)"),
-        (lambda: ops.grouping_operation(torch.ones(2, 3, 10, dtype=torch.long), torch.zeros(2, 4, 2, dtype=torch.long)),
-         TypeError, "floating"),
+        (
+            lambda: ops.grouping_operation(
+                torch.ones(2, 3, 10, dtype=torch.long), torch.zeros(2, 4, 2, dtype=torch.long)
+            ),
+            TypeError,
+            "floating",
+        ),
         (lambda: ops.gather_points(torch.rand(2, 3, 10), torch.zeros(3, 4, dtype=torch.long)), ValueError, "batch"),
-        (lambda: ops.gather_points(torch.rand(2, 3, 10, device="meta"), torch.zeros(2, 4, dtype=torch.long)),
-         ValueError, "one device"),
+        (
+            lambda: ops.gather_points(torch.rand(2, 3, 10, device="meta"), torch.zeros(2, 4, dtype=torch.long)),
+            ValueError,
+            "one device",
+        ),
     ],
 )
 def test_bad_inputs_raise(call, error, match):

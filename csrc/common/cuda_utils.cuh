@@ -1,0 +1,55 @@
+// Small device helpers shared by the CUDA kernels (nvcc only). CUDA headers only (no
+// ATen), so every *_kernel.cu compiles with plain nvcc.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/scalar_kind.h"
+
+namespace dynkernels {
+namespace cuda {
+
+// Conversions between storage types and their arithmetic type (float, or
+// double for double).
+__device__ __forceinline__ float to_compute(float v) { return v; }
+__device__ __forceinline__ double to_compute(double v) { return v; }
+__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_compute(float v);
+template <>
+__device__ __forceinline__ float from_compute<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_compute<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+struct ComputeType {
+  using type = float;
+};
+template <>
+struct ComputeType<double> {
+  using type = double;
+};
+
+// ((dx*dx + dy*dy) + dz*dz) with every operation rounded on its own: no FMA,
+// so distances equal the CPU kernels' and the reference's bit for bit.
+__device__ __forceinline__ float sq_dist(float x, float y, float z, float px, float py, float pz) {
+  const float dx = __fsub_rn(x, px), dy = __fsub_rn(y, py), dz = __fsub_rn(z, pz);
+  return __fadd_rn(__fadd_rn(__fmul_rn(dx, dx), __fmul_rn(dy, dy)), __fmul_rn(dz, dz));
+}
+__device__ __forceinline__ double sq_dist(double x, double y, double z, double px, double py, double pz) {
+  const double dx = __dsub_rn(x, px), dy = __dsub_rn(y, py), dz = __dsub_rn(z, pz);
+  return __dadd_rn(__dadd_rn(__dmul_rn(dx, dx), __dmul_rn(dy, dy)), __dmul_rn(dz, dz));
+}
+
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+}  // namespace cuda
+}  // namespace dynkernels

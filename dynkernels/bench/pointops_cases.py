@@ -1,0 +1,186 @@
+"""Benchmark cases of the point ops, with the anchors named in the issue:
+Open3D's exact FPS and KD-tree radius search, fpsample's exact and bucket
+(QuickFPS) FPS, and torch.gather."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import torch
+
+from .. import ops, reference
+from ..testing import random_cloud
+
+
+def _impl(*args, **kw):
+    from .cases import Impl
+
+    return Impl(*args, **kw)
+
+
+def _case(*args, **kw):
+    from .cases import Case
+
+    return Case(*args, **kw)
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _cloud(batch: int, n: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234 + n + batch)
+    return random_cloud(batch, n, kind="scene" if n >= 40000 else "uniform", device=device, generator=g)
+
+
+def _require_equal(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    if not torch.equal(got.cpu(), want.cpu()):
+        raise AssertionError(f"{what}: dynkernels disagrees with the reference; refusing to time a wrong kernel")
+
+
+def fps_setup(batch: int, n: int, m: int, device: str):
+    xyz = _cloud(batch, n, device)
+    kernel = lambda: ops.furthest_point_sample(xyz, m)
+    ref = lambda: reference.furthest_point_sample(xyz, m)
+    ours = kernel()
+    _require_equal("furthest_point_sample", ours, ref())
+    impls = [_impl("dynkernels", kernel, "kernel"), _impl("reference", ref, "reference")]
+    if device == "cpu":
+        pts = [c.numpy() for c in xyz]
+        if _have("open3d"):
+            import open3d as o3d
+
+            clouds = [o3d.geometry.PointCloud(o3d.utility.Vector3dVector(p.astype(np.float64))) for p in pts]
+            run = lambda: [c.farthest_point_down_sample(m) for c in clouds]
+            got = run()
+            same = all(
+                np.array_equal(np.sort(np.asarray(d.points), 0), np.sort(p[i.numpy()].astype(np.float64), 0))
+                for d, p, i in zip(got, pts, ours, strict=True)
+            )
+            impls.append(_impl("open3d", run, "anchor", same, "same point set"))
+        if _have("fpsample"):
+            import fpsample
+
+            exact = lambda: [fpsample.fps_sampling(p, m, start_idx=0) for p in pts]
+            bucket = lambda: [fpsample.bucket_fps_kdline_sampling(p, m, h=7, start_idx=0) for p in pts]
+            for name, fn in (("fpsample exact", exact), ("fpsample QuickFPS h=7", bucket)):
+                same = all(np.array_equal(r.astype(np.int64), i.numpy()) for r, i in zip(fn(), ours, strict=True))
+                impls.append(_impl(name, fn, "anchor", same, "same sequence"))
+    return impls
+
+
+def ball_query_setup(batch: int, n: int, m: int, ns: int, radius: float, device: str):
+    xyz = _cloud(batch, n, device)
+    idx = ops.furthest_point_sample(xyz, m)
+    centers = torch.gather(xyz, 1, idx.unsqueeze(-1).expand(-1, -1, 3)).contiguous()
+    kernel = lambda: ops.ball_query(xyz, centers, radius, ns)
+    ref = lambda: reference.ball_query(xyz, centers, radius, ns)
+    ours = kernel()
+    _require_equal("ball_query", ours, ref())
+    impls = [_impl("dynkernels", kernel, "kernel"), _impl("reference", ref, "reference")]
+    if device == "cpu" and _have("open3d"):
+        import open3d as o3d
+
+        pts = [c.numpy().astype(np.float64) for c in xyz]
+        ctr = [c.numpy().astype(np.float64) for c in centers]
+
+        def kd_search():  # tree build included: a user has to build it
+            out = []
+            for p, cs in zip(pts, ctr, strict=True):
+                tree = o3d.geometry.KDTreeFlann(o3d.geometry.PointCloud(o3d.utility.Vector3dVector(p)))
+                out.append([tree.search_hybrid_vector_3d(c, radius, ns)[1] for c in cs])
+            return out
+
+        got = kd_search()
+        # KD search returns the nearest ns, not the first ns by index: compare
+        # only the balls that hold at most ns points, as sets.
+        same = all(
+            sorted(set(np.asarray(h).tolist())) == sorted(set(r.tolist()))
+            for hits, rows in zip(got, ours, strict=True)
+            for h, r in zip(hits, rows, strict=True)
+            if len(h) < ns
+        )
+        impls.append(_impl("open3d KDTree hybrid", kd_search, "anchor", same, "same small balls"))
+    return impls
+
+
+def grouping_setup(batch: int, n: int, m: int, ns: int, channels: int, device: str, backward: bool):
+    g = torch.Generator().manual_seed(7)
+    features = torch.randn(batch, channels, n, generator=g).to(device)
+    idx = torch.randint(0, n, (batch, m, ns), generator=g).to(device)
+    if not backward:
+        kernel = lambda: ops.grouping_operation(features, idx)
+        ref = lambda: reference.grouping_operation(features, idx)
+        gather = lambda: features.gather(2, idx.reshape(batch, 1, -1).expand(batch, channels, -1)).view(
+            batch, channels, m, ns
+        )
+        _require_equal("grouping_operation", kernel(), ref())
+        return [
+            _impl("dynkernels", kernel, "kernel"),
+            _impl("reference", ref, "reference"),
+            _impl("torch.gather", gather, "anchor", bool(torch.equal(kernel(), gather())), "same values"),
+        ]
+    leaf = features.clone().requires_grad_()
+    grad = torch.randn(batch, channels, m, ns, generator=g).to(device)
+
+    def step(fn):
+        def run():
+            (out,) = torch.autograd.grad(fn(leaf, idx), leaf, grad)
+            return out
+
+        return run
+
+    kernel = step(lambda f, i: ops.grouping_operation(f, i))
+    ref = step(reference.grouping_operation)
+    torch.testing.assert_close(kernel(), ref())
+    return [_impl("dynkernels", kernel, "kernel"), _impl("reference", ref, "reference")]
+
+
+def cases(quick: bool, device: str) -> list:
+    if quick:
+        fps_sizes = [(1, 20000, 512), (2, 8192, 256)]
+        query_sizes = [(2, 8192, 256, 32, 0.2)]
+        group_sizes = [(2, 8192, 256, 32, 32)]
+    else:
+        fps_sizes = [(1, 100000, 4096), (8, 16384, 1024), (2, 40000, 2048)]
+        query_sizes = [(8, 16384, 1024, 32, 0.2), (2, 40000, 2048, 64, 0.2)]
+        group_sizes = [(8, 16384, 1024, 32, 64), (2, 40000, 2048, 64, 64)]
+        if device == "cuda":
+            fps_sizes.append((16, 16384, 4096))
+            query_sizes.append((16, 16384, 4096, 32, 0.2))
+            group_sizes.append((16, 16384, 4096, 32, 64))
+    out = []
+    for b, n, m in fps_sizes:
+        out.append(
+            _case(
+                "pointops",
+                "furthest_point_sample",
+                f"B={b} N={n} M={m}",
+                lambda b=b, n=n, m=m: fps_setup(b, n, m, device),
+                dict(B=b, N=n, M=m),
+            )
+        )
+    for b, n, m, ns, r in query_sizes:
+        out.append(
+            _case(
+                "pointops",
+                "ball_query",
+                f"B={b} N={n} M={m} ns={ns} r={r}",
+                lambda b=b, n=n, m=m, ns=ns, r=r: ball_query_setup(b, n, m, ns, r, device),
+                dict(B=b, N=n, M=m, ns=ns, r=r),
+            )
+        )
+    for b, n, m, ns, c in group_sizes:
+        for backward in (False, True):
+            op = "grouping_operation" + (" fwd+bwd" if backward else "")
+            out.append(
+                _case(
+                    "pointops",
+                    op,
+                    f"B={b} C={c} N={n} M={m} ns={ns}",
+                    lambda b=b, n=n, m=m, ns=ns, c=c, bw=backward: grouping_setup(b, n, m, ns, c, device, bw),
+                    dict(B=b, C=c, N=n, M=m, ns=ns),
+                )
+            )
+    return out

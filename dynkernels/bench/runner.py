@@ -1,0 +1,207 @@
+"""Timing, progress, table, JSON and plot for `python -m dynkernels bench`."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..info import info
+from .cases import Case, cases_for
+
+
+def measure(fn, device: str, min_time: float = 0.4, min_runs: int = 3, max_runs: int = 50) -> list[float]:
+    """Seconds per call: one warm-up, then runs until min_time has passed (at
+    least min_runs, at most max_runs). CUDA timings synchronise inside."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+class Progress:
+    def __init__(self, total: int, stream=sys.stderr) -> None:
+        self.total, self.done, self.stream = total, 0, stream
+
+    def show(self, label: str) -> None:
+        width = 28
+        filled = int(width * self.done / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        self.stream.write(f"\r[{bar}] {self.done}/{self.total} {label[:70]:<70}")
+        self.stream.flush()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        self.show(label)
+
+    def close(self) -> None:
+        self.stream.write("\n")
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=root).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "") if out.returncode == 0 else None
+    except OSError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: str) -> dict:
+    data = info()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": data["torch"],
+        "cuda": data["torch_cuda"],
+        "triton": data["triton"]["version"],
+        "python": platform.python_version(),
+        "extension_built": data["extension"]["built"],
+    }
+
+
+def run_cases(cases: list[Case], device: str) -> list[dict]:
+    progress = Progress(sum(1 for _ in cases))
+    rows = []
+    for case in cases:
+        progress.show(f"{case.op} {case.size}: checking")
+        impls = case.setup()
+        for impl in impls:
+            progress.show(f"{case.op} {case.size}: {impl.name}")
+            slow = impl.kind != "kernel"
+            times = measure(impl.fn, device, min_time=0.3 if slow else 0.6, min_runs=3, max_runs=10 if slow else 50)
+            rows.append(
+                {
+                    "family": case.family,
+                    "op": case.op,
+                    "size": case.size,
+                    "params": case.params,
+                    "impl": impl.name,
+                    "kind": impl.kind,
+                    "agrees": impl.agrees,
+                    "note": impl.note,
+                    "median_s": statistics.median(times),
+                    "min_s": min(times),
+                    "max_s": max(times),
+                    "runs": len(times),
+                }
+            )
+        progress.step(f"{case.op} {case.size}: done")
+    progress.close()
+    kernel_time = {(r["op"], r["size"]): r["median_s"] for r in rows if r["kind"] == "kernel"}
+    for r in rows:
+        r["dynkernels_speedup"] = r["median_s"] / kernel_time[(r["op"], r["size"])]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'op':<26} {'size':<34} {'implementation':<24} {'median ms':>10} {'min-max ms':>17} {'dk speedup':>10}  agrees"
+    lines = [header, "-" * len(header)]
+    last = None
+    for r in rows:
+        key = (r["op"], r["size"])
+        op, size = (r["op"], r["size"]) if key != last else ("", "")
+        last = key
+        spread = f"{r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f}"
+        agrees = {None: "", True: "yes", False: "NO"}[r["agrees"]]
+        speed = "" if r["kind"] == "kernel" else f"{r['dynkernels_speedup']:.1f}x"
+        lines.append(
+            f"{op:<26} {size:<34} {r['impl']:<24} {r['median_s'] * 1e3:>10.2f} {spread:>17} {speed:>10}  {agrees}"
+        )
+    lines.append("dk speedup = that implementation's median time / dynkernels' median time (higher: dynkernels faster)")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["size"]), []).append(r)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 1.2 + 0.45 * len(rows)), squeeze=False)
+    colors = {"kernel": "#2a7ab0", "reference": "#999999", "anchor": "#e0892b"}
+    for ax, ((op, size), rs) in zip(axes[:, 0], groups.items(), strict=True):
+        names = [r["impl"] for r in rs]
+        ms = [r["median_s"] * 1e3 for r in rs]
+        ax.barh(names, ms, color=[colors[r["kind"]] for r in rs])
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_title(f"{op}  {size}", fontsize=9, loc="left")
+        for y, (v, r) in enumerate(zip(ms, rs, strict=True)):
+            label = f"{v:.2f} ms" + ("" if r["kind"] == "kernel" else f"  ({r['dynkernels_speedup']:.1f}x)")
+            ax.text(v, y, " " + label, va="center", fontsize=7)
+        ax.tick_params(labelsize=8)
+    axes[-1, 0].set_xlabel("median time per call, ms (log scale)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    ops = [o.strip() for o in args.ops.split(",")] if args.ops else None
+    cases = cases_for(None, ops, args.quick, device)
+    if not cases:
+        print(f"no benchmark case matches --ops {args.ops}", file=sys.stderr)
+        return 2
+    env = environment(device)
+    print(
+        f"dynkernels bench on {env['device_name']} ({device}, {env['threads']} threads), torch {env['torch']}, "
+        f"commit {env['commit']}{', quick sizes' if args.quick else ''}",
+        file=sys.stderr,
+    )
+    rows = run_cases(cases, device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{device}{'-quick' if args.quick else ''}"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
+    table = format_table(rows)
+    (out_dir / f"{stem}.txt").write_text(table + "\n")
+    plotted = plot(rows, out_dir / f"{stem}.png", f"dynkernels on {env['device_name']} ({device})")
+    print(table)
+    print(
+        f"wrote {out_dir / (stem + '.json')}, {stem}.txt"
+        + (f", {stem}.png" if plotted else " (no matplotlib: no plot)")
+    )
+    bad = [r for r in rows if r["agrees"] is False]
+    for r in bad:
+        print(f"note: {r['impl']} disagrees with dynkernels on {r['op']} {r['size']} ({r['note']})", file=sys.stderr)
+    return 0
