@@ -57,7 +57,9 @@ def test_cuda_glue_parses(source, tmp_path):
     CPU wheel lacks one generated CMake header of c10/cuda: a one-line shim
     stands in for it (macros only)."""
     torch_include = Path(torch.__file__).parent / "include"
-    cuda_include = Path(shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc").resolve().parents[1] / "include"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    cuda_include = Path(CUDA_HOME or "/usr/local/cuda") / "include"
     if not (torch_include / "c10" / "cuda" / "CUDAStream.h").exists() or not (cuda_include / "cuda_runtime.h").exists():
         pytest.skip("torch's c10/cuda headers or the CUDA runtime headers are missing")
     shim = tmp_path / "c10" / "cuda" / "impl"

@@ -16,7 +16,7 @@ at::Tensor furthest_point_sample_cuda(const at::Tensor& xyz, int64_t num_points,
   if (batch == 0 || num_points == 0) return out;
   at::Tensor points = xyz.contiguous();
   at::Tensor scratch;
-  if (dynkernels::cuda::fps_needs_scratch(n)) {
+  if (dynkernels::cuda::fps_needs_scratch(dynkernels::cuda::kind_of(points), n)) {
     scratch = at::empty({batch, n}, xyz.options().dtype(dynkernels::cuda::compute_dtype(xyz)));
   }
   DK_CHECK_LAUNCH(dynkernels::cuda::launch_furthest_point_sample(

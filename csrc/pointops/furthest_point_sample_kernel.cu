@@ -8,7 +8,7 @@
 // barrier per sample. The winner's coordinates travel with it, so no thread
 // re-reads global memory to learn where the next sample is.
 //
-// Clouds of up to kThreads*kMaxPerThread points keep coordinates and
+// Clouds of up to kThreads * max_per_thread points (8192 float, 4096 double) keep coordinates and
 // min-distances in registers; larger clouds keep min-distances in a global
 // scratch buffer (L2-resident at these sizes) and re-read coordinates.
 #include <cfloat>
@@ -23,7 +23,12 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxPerThread = 16;
+// Points per thread that stay in registers without spilling under the
+// 128-register cap of __launch_bounds__(512, 1): 16 for float, 8 for double.
+template <typename scalar_t>
+constexpr int max_per_thread() {
+  return sizeof(typename ComputeType<scalar_t>::type) == 8 ? 8 : 16;
+}
 
 template <typename dist_t>
 struct Best {
@@ -156,8 +161,8 @@ cudaError_t launch(const scalar_t* xyz, int64_t batch, int64_t n, int64_t m, int
     fps_registers_kernel<scalar_t, 4><<<grid, block, 0, stream>>>(xyz, n, m, start, out);
   } else if (per_thread <= 8) {
     fps_registers_kernel<scalar_t, 8><<<grid, block, 0, stream>>>(xyz, n, m, start, out);
-  } else if (per_thread <= kMaxPerThread) {
-    fps_registers_kernel<scalar_t, kMaxPerThread><<<grid, block, 0, stream>>>(xyz, n, m, start, out);
+  } else if (per_thread <= max_per_thread<scalar_t>()) {
+    fps_registers_kernel<scalar_t, max_per_thread<scalar_t>()><<<grid, block, 0, stream>>>(xyz, n, m, start, out);
   } else {
     fps_streaming_kernel<scalar_t>
         <<<grid, block, 0, stream>>>(xyz, n, m, start, static_cast<dist_t*>(md_scratch), out);
@@ -182,7 +187,10 @@ cudaError_t launch_furthest_point_sample(ScalarKind kind, const void* xyz, int64
   return cudaErrorInvalidValue;
 }
 
-bool fps_needs_scratch(int64_t n) { return n > static_cast<int64_t>(kThreads) * kMaxPerThread; }
+bool fps_needs_scratch(ScalarKind kind, int64_t n) {
+  const int per_thread = kind == ScalarKind::kFloat64 ? max_per_thread<double>() : max_per_thread<float>();
+  return n > static_cast<int64_t>(kThreads) * per_thread;
+}
 
 }  // namespace cuda
 }  // namespace dynkernels

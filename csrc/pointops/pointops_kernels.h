@@ -14,12 +14,12 @@ namespace cuda {
 
 // xyz (B, N, 3) contiguous -> out (B, M) int64. md_scratch: B*N elements of
 // the distance type (float, or double for kFloat64), used when N exceeds the
-// register-resident capacity (8192 points per cloud).
+// register-resident capacity (see fps_needs_scratch).
 cudaError_t launch_furthest_point_sample(ScalarKind kind, const void* xyz, int64_t batch, int64_t n, int64_t m,
                                          int64_t start, void* md_scratch, int64_t* out, cudaStream_t stream);
 
 // Whether launch_furthest_point_sample needs md_scratch for clouds of n points.
-bool fps_needs_scratch(int64_t n);
+bool fps_needs_scratch(ScalarKind kind, int64_t n);
 
 // xyz (B, N, 3), centers (B, M, 3) contiguous, same kind -> out (B, M, ns) int64.
 cudaError_t launch_ball_query(ScalarKind kind, const void* xyz, const void* centers, int64_t batch, int64_t n,

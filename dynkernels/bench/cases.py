@@ -32,6 +32,7 @@ class Case:
     size: str
     setup: Callable[[], list[Impl]]
     params: dict = field(default_factory=dict)
+    impl_names: tuple[str, ...] = ()  # what setup() returns, known without running it
 
 
 FAMILIES: dict[str, Callable[[bool, str], list[Case]]] = {"pointops": pointops_cases.cases}

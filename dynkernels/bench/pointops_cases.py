@@ -137,6 +137,18 @@ def grouping_setup(batch: int, n: int, m: int, ns: int, channels: int, device: s
     return [_impl("dynkernels", kernel, "kernel"), _impl("reference", ref, "reference")]
 
 
+def _names(op: str, device: str) -> tuple[str, ...]:
+    names = ["dynkernels", "reference"]
+    if device == "cpu":
+        if op == "furthest_point_sample":
+            names += ["open3d"] * _have("open3d") + ["fpsample exact", "fpsample QuickFPS h=7"] * _have("fpsample")
+        elif op == "ball_query":
+            names += ["open3d KDTree hybrid"] * _have("open3d")
+    if op == "grouping_operation":
+        names.append("torch.gather")
+    return tuple(names)
+
+
 def cases(quick: bool, device: str) -> list:
     if quick:
         fps_sizes = [(1, 20000, 512), (2, 8192, 256)]
@@ -159,6 +171,7 @@ def cases(quick: bool, device: str) -> list:
                 f"B={b} N={n} M={m}",
                 lambda b=b, n=n, m=m: fps_setup(b, n, m, device),
                 dict(B=b, N=n, M=m),
+                _names("furthest_point_sample", device),
             )
         )
     for b, n, m, ns, r in query_sizes:
@@ -169,6 +182,7 @@ def cases(quick: bool, device: str) -> list:
                 f"B={b} N={n} M={m} ns={ns} r={r}",
                 lambda b=b, n=n, m=m, ns=ns, r=r: ball_query_setup(b, n, m, ns, r, device),
                 dict(B=b, N=n, M=m, ns=ns, r=r),
+                _names("ball_query", device),
             )
         )
     for b, n, m, ns, c in group_sizes:
@@ -181,6 +195,7 @@ def cases(quick: bool, device: str) -> list:
                     f"B={b} C={c} N={n} M={m} ns={ns}",
                     lambda b=b, n=n, m=m, ns=ns, c=c, bw=backward: grouping_setup(b, n, m, ns, c, device, bw),
                     dict(B=b, C=c, N=n, M=m, ns=ns),
+                    _names(op, device),
                 )
             )
     return out

@@ -94,6 +94,7 @@ def run_cases(cases: list[Case], device: str) -> list[dict]:
     for case in cases:
         progress.show(f"{case.op} {case.size}: checking")
         impls = case.setup()
+        assert tuple(i.name for i in impls) == case.impl_names, (case.op, [i.name for i in impls], case.impl_names)
         for impl in impls:
             progress.show(f"{case.op} {case.size}: {impl.name}")
             slow = impl.kind != "kernel"
