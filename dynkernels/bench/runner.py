@@ -141,6 +141,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| op | size | implementation | median ms | dynkernels speedup | same result |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for r in rows:
+        speed = "—" if r["kind"] == "kernel" else f"{r['dynkernels_speedup']:.1f}x"
+        agrees = {None: "", True: "yes", False: "no"}[r["agrees"]]
+        name = f"**{r['impl']}**" if r["kind"] == "kernel" else r["impl"]
+        lines.append(f"| {r['op']} | {r['size']} | {name} | {r['median_s'] * 1e3:.2f} | {speed} | {agrees} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -196,6 +209,7 @@ def main(args) -> int:
     (out_dir / f"{stem}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     table = format_table(rows)
     (out_dir / f"{stem}.txt").write_text(table + "\n")
+    (out_dir / f"{stem}.md").write_text(format_markdown(rows) + "\n")
     plotted = plot(rows, out_dir / f"{stem}.png", f"dynkernels on {env['device_name']} ({device})")
     print(table)
     print(

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build, CUDA + Triton tests, compute-sanitizer
+# on the new kernels, then the benchmarks; everything lands in $OUT (or ./gpu-out).
+#   device run: MAX_JOBS=16 bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -5 | tee "$OUT/build.log"
+python3 -m dynkernels info | tee "$OUT/info.txt"
+python3 -m pytest tests -q -x -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/tests.log"
+# compute-sanitizer on a small run of each CUDA kernel
+cat > /tmp/sanitize_pointops.py <<'PY'
+import torch
+from dynkernels import ops
+xyz = torch.rand(3, 9001, 3, device="cuda")
+for n in (1000, 9001):
+    idx = ops.furthest_point_sample(xyz[:, :n].contiguous(), 300, backend="cuda")
+centers = torch.gather(xyz, 1, idx.unsqueeze(-1).expand(-1, -1, 3)).contiguous()
+nbr = ops.ball_query(xyz, centers, 0.2, 32, backend="cuda")
+f = torch.randn(3, 16, 9001, device="cuda", requires_grad=True)
+for det in (False, True):
+    ops.grouping_operation(f, nbr, backend="cuda", deterministic=det).sum().backward()
+torch.cuda.synchronize()
+print("sanitize run ok")
+PY
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 /tmp/sanitize_pointops.py 2>&1 | tail -8 | tee "$OUT/sanitizer-$tool.log"
+  done
+else
+  echo "compute-sanitizer not found" | tee "$OUT/sanitizer.log"
+fi
+python3 -m dynkernels bench --out "$OUT" 2>&1 | tail -40
