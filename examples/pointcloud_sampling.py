@@ -61,8 +61,10 @@ def main() -> None:
     o3d.io.write_point_cloud(str(target), sampled)
     empty = int((nbr[..., 0] < 0).sum())
     spread = (grouped - centers.transpose(1, 2).unsqueeze(-1)).norm(dim=1).amax().item()
-    print(f"{path.name}: {n} points -> {m} FPS samples in {1e3 * (t1 - t0):.1f} ms; ball query (r={args.radius}, "
-          f"ns={args.neighbours}) {1e3 * (t2 - t1):.1f} ms; grouping {1e3 * (t3 - t2):.1f} ms")
+    print(
+        f"{path.name}: {n} points -> {m} FPS samples in {1e3 * (t1 - t0):.1f} ms; ball query (r={args.radius}, "
+        f"ns={args.neighbours}) {1e3 * (t2 - t1):.1f} ms; grouping {1e3 * (t3 - t2):.1f} ms"
+    )
     print(f"empty balls: {empty}; farthest grouped neighbour: {spread:.4f} (< radius {args.radius})")
     print(f"wrote {target}")
 

@@ -18,8 +18,19 @@ def test_pointcloud_sampling_example(tmp_path):
     rng = np.random.default_rng(0)
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(rng.random((3000, 3))))
     o3d.io.write_point_cloud(str(source), cloud)
-    cmd = [sys.executable, str(ROOT / "examples" / "pointcloud_sampling.py"), str(source), "--out", str(tmp_path),
-           "--samples", "128", "--radius", "0.15", "--neighbours", "16"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "pointcloud_sampling.py"),
+        str(source),
+        "--out",
+        str(tmp_path),
+        "--samples",
+        "128",
+        "--radius",
+        "0.15",
+        "--neighbours",
+        "16",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
     assert result.returncode == 0, result.stderr
     written = o3d.io.read_point_cloud(str(tmp_path / "scan_fps128.ply"))

@@ -121,6 +121,27 @@ def test_ball_query_matches_reference(device, backend, dtype, batch, n, m, ns, r
 
 
 @pytest.mark.parametrize("device,backend", SAMPLE_CASES)
+@pytest.mark.parametrize(
+    "kind,radius,min_radius",
+    [("scene", 0.3, 0.0), ("scene", 0.1, 0.02), ("grid", 0.2, 0.1), ("uniform", 0.004, 0.0), ("scene", 40.0, 0.0)],
+)
+def test_ball_query_sparse_and_outside_centers(device, backend, kind, radius, min_radius):
+    """Clouds of >= 4096 points take the CPU cell grid where balls are sparse;
+    centers outside the cloud, far away, or on duplicates must agree too."""
+    xyz = random_cloud(2, 6007, kind=kind, device=device)
+    centers = torch.cat(
+        [sample_centers(xyz, 40), sample_centers(xyz, 9) * 1.5 - 0.4, torch.full((2, 2, 3), 1e6, device=device)], dim=1
+    )
+    got = ops.ball_query(xyz, centers, radius, 24, min_radius=min_radius, backend=backend)
+    assert torch.equal(got, reference.ball_query(xyz, centers, radius, 24, min_radius))
+    assert (got[:, -2:] == -1).all()
+    nan = xyz.clone()
+    nan[1, 100] = float("nan")  # a non-finite cloud never builds a grid
+    got = ops.ball_query(nan, centers, radius, 24, min_radius=min_radius, backend=backend)
+    assert torch.equal(got, reference.ball_query(nan, centers, radius, 24, min_radius))
+
+
+@pytest.mark.parametrize("device,backend", SAMPLE_CASES)
 def test_ball_query_semantics(device, backend):
     xyz = torch.tensor([[[0.0, 0, 0], [0.3, 0, 0], [0.05, 0, 0], [0.0, 0, 0], [5.0, 5, 5]]], device=device)
     centers = torch.tensor([[[0.0, 0, 0], [9.0, 9, 9], [0.3, 0, 0]]], device=device)
