@@ -12,6 +12,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -21,8 +22,28 @@ namespace {
 template <typename index_t>
 void check_index_range(const index_t* idx, int64_t count, int64_t n) {
   for (int64_t i = 0; i < count; ++i) {
-    TORCH_CHECK_INDEX(idx[i] >= -1 && idx[i] < n, "idx holds ", static_cast<int64_t>(idx[i]),
-                      ", outside [-1, N=", n, ")");
+    TORCH_CHECK_INDEX(idx[i] >= -1 && idx[i] < n, "idx must hold indices in [-1, ", n, "), got ",
+                      static_cast<int64_t>(idx[i]));
+  }
+}
+
+// grad row d (n) = sum over j of s[j] at row_idx[j], in ascending j. float
+// and double accumulate in d itself; half types in the fp32 scratch row,
+// rounded once at the end.
+template <typename scalar_t, typename acc_t, typename index_t>
+void scatter_row(const scalar_t* s, const index_t* row_idx, int64_t k, int64_t n, scalar_t* d, acc_t* scratch) {
+  acc_t* acc = nullptr;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    acc = d;
+  } else {
+    acc = scratch;
+  }
+  std::fill(acc, acc + n, acc_t(0));
+  for (int64_t j = 0; j < k; ++j) {
+    if (row_idx[j] >= 0) acc[row_idx[j]] += static_cast<acc_t>(s[j]);
+  }
+  if constexpr (!std::is_same_v<acc_t, scalar_t>) {
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(acc[i]);
   }
 }
 
@@ -66,8 +87,9 @@ at::Tensor gather_features_backward_cpu(const at::Tensor& grad_out, const at::Te
   check_gather_args(grad_out, idx);
   TORCH_CHECK(grad_out.size(2) == idx.size(1), "grad_out has ", grad_out.size(2), " columns, idx ", idx.size(1));
   const int64_t batch = grad_out.size(0), channels = grad_out.size(1), k = idx.size(1), n = num_points;
-  at::Tensor grad = at::zeros({batch, channels, n}, grad_out.options());
-  if (grad.numel() == 0 || k == 0) return grad;
+  TORCH_CHECK(n >= 0, "num_points must be >= 0, got ", n);
+  if (k == 0 || batch * channels * n == 0) return at::zeros({batch, channels, n}, grad_out.options());
+  at::Tensor grad = at::empty({batch, channels, n}, grad_out.options());  // every row is written below
   at::Tensor g = grad_out.contiguous();
   at::Tensor index = idx.contiguous();
   AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "gather_features_backward_cpu_index", [&] {
@@ -78,16 +100,12 @@ at::Tensor gather_features_backward_cpu(const at::Tensor& grad_out, const at::Te
       const scalar_t* src = g.const_data_ptr<scalar_t>();
       scalar_t* dst = grad.data_ptr<scalar_t>();
       at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> acc(static_cast<size_t>(n));
+        std::vector<acc_t> scratch(std::is_same_v<acc_t, scalar_t> ? 0 : static_cast<size_t>(n));
         for (int64_t row = begin; row < end; ++row) {
           const index_t* row_idx = id + (row / channels) * k;
           const scalar_t* s = src + row * k;
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t j = 0; j < k; ++j) {
-            if (row_idx[j] >= 0) acc[row_idx[j]] += static_cast<acc_t>(s[j]);
-          }
           scalar_t* d = dst + row * n;
-          for (int64_t i = 0; i < n; ++i) d[i] = static_cast<scalar_t>(acc[i]);
+          scatter_row(s, row_idx, k, n, d, scratch.data());
         }
       });
     });

@@ -176,10 +176,11 @@ def _gather(op: str, features: torch.Tensor, idx: torch.Tensor, deterministic, b
     check_floating("features", features)
     check_same_device(features=features, idx=idx)
     check_same_batch(features=features, idx=idx)
-    check_index_range("idx", idx, features.shape[2])
+    chosen = resolve(op, features.device, backend, ("reference", "cpp", "cuda", "triton"))
+    if chosen != "cpp":  # the C++ kernel checks ranges itself
+        check_index_range("idx", idx, features.shape[2])
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    chosen = resolve(op, features.device, backend, ("reference", "cpp", "cuda", "triton"))
     if chosen == "reference":
         return reference.gather_points(features, idx)
     batch, channels = features.shape[:2]
