@@ -172,6 +172,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
         ms = [r["median_s"] * 1e3 for r in rs]
         ax.barh(names, ms, color=[colors[r["kind"]] for r in rs])
         ax.set_xscale("log")
+        ax.set_xlim(left=min(ms) / 2, right=max(ms) * 4)
         ax.invert_yaxis()
         ax.set_title(f"{op}  {size}", fontsize=9, loc="left")
         for y, (v, r) in enumerate(zip(ms, rs, strict=True)):
