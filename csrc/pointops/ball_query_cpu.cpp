@@ -24,8 +24,8 @@
 #include <cmath>
 #include <vector>
 
-#include "common/checks.h"
 #include "pointops/fps_tree.h"
+#include "pointops/pointops_checks.h"
 
 namespace {
 
@@ -186,12 +186,7 @@ at::Tensor ball_query_cpu(const at::Tensor& xyz, const at::Tensor& centers, doub
                           int64_t num_samples) {
   DK_CHECK_CPU(xyz);
   DK_CHECK_CPU(centers);
-  DK_CHECK_POINTS(xyz);
-  DK_CHECK_POINTS(centers);
-  TORCH_CHECK(xyz.scalar_type() == centers.scalar_type(), "xyz and centers must share a dtype");
-  TORCH_CHECK(xyz.size(0) == centers.size(0), "xyz and centers must share the batch size");
-  TORCH_CHECK(num_samples >= 1, "num_samples must be >= 1, got ", num_samples);
-  TORCH_CHECK(radius > 0 && min_radius >= 0 && min_radius < radius, "need 0 <= min_radius < radius");
+  dynkernels::pointops::check_ball_query_args(xyz, centers, min_radius, radius, num_samples);
   const int64_t batch = xyz.size(0), n = xyz.size(1), m = centers.size(1);
   at::Tensor out = at::empty({batch, m, num_samples}, xyz.options().dtype(at::kLong));
   if (out.numel() == 0) return out;

@@ -1,5 +1,6 @@
 // ball_query, CUDA glue.
 #include "common/cuda_glue.h"
+#include "pointops/pointops_checks.h"
 #include "pointops/pointops_kernels.h"
 
 namespace {
@@ -8,13 +9,7 @@ at::Tensor ball_query_cuda(const at::Tensor& xyz, const at::Tensor& centers, dou
                            int64_t num_samples) {
   DK_CHECK_CUDA(xyz);
   DK_CHECK_CUDA(centers);
-  DK_CHECK_POINTS(xyz);
-  DK_CHECK_POINTS(centers);
-  TORCH_CHECK(xyz.device() == centers.device(), "xyz and centers must be on one device");
-  TORCH_CHECK(xyz.scalar_type() == centers.scalar_type(), "xyz and centers must share a dtype");
-  TORCH_CHECK(xyz.size(0) == centers.size(0), "xyz and centers must share the batch size");
-  TORCH_CHECK(num_samples >= 1, "num_samples must be >= 1, got ", num_samples);
-  TORCH_CHECK(radius > 0 && min_radius >= 0 && min_radius < radius, "need 0 <= min_radius < radius");
+  dynkernels::pointops::check_ball_query_args(xyz, centers, min_radius, radius, num_samples);
   const c10::cuda::CUDAGuard guard(xyz.device());
   const int64_t batch = xyz.size(0), n = xyz.size(1), m = centers.size(1);
   at::Tensor out = at::empty({batch, m, num_samples}, xyz.options().dtype(at::kLong));

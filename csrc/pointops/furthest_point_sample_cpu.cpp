@@ -8,18 +8,15 @@
 //         split across threads instead (fps_tree.h: sample_pruned).
 #include <ATen/Parallel.h>
 
-#include "common/checks.h"
 #include "pointops/fps_tree.h"
+#include "pointops/pointops_checks.h"
 
 namespace {
 
 at::Tensor furthest_point_sample_cpu(const at::Tensor& xyz, int64_t num_points, int64_t start_index) {
   DK_CHECK_CPU(xyz);
-  DK_CHECK_POINTS(xyz);
+  dynkernels::pointops::check_fps_args(xyz, num_points, start_index);
   const int64_t batch = xyz.size(0), n = xyz.size(1);
-  TORCH_CHECK(num_points >= 0 && num_points <= n, "num_points must be in [0, N=", n, "], got ", num_points);
-  TORCH_CHECK(num_points == 0 || (start_index >= 0 && start_index < n), "start_index must be in [0, N=", n,
-              "), got ", start_index);
   at::Tensor out = at::empty({batch, num_points}, xyz.options().dtype(at::kLong));
   if (batch == 0 || num_points == 0) return out;
   at::Tensor points = xyz.contiguous();

@@ -1,16 +1,14 @@
 // furthest_point_sample, CUDA glue: checks, device guard, stream, launch.
 #include "common/cuda_glue.h"
+#include "pointops/pointops_checks.h"
 #include "pointops/pointops_kernels.h"
 
 namespace {
 
 at::Tensor furthest_point_sample_cuda(const at::Tensor& xyz, int64_t num_points, int64_t start_index) {
   DK_CHECK_CUDA(xyz);
-  DK_CHECK_POINTS(xyz);
+  dynkernels::pointops::check_fps_args(xyz, num_points, start_index);
   const int64_t batch = xyz.size(0), n = xyz.size(1);
-  TORCH_CHECK(num_points >= 0 && num_points <= n, "num_points must be in [0, N=", n, "], got ", num_points);
-  TORCH_CHECK(num_points == 0 || (start_index >= 0 && start_index < n), "start_index must be in [0, N=", n,
-              "), got ", start_index);
   const c10::cuda::CUDAGuard guard(xyz.device());
   at::Tensor out = at::empty({batch, num_points}, xyz.options().dtype(at::kLong));
   if (batch == 0 || num_points == 0) return out;

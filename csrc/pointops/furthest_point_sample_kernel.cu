@@ -30,6 +30,7 @@ constexpr int max_per_thread() {
   return sizeof(typename ComputeType<scalar_t>::type) == 8 ? 8 : 16;
 }
 
+// A candidate sample: its min-distance, index and coordinates.
 template <typename dist_t>
 struct Best {
   dist_t md;
@@ -71,6 +72,14 @@ __device__ __forceinline__ Best<dist_t> block_argmax(Best<dist_t> b, Best<dist_t
   return best;
 }
 
+// The sample at `index`, with its coordinates in the distance type.
+template <typename scalar_t>
+__device__ __forceinline__ Best<typename ComputeType<scalar_t>::type> sample_at(const scalar_t* cloud, int64_t index) {
+  using dist_t = typename ComputeType<scalar_t>::type;
+  return {dist_t(0), index, to_compute(cloud[3 * index]), to_compute(cloud[3 * index + 1]),
+          to_compute(cloud[3 * index + 2])};
+}
+
 template <typename scalar_t, int kPerThread>
 __global__ void __launch_bounds__(kThreads, 1)
     fps_registers_kernel(const scalar_t* __restrict__ xyz, int64_t n, int64_t m, int64_t start,
@@ -89,25 +98,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     pz[i] = valid ? to_compute(cloud[3 * j + 2]) : dist_t(0);
     md[i] = valid ? dist_t(INFINITY) : dist_t(-INFINITY);  // padding never wins
   }
-  int64_t s = start;
-  dist_t sx = to_compute(cloud[3 * s]), sy = to_compute(cloud[3 * s + 1]), sz = to_compute(cloud[3 * s + 2]);
+  Best<dist_t> cur = sample_at(cloud, start);
   for (int64_t it = 0; it < m; ++it) {
-    if (threadIdx.x == 0) samples[it] = s;
+    if (threadIdx.x == 0) samples[it] = cur.index;
     if (it + 1 == m) break;
     Best<dist_t> b{dist_t(-INFINITY), INT64_MAX, dist_t(0), dist_t(0), dist_t(0)};
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       const int64_t j = threadIdx.x + static_cast<int64_t>(i) * kThreads;
-      const dist_t d = sq_dist(px[i], py[i], pz[i], sx, sy, sz);
+      const dist_t d = sq_dist(px[i], py[i], pz[i], cur.x, cur.y, cur.z);
       md[i] = d < md[i] ? d : md[i];  // a NaN d changes nothing
-      if (j == s) md[i] = dist_t(-1);
+      if (j == cur.index) md[i] = dist_t(-1);
       if (beats(md[i], j, b.md, b.index)) b = {md[i], j, px[i], py[i], pz[i]};
     }
-    const Best<dist_t> best = block_argmax(b, slots, static_cast<int>(it & 1));
-    s = best.index;
-    sx = best.x;
-    sy = best.y;
-    sz = best.z;
+    cur = block_argmax(b, slots, static_cast<int>(it & 1));
   }
 }
 
@@ -121,28 +125,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   dist_t* md = md_scratch + static_cast<int64_t>(blockIdx.x) * n;
   int64_t* samples = out + static_cast<int64_t>(blockIdx.x) * m;
   for (int64_t j = threadIdx.x; j < n; j += kThreads) md[j] = dist_t(INFINITY);
-  int64_t s = start;
-  dist_t sx = to_compute(cloud[3 * s]), sy = to_compute(cloud[3 * s + 1]), sz = to_compute(cloud[3 * s + 2]);
+  Best<dist_t> cur = sample_at(cloud, start);
   for (int64_t it = 0; it < m; ++it) {
-    if (threadIdx.x == 0) samples[it] = s;
+    if (threadIdx.x == 0) samples[it] = cur.index;
     if (it + 1 == m) break;
     Best<dist_t> b{dist_t(-INFINITY), INT64_MAX, dist_t(0), dist_t(0), dist_t(0)};
     // Each thread owns the same points every iteration, so its md writes are
     // read back only by itself: no barrier is needed around md.
     for (int64_t j = threadIdx.x; j < n; j += kThreads) {
       const dist_t x = to_compute(cloud[3 * j]), y = to_compute(cloud[3 * j + 1]), z = to_compute(cloud[3 * j + 2]);
-      const dist_t d = sq_dist(x, y, z, sx, sy, sz);
+      const dist_t d = sq_dist(x, y, z, cur.x, cur.y, cur.z);
       dist_t v = md[j];
       v = d < v ? d : v;
-      if (j == s) v = dist_t(-1);
+      if (j == cur.index) v = dist_t(-1);
       md[j] = v;
       if (beats(v, j, b.md, b.index)) b = {v, j, x, y, z};
     }
-    const Best<dist_t> best = block_argmax(b, slots, static_cast<int>(it & 1));
-    s = best.index;
-    sx = best.x;
-    sy = best.y;
-    sz = best.z;
+    cur = block_argmax(b, slots, static_cast<int>(it & 1));
   }
 }
 

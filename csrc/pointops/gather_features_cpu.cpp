@@ -15,7 +15,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/checks.h"
+#include "pointops/pointops_checks.h"
 
 namespace {
 
@@ -47,17 +47,11 @@ void scatter_row(const scalar_t* s, const index_t* row_idx, int64_t k, int64_t n
   }
 }
 
-void check_gather_args(const at::Tensor& values, const at::Tensor& idx) {
-  DK_CHECK_CPU(values);
-  DK_CHECK_CPU(idx);
-  DK_CHECK_DIM(values, 3);
-  DK_CHECK_DIM(idx, 2);
-  DK_CHECK_INDEX_DTYPE(idx);
-  TORCH_CHECK(values.size(0) == idx.size(0), "batch sizes differ: ", values.size(0), " vs ", idx.size(0));
-}
 
 at::Tensor gather_features_cpu(const at::Tensor& features, const at::Tensor& idx, bool /*deterministic*/) {
-  check_gather_args(features, idx);
+  DK_CHECK_CPU(features);
+  DK_CHECK_CPU(idx);
+  dynkernels::pointops::check_gather_args(features, idx);
   const int64_t batch = features.size(0), channels = features.size(1), n = features.size(2), k = idx.size(1);
   at::Tensor out = at::empty({batch, channels, k}, features.options());
   if (out.numel() == 0) return out;
@@ -84,10 +78,10 @@ at::Tensor gather_features_cpu(const at::Tensor& features, const at::Tensor& idx
 
 at::Tensor gather_features_backward_cpu(const at::Tensor& grad_out, const at::Tensor& idx, int64_t num_points,
                                         bool /*deterministic*/) {
-  check_gather_args(grad_out, idx);
-  TORCH_CHECK(grad_out.size(2) == idx.size(1), "grad_out has ", grad_out.size(2), " columns, idx ", idx.size(1));
+  DK_CHECK_CPU(grad_out);
+  DK_CHECK_CPU(idx);
+  dynkernels::pointops::check_gather_backward_args(grad_out, idx, num_points);
   const int64_t batch = grad_out.size(0), channels = grad_out.size(1), k = idx.size(1), n = num_points;
-  TORCH_CHECK(n >= 0, "num_points must be >= 0, got ", n);
   if (k == 0 || batch * channels * n == 0) return at::zeros({batch, channels, n}, grad_out.options());
   at::Tensor grad = at::empty({batch, channels, n}, grad_out.options());  // every row is written below
   at::Tensor g = grad_out.contiguous();

@@ -2,22 +2,16 @@
 // builds a CSR of idx with a stable sort (ATen), then sums each point's
 // segment in ascending k without atomics.
 #include "common/cuda_glue.h"
+#include "pointops/pointops_checks.h"
 #include "pointops/pointops_kernels.h"
 
 namespace {
 
-void check_gather_args(const at::Tensor& values, const at::Tensor& idx) {
-  DK_CHECK_CUDA(values);
-  DK_CHECK_CUDA(idx);
-  TORCH_CHECK(values.device() == idx.device(), "values and idx must be on one device");
-  DK_CHECK_DIM(values, 3);
-  DK_CHECK_DIM(idx, 2);
-  DK_CHECK_INDEX_DTYPE(idx);
-  TORCH_CHECK(values.size(0) == idx.size(0), "batch sizes differ: ", values.size(0), " vs ", idx.size(0));
-}
 
 at::Tensor gather_features_cuda(const at::Tensor& features, const at::Tensor& idx, bool /*deterministic*/) {
-  check_gather_args(features, idx);
+  DK_CHECK_CUDA(features);
+  DK_CHECK_CUDA(idx);
+  dynkernels::pointops::check_gather_args(features, idx);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t batch = features.size(0), channels = features.size(1), n = features.size(2), k = idx.size(1);
   at::Tensor out = at::empty({batch, channels, k}, features.options());
@@ -31,8 +25,9 @@ at::Tensor gather_features_cuda(const at::Tensor& features, const at::Tensor& id
 
 at::Tensor gather_features_backward_cuda(const at::Tensor& grad_out, const at::Tensor& idx, int64_t num_points,
                                          bool deterministic) {
-  check_gather_args(grad_out, idx);
-  TORCH_CHECK(grad_out.size(2) == idx.size(1), "grad_out has ", grad_out.size(2), " columns, idx ", idx.size(1));
+  DK_CHECK_CUDA(grad_out);
+  DK_CHECK_CUDA(idx);
+  dynkernels::pointops::check_gather_backward_args(grad_out, idx, num_points);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t batch = grad_out.size(0), channels = grad_out.size(1), k = idx.size(1), n = num_points;
   at::Tensor g = grad_out.contiguous(), index = idx.contiguous();
