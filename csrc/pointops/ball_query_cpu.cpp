@@ -75,13 +75,18 @@ class CellGrid {
       }
     }
     inv_cell_ = 1.0 / (radius * 1.001);
-    double cells = 1.0;
+    // Sized in double first: a tiny radius gives spans far beyond int64.
+    const double max_cells = 4.0 * static_cast<double>(n) + 1024.0;
+    double span[3], cells = 1.0;
+    for (int a = 0; a < 3; ++a) {
+      span[a] = std::floor((hi[a] - lo[a]) * inv_cell_) + 1.0;
+      cells *= span[a];
+    }
+    if (!(cells <= max_cells)) return false;
     for (int a = 0; a < 3; ++a) {
       lo_[a] = lo[a];
-      dims_[a] = static_cast<int64_t>(std::floor((hi[a] - lo[a]) * inv_cell_)) + 1;
-      cells *= static_cast<double>(dims_[a]);
+      dims_[a] = static_cast<int64_t>(span[a]);
     }
-    if (cells > 4.0 * static_cast<double>(n) + 1024.0) return false;
     start_.assign(static_cast<size_t>(cells) + 1, 0);
     std::vector<int64_t> cell_of(n);
     for (int64_t i = 0; i < n; ++i) {
