@@ -122,7 +122,14 @@ def test_ball_query_matches_reference(device, backend, dtype, batch, n, m, ns, r
 @pytest.mark.parametrize("device,backend", SAMPLE_CASES)
 @pytest.mark.parametrize(
     "kind,radius,min_radius",
-    [("scene", 0.3, 0.0), ("scene", 0.1, 0.02), ("grid", 0.2, 0.1), ("uniform", 0.004, 0.0), ("scene", 40.0, 0.0)],
+    [
+        ("scene", 0.3, 0.0),
+        ("scene", 0.1, 0.02),
+        ("grid", 0.2, 0.1),
+        ("uniform", 0.004, 0.0),
+        ("scene", 40.0, 0.0),
+        ("scene", 1e-30, 0.0),
+    ],
 )
 def test_ball_query_sparse_and_outside_centers(device, backend, kind, radius, min_radius):
     """Clouds of >= 4096 points take the CPU cell grid where balls are sparse;
