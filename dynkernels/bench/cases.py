@@ -3,36 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from . import pointops_cases
+from .base import Case, Impl
 
-
-@dataclass
-class Impl:
-    """One way to compute a case. kind: "kernel", "reference" or "anchor".
-    `agrees` says whether its output matched dynkernels (None: not comparable)."""
-
-    name: str
-    fn: Callable[[], Any]
-    kind: str
-    agrees: bool | None = None
-    note: str = ""
-
-
-@dataclass
-class Case:
-    """One op at one size. `setup()` builds the inputs and returns the impls;
-    it must have checked the kernel against the reference (raising on a
-    mismatch) before returning."""
-
-    family: str
-    op: str
-    size: str
-    setup: Callable[[], list[Impl]]
-    params: dict = field(default_factory=dict)
-    impl_names: tuple[str, ...] = ()  # what setup() returns, known without running it
+__all__ = ["FAMILIES", "Case", "Impl", "cases_for"]
 
 
 FAMILIES: dict[str, Callable[[bool, str], list[Case]]] = {"pointops": pointops_cases.cases}
