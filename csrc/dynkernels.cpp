@@ -24,6 +24,20 @@ TORCH_LIBRARY(dynkernels, m) {
   m.def("gather_features(Tensor features, Tensor idx, bool deterministic) -> Tensor");
   // grad (B, C, K) -> (B, C, num_points); deterministic selects the atomic-free CUDA path.
   m.def("gather_features_backward(Tensor grad_out, Tensor idx, SymInt num_points, bool deterministic) -> Tensor");
+  // (B, N, 3), (B, M, 3) -> (dist2 (B, M, k), idx (B, M, k) int64), ascending, ties to the lower index.
+  m.def("knn(Tensor xyz, Tensor centers, int k) -> (Tensor, Tensor)");
+  // (B, C, m) features, (B, n, 3) idx, (B, n, 3) weight -> (B, C, n).
+  m.def("three_interpolate(Tensor features, Tensor idx, Tensor weight, bool deterministic) -> Tensor");
+  // grad (B, C, n) -> grad_features (B, C, num_points).
+  m.def("three_interpolate_backward(Tensor grad_out, Tensor idx, Tensor weight, SymInt num_points, "
+        "bool deterministic) -> Tensor");
+
+  // ---- pointformer ----
+  // attn (B, M, H, R, S), grouped_xyz (B, 3, M, S), row_index (B, M) int64 in [-1, R) -> (B, M, 3).
+  m.def("coordinate_refinement(Tensor attn, Tensor grouped_xyz, Tensor row_index) -> Tensor");
+  // -> (grad_attn, grad_grouped_xyz)
+  m.def("coordinate_refinement_backward(Tensor grad_out, Tensor attn, Tensor grouped_xyz, Tensor row_index) "
+        "-> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -109,12 +109,13 @@ class BucketTree {
     return nodes_[0].best;
   }
 
- private:
+  // Point and morton_order are also used by the kNN leaves (knn_cpu.cpp).
   struct Point {
     T p[3];
     uint32_t code;
     int64_t id;
   };
+ private:
   struct Node {
     T lo[3], hi[3];
     Candidate<T> best;
@@ -122,6 +123,7 @@ class BucketTree {
     int32_t left, right;  // -1 for a leaf
   };
 
+ public:
   // Spreads the low 10 bits of v so that two zero bits follow each one.
   static uint32_t spread_bits(uint32_t v) {
     v &= 0x3ffu;
@@ -172,6 +174,7 @@ class BucketTree {
     return a;
   }
 
+ private:
   // Node over the Morton-sorted points [begin, end): split where the highest
   // bit that differs inside the run flips, so that nodes are octree cells and
   // their boxes stay tight (in the middle when all codes are equal). Leaves

@@ -1,5 +1,18 @@
 """Public functional API, one module per op family."""
 
+from .neighbors import knn, three_interpolate, three_nn
+from .pointformer import centroid_row_index, coordinate_refinement, local_attention
 from .pointops import ball_query, furthest_point_sample, gather_points, grouping_operation
 
-__all__ = ["ball_query", "furthest_point_sample", "gather_points", "grouping_operation"]
+__all__ = [
+    "ball_query",
+    "centroid_row_index",
+    "coordinate_refinement",
+    "furthest_point_sample",
+    "gather_points",
+    "grouping_operation",
+    "knn",
+    "local_attention",
+    "three_interpolate",
+    "three_nn",
+]

@@ -70,11 +70,11 @@ def check_same_batch(**tensors: torch.Tensor) -> None:
         raise ValueError(f"batch sizes must match, got {listing}")
 
 
-def check_index_range(name: str, idx: torch.Tensor, size: int) -> None:
-    """Eager CPU check that idx lies in [-1, size). Skipped on CUDA (it would
-    sync; the kernels assert on the device instead) and while compiling."""
+def check_index_range(name: str, idx: torch.Tensor, size: int, lowest: int = -1) -> None:
+    """Eager CPU check that idx lies in [lowest, size). Skipped on CUDA (it
+    would sync; the kernels assert on the device instead) and while compiling."""
     if idx.device.type != "cpu" or idx.numel() == 0 or torch.compiler.is_compiling():
         return
     low, high = int(idx.min()), int(idx.max())
-    if low < -1 or high >= size:
-        raise IndexError(f"{name} must hold indices in [-1, {size}), got values in [{low}, {high}]")
+    if low < lowest or high >= size:
+        raise IndexError(f"{name} must hold indices in [{lowest}, {size}), got values in [{low}, {high}]")

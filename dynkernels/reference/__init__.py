@@ -1,6 +1,26 @@
 """Pure-PyTorch references: readable, faithful to the documented semantics,
 and the yardstick every kernel is tested against."""
 
-from .pointops import ball_query, furthest_point_sample, gather_points, grouping_operation
+from .pointformer import coordinate_refinement, head_averaged_row, local_attention
+from .pointops import (
+    ball_query,
+    furthest_point_sample,
+    gather_points,
+    grouping_operation,
+    knn,
+    three_interpolate,
+    three_nn,
+)
 
-__all__ = ["ball_query", "furthest_point_sample", "gather_points", "grouping_operation"]
+__all__ = [
+    "ball_query",
+    "coordinate_refinement",
+    "furthest_point_sample",
+    "gather_points",
+    "grouping_operation",
+    "head_averaged_row",
+    "knn",
+    "local_attention",
+    "three_interpolate",
+    "three_nn",
+]

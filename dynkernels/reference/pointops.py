@@ -67,7 +67,7 @@ def ball_query(
         return out
     positions = torch.arange(n, device=xyz.device)
     k = min(num_samples, n)
-    chunk = max(1, (1 << 24) // max(1, batch * n))
+    chunk = _chunked_rows(m, batch, n)
     for m0 in range(0, m, chunk):
         ctr = centers[:, m0 : m0 + chunk].to(dtype).unsqueeze(2)  # (B, m, 1, 3)
         d2 = squared_distance(points.unsqueeze(1), ctr)  # (B, m, N)
@@ -98,3 +98,55 @@ def gather_points(features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def grouping_operation(features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """features (B, C, N), idx (B, M, ns) -> (B, C, M, ns)."""
     return gather_points(features, idx)
+
+
+def _chunked_rows(m: int, batch: int, n: int) -> int:
+    """Centers per chunk so that one (B, chunk, N) distance block stays near 16M elements."""
+    return max(1, (1 << 24) // max(1, batch * n))
+
+
+def knn(xyz: torch.Tensor, centers: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest points of each center; see dynkernels.ops.knn.
+
+    A stable ascending sort of d2 per center: ties go to the lower index and
+    NaN distances rank after every number (+inf included).
+    """
+    batch, n, _ = xyz.shape
+    m = centers.shape[1]
+    dtype = distance_dtype(xyz.dtype)
+    points = xyz.to(dtype)
+    dist = torch.empty((batch, m, k), dtype=dtype, device=xyz.device)
+    idx = torch.empty((batch, m, k), dtype=torch.int64, device=xyz.device)
+    if dist.numel() == 0:
+        return dist, idx
+    chunk = _chunked_rows(m, batch, n)
+    for m0 in range(0, m, chunk):
+        ctr = centers[:, m0 : m0 + chunk].to(dtype).unsqueeze(2)
+        d2 = squared_distance(points.unsqueeze(1), ctr)  # (B, m, N)
+        values, order = d2.sort(dim=-1, stable=True)
+        dist[:, m0 : m0 + chunk] = values[..., :k]
+        idx[:, m0 : m0 + chunk] = order[..., :k]
+    return dist, idx
+
+
+def three_nn(target: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3 nearest source points of each target point, mmcv style: Euclidean
+    (square-rooted) distances ascending; with fewer than 3 source points the
+    missing slots hold index 0 and distance +inf (so their weight is 0)."""
+    batch, n, _ = target.shape
+    k = min(3, source.shape[1])
+    d2, idx = knn(source, target, k)
+    dist = d2.sqrt()
+    if k < 3:
+        dist = torch.cat([dist, dist.new_full((batch, n, 3 - k), float("inf"))], dim=-1)
+        idx = torch.cat([idx, idx.new_zeros((batch, n, 3 - k))], dim=-1)
+    return dist, idx
+
+
+def three_interpolate(features: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out[b, c, i] = sum_j weight[b, i, j] * features[b, c, idx[b, i, j]], the
+    terms added in j order; features (B, C, m), idx and weight (B, n, 3)."""
+    grouped = gather_points(features, idx)  # (B, C, n, 3)
+    w = weight.to(features.dtype).unsqueeze(1)
+    terms = grouped * w
+    return (terms[..., 0] + terms[..., 1]) + terms[..., 2]

@@ -1,0 +1,277 @@
+"""Pointformer ops: coordinate refinement and fused per-group local attention.
+
+Pointformer (Pan et al., CVPR 2021, arXiv 2012.11409) refines each sampled
+centroid to the attention-weighted mean of its group: the last Local
+Transformer layer's attention, averaged over heads, read at the centroid's
+row, weights the grouped coordinates. The official release lacks this module;
+see ../shared/papers/pointformer_pointops.md for what it does compute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from .._backends import resolve
+from .._extension import has_extension
+from ..reference.pointops import squared_distance
+from ._triton_registry import pointformer_kernels as _triton
+from ._validation import check_floating, check_index, check_index_range, check_same_device, check_tensor
+
+__all__ = ["centroid_row_index", "coordinate_refinement", "local_attention"]
+
+ROW_MODES = ("centroid", "first", "mean")
+
+
+def centroid_row_index(grouped_xyz: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """The position of each center within its group: ``(B, M)`` int64, the
+    first s with ``d2(grouped_xyz[b, :, m, s], centers[b, m]) == 0``, or -1 when
+    no grouped point coincides with the center. mmcv's ball query keeps the
+    first ns neighbours in index order, so in a crowded ball the center itself
+    may be missing."""
+    d2 = squared_distance(grouped_xyz.permute(0, 2, 3, 1), centers.unsqueeze(2))  # (B, M, S)
+    hit = d2 == 0
+    first = hit.to(torch.uint8).argmax(dim=-1)
+    return torch.where(hit.any(dim=-1), first, torch.full_like(first, -1))
+
+
+def _row_index(row, attn_rows: int, grouped_xyz: torch.Tensor, centers: torch.Tensor | None) -> torch.Tensor:
+    batch, _, m, s = grouped_xyz.shape
+    if isinstance(row, torch.Tensor):
+        check_index("row", row, 2, "(B, M)")
+        if tuple(row.shape) != (batch, m):
+            raise ValueError(f"row must have shape (B, M) = {(batch, m)}, got {tuple(row.shape)}")
+        check_index_range("row", row, attn_rows)
+        return row.to(torch.int64)
+    if row == "first":
+        return torch.zeros((batch, m), dtype=torch.int64, device=grouped_xyz.device)
+    if row == "mean":
+        return torch.full((batch, m), -1, dtype=torch.int64, device=grouped_xyz.device)
+    if row == "centroid":
+        if centers is None:
+            raise ValueError("row='centroid' needs centers (B, M, 3) to find each centroid in its group")
+        if tuple(centers.shape) != (batch, m, 3):
+            raise ValueError(f"centers must have shape (B, M, 3) = {(batch, m, 3)}, got {tuple(centers.shape)}")
+        if attn_rows != s:
+            raise ValueError(f"row='centroid' needs one attention row per grouped point, got R={attn_rows}, S={s}")
+        return centroid_row_index(grouped_xyz, centers.to(grouped_xyz.dtype))
+    raise ValueError(f"row must be one of {ROW_MODES} or a (B, M) index tensor, got {row!r}")
+
+
+def coordinate_refinement(
+    attn: torch.Tensor,
+    grouped_xyz: torch.Tensor,
+    *,
+    row: str | torch.Tensor = "centroid",
+    centers: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Pointformer's coordinate refinement, fused: head average, row pick and
+    weighted sum in one pass.
+
+    Args:
+        attn: ``(B, M, H, R, S)`` attention probabilities of each group's
+            last Local Transformer layer (H heads, R query rows, S keys), in
+            grouped_xyz's dtype. nn.MultiheadAttention's head-averaged maps
+            fit as ``H = 1``; the fused local attention's centroid row as
+            ``H = R = 1`` with ``row="first"``.
+        grouped_xyz: ``(B, 3, M, S)`` absolute coordinates of the grouped points
+            (``grouping_operation(xyz.transpose(1, 2), idx)``).
+        row: which attention row weights the points: "centroid" (the row of
+            the grouped point that coincides with the center, see
+            :func:`centroid_row_index`; the mean of rows where none does),
+            "first" (row 0, the paper's wording), "mean" (the mean of all R
+            rows), or an explicit ``(B, M)`` int tensor in ``[-1, R)``, -1
+            meaning the mean.
+        centers: ``(B, M, 3)``, needed for ``row="centroid"``.
+        backend: None (auto), "reference", "cpp" or "cuda".
+
+    Returns:
+        ``(B, M, 3)`` refined centers ``sum_s w[s] * grouped_xyz[:, :, m, s]``
+        with ``w = mean_h attn[b, m, h, row, :]``. Since softmax rows sum to 1
+        the result is a convex combination: it stays inside the ball.
+        Differentiable in attn and grouped_xyz.
+    """
+    check_tensor("attn", attn)
+    check_tensor("grouped_xyz", grouped_xyz)
+    check_floating("attn", attn)
+    check_floating("grouped_xyz", grouped_xyz)
+    if grouped_xyz.dim() != 4 or grouped_xyz.shape[1] != 3:
+        raise ValueError(f"grouped_xyz must have shape (B, 3, M, S), got {tuple(grouped_xyz.shape)}")
+    batch, _, m, s = grouped_xyz.shape
+    if attn.dim() != 5 or attn.shape[:2] != (batch, m) or attn.shape[-1] != s or attn.shape[2] < 1:
+        raise ValueError(f"attn must have shape (B, M, H, R, S) with (B, M, S) = {(batch, m, s)}, got {tuple(attn.shape)}")
+    if attn.dtype != grouped_xyz.dtype:
+        raise TypeError(f"attn and grouped_xyz must share a dtype, got {attn.dtype} and {grouped_xyz.dtype}")
+    check_same_device(attn=attn, grouped_xyz=grouped_xyz)
+    row_index = _row_index(row, attn.shape[3], grouped_xyz, centers)
+    chosen = resolve("coordinate_refinement", attn.device, backend, ("reference", "cpp", "cuda"))
+    if chosen == "reference":
+        return reference.coordinate_refinement(attn, grouped_xyz, row_index)
+    return torch.ops.dynkernels.coordinate_refinement(attn, grouped_xyz, row_index)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_index: torch.Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+        check_floating(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (G, H, S, D), got {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k and v must share one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+    if row_index is not None:
+        check_index("row_index", row_index, 1, "(G,)")
+        if row_index.shape[0] != q.shape[0]:
+            raise ValueError(f"row_index must have shape (G,) = ({q.shape[0]},), got {tuple(row_index.shape)}")
+        check_same_device(q=q, row_index=row_index)
+        check_index_range("row_index", row_index, q.shape[2])
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    row_index: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Self-attention within many small groups at once (Pointformer's Local
+    Transformer), optionally emitting the head-averaged attention row that
+    :func:`coordinate_refinement` needs.
+
+    Args:
+        q, k, v: ``(G, H, S, D)``: G groups (B * npoint), H heads, S tokens
+            per group (nsample), D = head dim; one float dtype, any strides.
+        row_index: optional ``(G,)`` int in ``[-1, S)``: which query row's
+            probabilities to return per group, -1 for the mean over rows.
+        backend: None (auto), "reference" (materialised probabilities, as
+            nn.MultiheadAttention), "cpp" (CPU: ATen's fused
+            scaled_dot_product_attention for the output, plus the requested
+            rows from ``q_r k^T``; no S x S map per head is stored) or
+            "triton" (one fused kernel per group, forward and backward,
+            S <= 64 and D <= 128).
+
+    Returns:
+        ``(out, weights)``: out ``(G, H, S, D)`` = ``softmax(q k^T / sqrt(D)) v``,
+        softmax in fp32 for half types, with no mask (ball-query padding
+        duplicates are ordinary tokens, as in the official code); weights
+        ``(G, S)`` = the requested row averaged over heads, or None without
+        row_index. Differentiable in q, k, v through both outputs.
+    """
+    _check_qkv(q, k, v, row_index)
+    chosen = resolve("local_attention", q.device, backend, ("reference", "cpp", "triton"))
+    if chosen == "reference":
+        return reference.local_attention(q, k, v, row_index)
+    if chosen == "triton":
+        if q.shape[2] > 64 or q.shape[3] > 128:
+            raise ValueError(f"local_attention(backend='triton') needs S <= 64 and D <= 128, got {tuple(q.shape)}")
+        rows = row_index.to(torch.int64) if row_index is not None else q.new_empty((0,), dtype=torch.int64)
+        out, weights, _ = torch.ops.dynkernels.local_attention_triton(q, k, v, rows)
+        return out, (weights if row_index is not None else None)
+    return _local_attention_sdpa(q, k, v, row_index)
+
+
+def _local_attention_sdpa(q, k, v, row_index):
+    scale = math.sqrt(1.0 / q.shape[-1])
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if row_index is None:
+        return out, None
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    kc = k.to(compute)
+    rows = row_index.to(torch.int64).clamp(min=0)
+    q_rows = q.gather(2, rows[:, None, None, None].expand(-1, q.shape[1], 1, q.shape[3])).to(compute)
+    picked = torch.matmul(q_rows * scale, kc.transpose(-1, -2)).softmax(dim=-1).mean(dim=1).squeeze(1)  # (G, S)
+    mean_rows = row_index < 0
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(mean_rows.any()):
+        return out, picked.to(q.dtype)
+    # Groups that want the mean over rows need every row's probabilities.
+    everything = torch.matmul(q.to(compute) * scale, kc.transpose(-1, -2)).softmax(dim=-1).mean(dim=(1, 2))
+    return out, torch.where(mean_rows[:, None], everything, picked).to(q.dtype)
+
+
+# ---- torch.library registrations -------------------------------------------
+
+
+def _refine_setup_context(ctx, inputs, output):
+    attn, grouped_xyz, row_index = inputs
+    ctx.save_for_backward(attn, grouped_xyz, row_index)
+
+
+def _refine_backward(ctx, grad):
+    attn, grouped_xyz, row_index = ctx.saved_tensors
+    grad_attn, grad_xyz = torch.ops.dynkernels.coordinate_refinement_backward(
+        grad.contiguous(), attn, grouped_xyz, row_index
+    )
+    return grad_attn, grad_xyz, None
+
+
+if has_extension():
+
+    @torch.library.register_fake("dynkernels::coordinate_refinement")
+    def _(attn, grouped_xyz, row_index):
+        return grouped_xyz.new_empty((grouped_xyz.shape[0], grouped_xyz.shape[2], 3))
+
+    @torch.library.register_fake("dynkernels::coordinate_refinement_backward")
+    def _(grad_out, attn, grouped_xyz, row_index):
+        return torch.empty_like(attn), torch.empty_like(grouped_xyz)
+
+    torch.library.register_autograd(
+        "dynkernels::coordinate_refinement", _refine_backward, setup_context=_refine_setup_context
+    )
+
+
+if _triton is not None:
+
+    @torch.library.custom_op("dynkernels::local_attention_triton", mutates_args=())
+    def _local_attention_triton(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton.local_attention_fwd(q, k, v, row_index)
+
+    @torch.library.register_fake("dynkernels::local_attention_triton")
+    def _(q, k, v, row_index):
+        g, h, s, _ = q.shape
+        lse = q.new_empty((g, h, s), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        return torch.empty_like(q), q.new_empty((g, s)), lse
+
+    @torch.library.custom_op("dynkernels::local_attention_backward_triton", mutates_args=())
+    def _local_attention_backward_triton(
+        grad_out: torch.Tensor,
+        grad_weights: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lse: torch.Tensor,
+        row_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton.local_attention_bwd(grad_out, grad_weights, q, k, v, lse, row_index)
+
+    @torch.library.register_fake("dynkernels::local_attention_backward_triton")
+    def _(grad_out, grad_weights, q, k, v, lse, row_index):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def _attn_setup_context(ctx, inputs, output):
+        q, k, v, row_index = inputs
+        _, _, lse = output
+        ctx.save_for_backward(q, k, v, lse, row_index)
+
+    def _attn_backward(ctx, grad_out, grad_weights, _grad_lse):
+        q, k, v, lse, row_index = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(q)
+        if grad_weights is None or row_index.numel() == 0:
+            grad_weights = q.new_zeros((q.shape[0], q.shape[2]))
+        dq, dk, dv = torch.ops.dynkernels.local_attention_backward_triton(
+            grad_out, grad_weights, q, k, v, lse, row_index
+        )
+        return dq, dk, dv, None
+
+    torch.library.register_autograd(
+        "dynkernels::local_attention_triton", _attn_backward, setup_context=_attn_setup_context
+    )
