@@ -38,6 +38,16 @@ TORCH_LIBRARY(dynkernels, m) {
   // -> (grad_attn, grad_grouped_xyz)
   m.def("coordinate_refinement_backward(Tensor grad_out, Tensor attn, Tensor grouped_xyz, Tensor row_index) "
         "-> (Tensor, Tensor)");
+  // q, k, v (G, H, S, D), row_index (G,) int64 in [-1, S) or empty -> (out (G, H, S, D), weights (G, S), lse (G, H, S)).
+  m.def("local_attention(Tensor q, Tensor k, Tensor v, Tensor row_index) -> (Tensor, Tensor, Tensor)");
+  // -> (dq, dk, dv)
+  m.def("local_attention_backward(Tensor grad_out, Tensor grad_weights, Tensor q, Tensor k, Tensor v, Tensor lse, "
+        "Tensor row_index) -> (Tensor, Tensor, Tensor)");
+  // qkv (G, S, 3*H*D) packed as one input projection gives it -> (out (G, S, H*D), weights (G, S), lse (G, H, S)).
+  m.def("local_attention_packed(Tensor qkv, int heads, Tensor row_index) -> (Tensor, Tensor, Tensor)");
+  // -> dqkv (G, S, 3*H*D)
+  m.def("local_attention_packed_backward(Tensor grad_out, Tensor grad_weights, Tensor qkv, int heads, Tensor lse, "
+        "Tensor row_index) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

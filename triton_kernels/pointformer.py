@@ -45,8 +45,21 @@ def _probabilities(q, k, lse_or_none, rows, cols_s, S, scale, COMPUTE: tl.conste
 
 @triton.jit
 def _local_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, row_ptr, out_ptr, lse_ptr, w_ptr, H, S, D, scale,
-    HAS_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    row_ptr,
+    out_ptr,
+    lse_ptr,
+    w_ptr,
+    H,
+    S,
+    D,
+    scale,
+    HAS_ROWS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    COMPUTE: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_S)
@@ -76,8 +89,24 @@ def _local_attention_fwd_kernel(
 
 @triton.jit
 def _local_attention_bwd_kernel(
-    do_ptr, dw_ptr, q_ptr, k_ptr, v_ptr, lse_ptr, row_ptr, dq_ptr, dk_ptr, dv_ptr, H, S, D, scale,
-    HAS_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr,
+    do_ptr,
+    dw_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lse_ptr,
+    row_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    H,
+    S,
+    D,
+    scale,
+    HAS_ROWS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    COMPUTE: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_S)
@@ -132,8 +161,21 @@ def local_attention_fwd(q, k, v, row_index):
     has_rows = row_index.numel() > 0
     rows = row_index.contiguous() if has_rows else q.new_empty((1,), dtype=torch.int64)
     _local_attention_fwd_kernel[(g,)](
-        q, k, v, rows, out, lse, weights, h, s, d, scale,
-        HAS_ROWS=has_rows, BLOCK_S=block_s, BLOCK_D=block_d, COMPUTE=compute,
+        q,
+        k,
+        v,
+        rows,
+        out,
+        lse,
+        weights,
+        h,
+        s,
+        d,
+        scale,
+        HAS_ROWS=has_rows,
+        BLOCK_S=block_s,
+        BLOCK_D=block_d,
+        COMPUTE=compute,
     )
     if not has_rows:
         weights.zero_()
@@ -152,7 +194,23 @@ def local_attention_bwd(grad_out, grad_weights, q, k, v, lse, row_index):
     has_rows = row_index.numel() > 0
     rows = row_index.contiguous() if has_rows else q.new_empty((1,), dtype=torch.int64)
     _local_attention_bwd_kernel[(g,)](
-        grad_out, grad_weights, q, k, v, lse, rows, dq, dk, dv, h, s, d, scale,
-        HAS_ROWS=has_rows, BLOCK_S=block_s, BLOCK_D=block_d, COMPUTE=compute,
+        grad_out,
+        grad_weights,
+        q,
+        k,
+        v,
+        lse,
+        rows,
+        dq,
+        dk,
+        dv,
+        h,
+        s,
+        d,
+        scale,
+        HAS_ROWS=has_rows,
+        BLOCK_S=block_s,
+        BLOCK_D=block_d,
+        COMPUTE=compute,
     )
     return dq, dk, dv

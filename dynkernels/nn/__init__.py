@@ -1,5 +1,29 @@
 """nn.Module wrappers: parameters and configuration only, the math lives in dynkernels.ops."""
 
+from .pointformer import (
+    CONFIGS,
+    CoordinateRefinement,
+    GlobalTransformer,
+    LocalGlobalTransformer,
+    LocalTransformer,
+    PointformerBackbone,
+    PointformerBlock,
+    PointFPModule,
+)
+from .pointformer_layers import PointformerDecoderLayer, PointformerEncoderLayer, PositionEncoding
 from .pointops import QueryAndGroup
 
-__all__ = ["QueryAndGroup"]
+__all__ = [
+    "CONFIGS",
+    "CoordinateRefinement",
+    "GlobalTransformer",
+    "LocalGlobalTransformer",
+    "LocalTransformer",
+    "PointFPModule",
+    "PointformerBackbone",
+    "PointformerBlock",
+    "PointformerDecoderLayer",
+    "PointformerEncoderLayer",
+    "PositionEncoding",
+    "QueryAndGroup",
+]

@@ -1,7 +1,7 @@
 """Public functional API, one module per op family."""
 
 from .neighbors import knn, three_interpolate, three_nn
-from .pointformer import centroid_row_index, coordinate_refinement, local_attention
+from .pointformer import centroid_row_index, coordinate_refinement, local_attention, local_attention_packed
 from .pointops import ball_query, furthest_point_sample, gather_points, grouping_operation
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "grouping_operation",
     "knn",
     "local_attention",
+    "local_attention_packed",
     "three_interpolate",
     "three_nn",
 ]

@@ -139,7 +139,9 @@ def three_interpolate(
     check_index("idx", idx, 3, "(B, n, 3)")
     check_tensor("weight", weight)
     if idx.shape[-1] != 3 or weight.shape != idx.shape:
-        raise ValueError(f"idx and weight must both have shape (B, n, 3), got {tuple(idx.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"idx and weight must both have shape (B, n, 3), got {tuple(idx.shape)} and {tuple(weight.shape)}"
+        )
     if weight.dtype != features.dtype:
         raise TypeError(f"weight must have features' dtype {features.dtype}, got {weight.dtype}")
     check_same_device(features=features, idx=idx, weight=weight)

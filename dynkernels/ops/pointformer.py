@@ -9,10 +9,7 @@ see ../shared/papers/pointformer_pointops.md for what it does compute.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from .. import reference
 from .._backends import resolve
@@ -21,7 +18,7 @@ from ..reference.pointops import squared_distance
 from ._triton_registry import pointformer_kernels as _triton
 from ._validation import check_floating, check_index, check_index_range, check_same_device, check_tensor
 
-__all__ = ["centroid_row_index", "coordinate_refinement", "local_attention"]
+__all__ = ["centroid_row_index", "coordinate_refinement", "local_attention", "local_attention_packed"]
 
 ROW_MODES = ("centroid", "first", "mean")
 
@@ -103,7 +100,9 @@ def coordinate_refinement(
         raise ValueError(f"grouped_xyz must have shape (B, 3, M, S), got {tuple(grouped_xyz.shape)}")
     batch, _, m, s = grouped_xyz.shape
     if attn.dim() != 5 or attn.shape[:2] != (batch, m) or attn.shape[-1] != s or attn.shape[2] < 1:
-        raise ValueError(f"attn must have shape (B, M, H, R, S) with (B, M, S) = {(batch, m, s)}, got {tuple(attn.shape)}")
+        raise ValueError(
+            f"attn must have shape (B, M, H, R, S) with (B, M, S) = {(batch, m, s)}, got {tuple(attn.shape)}"
+        )
     if attn.dtype != grouped_xyz.dtype:
         raise TypeError(f"attn and grouped_xyz must share a dtype, got {attn.dtype} and {grouped_xyz.dtype}")
     check_same_device(attn=attn, grouped_xyz=grouped_xyz)
@@ -151,11 +150,10 @@ def local_attention(
         row_index: optional ``(G,)`` int in ``[-1, S)``: which query row's
             probabilities to return per group, -1 for the mean over rows.
         backend: None (auto), "reference" (materialised probabilities, as
-            nn.MultiheadAttention), "cpp" (CPU: ATen's fused
-            scaled_dot_product_attention for the output, plus the requested
-            rows from ``q_r k^T``; no S x S map per head is stored) or
+            nn.MultiheadAttention), "cpp" (CPU: one fused C++ kernel per
+            group, forward and backward; half inputs computed in fp32) or
             "triton" (one fused kernel per group, forward and backward,
-            S <= 64 and D <= 128).
+            S <= 64 and D <= 128). Neither kernel stores an S x S map.
 
     Returns:
         ``(out, weights)``: out ``(G, H, S, D)`` = ``softmax(q k^T / sqrt(D)) v``,
@@ -168,31 +166,42 @@ def local_attention(
     chosen = resolve("local_attention", q.device, backend, ("reference", "cpp", "triton"))
     if chosen == "reference":
         return reference.local_attention(q, k, v, row_index)
+    rows = row_index.to(torch.int64) if row_index is not None else q.new_empty((0,), dtype=torch.int64)
     if chosen == "triton":
         if q.shape[2] > 64 or q.shape[3] > 128:
             raise ValueError(f"local_attention(backend='triton') needs S <= 64 and D <= 128, got {tuple(q.shape)}")
-        rows = row_index.to(torch.int64) if row_index is not None else q.new_empty((0,), dtype=torch.int64)
         out, weights, _ = torch.ops.dynkernels.local_attention_triton(q, k, v, rows)
-        return out, (weights if row_index is not None else None)
-    return _local_attention_sdpa(q, k, v, row_index)
+    else:
+        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+        out, weights, _ = torch.ops.dynkernels.local_attention(qc, kc, vc, rows)
+        out, weights = out.to(q.dtype), weights.to(q.dtype)
+    return out, (weights if row_index is not None else None)
 
 
-def _local_attention_sdpa(q, k, v, row_index):
-    scale = math.sqrt(1.0 / q.shape[-1])
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if row_index is None:
-        return out, None
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    kc = k.to(compute)
-    rows = row_index.to(torch.int64).clamp(min=0)
-    q_rows = q.gather(2, rows[:, None, None, None].expand(-1, q.shape[1], 1, q.shape[3])).to(compute)
-    picked = torch.matmul(q_rows * scale, kc.transpose(-1, -2)).softmax(dim=-1).mean(dim=1).squeeze(1)  # (G, S)
-    mean_rows = row_index < 0
-    if q.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(mean_rows.any()):
-        return out, picked.to(q.dtype)
-    # Groups that want the mean over rows need every row's probabilities.
-    everything = torch.matmul(q.to(compute) * scale, kc.transpose(-1, -2)).softmax(dim=-1).mean(dim=(1, 2))
-    return out, torch.where(mean_rows[:, None], everything, picked).to(q.dtype)
+def local_attention_packed(
+    qkv: torch.Tensor, heads: int, *, row_index: torch.Tensor | None = None, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`local_attention` on a packed input projection, as attention
+    layers hold it: ``qkv`` ``(G, S, 3 * C)`` = ``[q | k | v]``, each split into
+    ``heads`` heads of ``C / heads`` channels; returns ``out`` ``(G, S, C)``
+    with the heads merged, and the weights as :func:`local_attention`. The C++
+    kernel reads the heads in place and writes the merged output and the
+    packed gradient directly, so no head split or merge is copied."""
+    check_tensor("qkv", qkv)
+    check_floating("qkv", qkv)
+    if qkv.dim() != 3 or heads < 1 or qkv.shape[2] % (3 * heads) != 0:
+        raise ValueError(f"qkv must have shape (G, S, 3 * heads * D) with heads={heads}, got {tuple(qkv.shape)}")
+    g, s, c3 = qkv.shape
+    q, k, v = qkv.view(g, s, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    chosen = resolve("local_attention", qkv.device, backend, ("reference", "cpp", "triton"))
+    if chosen != "cpp" or qkv.dtype not in (torch.float32, torch.float64):
+        out, weights = local_attention(q, k, v, row_index=row_index, backend=chosen)
+        return out.transpose(1, 2).reshape(g, s, c3 // 3), weights
+    _check_qkv(q, k, v, row_index)
+    rows = row_index.to(torch.int64) if row_index is not None else qkv.new_empty((0,), dtype=torch.int64)
+    out, weights, _ = torch.ops.dynkernels.local_attention_packed(qkv, heads, rows)
+    return out, (weights if row_index is not None else None)
 
 
 # ---- torch.library registrations -------------------------------------------
@@ -226,19 +235,82 @@ if has_extension():
     )
 
 
+def _attention_fake(q, k, v, row_index):
+    g, h, s, _ = q.shape
+    lse = q.new_empty((g, h, s), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return torch.empty_like(q), q.new_empty((g, s)), lse
+
+
+def _attention_backward_fake(grad_out, grad_weights, q, k, v, lse, row_index):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _register_attention(forward, backward) -> None:
+    """Fake kernels and autograd for one (forward, backward) pair of local-attention ops."""
+    torch.library.register_fake(forward)(_attention_fake)
+    torch.library.register_fake(backward)(_attention_backward_fake)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, row_index = inputs
+        ctx.save_for_backward(q, k, v, output[2], row_index)
+
+    def attention_backward(ctx, grad_out, grad_weights, _grad_lse):
+        q, k, v, lse, row_index = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(q)
+        if grad_weights is None:
+            grad_weights = q.new_zeros((q.shape[0], q.shape[2]))
+        dq, dk, dv = backward(grad_out, grad_weights, q, k, v, lse, row_index)
+        return dq, dk, dv, None
+
+    torch.library.register_autograd(forward, attention_backward, setup_context=setup_context)
+
+
+if has_extension():
+    _register_attention(
+        torch.ops.dynkernels.local_attention.default, torch.ops.dynkernels.local_attention_backward.default
+    )
+
+    @torch.library.register_fake("dynkernels::local_attention_packed")
+    def _(qkv, heads, row_index):
+        g, s, c3 = qkv.shape
+        lse = qkv.new_empty((g, heads, s), dtype=torch.float64 if qkv.dtype == torch.float64 else torch.float32)
+        return qkv.new_empty((g, s, c3 // 3)), qkv.new_empty((g, s)), lse
+
+    @torch.library.register_fake("dynkernels::local_attention_packed_backward")
+    def _(grad_out, grad_weights, qkv, heads, lse, row_index):
+        return torch.empty_like(qkv)
+
+    def _packed_setup_context(ctx, inputs, output):
+        qkv, heads, row_index = inputs
+        ctx.save_for_backward(qkv, output[2], row_index)
+        ctx.heads = heads
+
+    def _packed_backward(ctx, grad_out, grad_weights, _grad_lse):
+        qkv, lse, row_index = ctx.saved_tensors
+        g, s, c3 = qkv.shape
+        if grad_out is None:
+            grad_out = qkv.new_zeros((g, s, c3 // 3))
+        if grad_weights is None:
+            grad_weights = qkv.new_zeros((g, s))
+        dqkv = torch.ops.dynkernels.local_attention_packed_backward(
+            grad_out, grad_weights, qkv, ctx.heads, lse, row_index
+        )
+        return dqkv, None, None
+
+    torch.library.register_autograd(
+        "dynkernels::local_attention_packed", _packed_backward, setup_context=_packed_setup_context
+    )
+
+
 if _triton is not None:
+    # Opaque custom ops rather than torch.library.triton_op: see ops/pointops.py.
 
     @torch.library.custom_op("dynkernels::local_attention_triton", mutates_args=())
     def _local_attention_triton(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _triton.local_attention_fwd(q, k, v, row_index)
-
-    @torch.library.register_fake("dynkernels::local_attention_triton")
-    def _(q, k, v, row_index):
-        g, h, s, _ = q.shape
-        lse = q.new_empty((g, h, s), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-        return torch.empty_like(q), q.new_empty((g, s)), lse
 
     @torch.library.custom_op("dynkernels::local_attention_backward_triton", mutates_args=())
     def _local_attention_backward_triton(
@@ -252,26 +324,7 @@ if _triton is not None:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _triton.local_attention_bwd(grad_out, grad_weights, q, k, v, lse, row_index)
 
-    @torch.library.register_fake("dynkernels::local_attention_backward_triton")
-    def _(grad_out, grad_weights, q, k, v, lse, row_index):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    def _attn_setup_context(ctx, inputs, output):
-        q, k, v, row_index = inputs
-        _, _, lse = output
-        ctx.save_for_backward(q, k, v, lse, row_index)
-
-    def _attn_backward(ctx, grad_out, grad_weights, _grad_lse):
-        q, k, v, lse, row_index = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(q)
-        if grad_weights is None or row_index.numel() == 0:
-            grad_weights = q.new_zeros((q.shape[0], q.shape[2]))
-        dq, dk, dv = torch.ops.dynkernels.local_attention_backward_triton(
-            grad_out, grad_weights, q, k, v, lse, row_index
-        )
-        return dq, dk, dv, None
-
-    torch.library.register_autograd(
-        "dynkernels::local_attention_triton", _attn_backward, setup_context=_attn_setup_context
+    _register_attention(
+        torch.ops.dynkernels.local_attention_triton.default,
+        torch.ops.dynkernels.local_attention_backward_triton.default,
     )
