@@ -74,6 +74,17 @@ constexpr int64_t kChunk = 16;  // keys per register block in rows_times; staged
 
 inline int64_t padded(int64_t s) { return (s + kChunk - 1) / kChunk * kChunk; }
 
+// 8 floats as one GCC vector: AVX in the avx2 clone, two SSE halves in the
+// default one. Loads and stores go through memcpy (no alignment assumed).
+typedef float v8sf __attribute__((vector_size(32)));
+
+inline v8sf load8(const float* p) {
+  v8sf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, v8sf v) { std::memcpy(p, &v, sizeof(v)); }
+
 // Per-thread scratch for one head: K and V as rows and transposed, the S x S
 // probabilities and their gradient, dK and dV accumulators.
 template <typename T>
@@ -151,13 +162,24 @@ inline void rows_times(const Operand<T>& a, int64_t g, int64_t h, const T* bt, i
   for (int64_t i = 0; i < s; ++i) {
     const T* ai = a.row(g, h, i);
     for (int64_t j0 = 0; j0 < sp; j0 += kChunk) {
-      T acc[kChunk] = {};
-      for (int64_t c = 0; c < dd; ++c) {
-        const T ac = ai[c] * scale;
-        const T* b = bt + c * sp + j0;
-        for (int64_t jj = 0; jj < kChunk; ++jj) acc[jj] += ac * b[jj];
+      if constexpr (std::is_same_v<T, float> && kChunk == 16) {
+        v8sf lo = {}, hi = {};
+        for (int64_t c = 0; c < dd; ++c) {
+          const float ac = ai[c] * scale;
+          lo += ac * load8(bt + c * sp + j0);
+          hi += ac * load8(bt + c * sp + j0 + 8);
+        }
+        store8(out + i * sp + j0, lo);
+        store8(out + i * sp + j0 + 8, hi);
+      } else {
+        T acc[kChunk] = {};
+        for (int64_t c = 0; c < dd; ++c) {
+          const T ac = ai[c] * scale;
+          const T* b = bt + c * sp + j0;
+          for (int64_t jj = 0; jj < kChunk; ++jj) acc[jj] += ac * b[jj];
+        }
+        for (int64_t jj = 0; jj < kChunk; ++jj) out[i * sp + j0 + jj] = acc[jj];
       }
-      for (int64_t jj = 0; jj < kChunk; ++jj) out[i * sp + j0 + jj] = acc[jj];
     }
   }
 }
@@ -169,21 +191,23 @@ template <typename T, int DC>
 inline void weighted_rows(const T* w, int64_t ws_a, int64_t ws_b, const T* rows, int64_t s, int64_t d, T* acc) {
   const int64_t dd = DC > 0 ? DC : d;
   int64_t a = 0;
-  if constexpr (DC > 0) {
-    // R output rows at once: R independent add chains (an add's latency, not
-    // its throughput, bounds one chain) sharing each loaded row.
-    constexpr int R = DC <= 16 ? 4 : (DC <= 32 ? 2 : 1);
+  if constexpr (DC > 0 && DC % 8 == 0 && std::is_same_v<T, float>) {
+    // R output rows at once in vector registers: R independent add chains (an
+    // add's latency, not its throughput, bounds one chain) sharing each row load.
+    constexpr int NV = DC / 8;
+    constexpr int R = NV == 1 ? 4 : (NV == 2 ? 3 : (NV == 4 ? 2 : 1));
     for (; a + R <= s; a += R) {
-      T sum[R][DC] = {};
+      v8sf sum[R][NV] = {};
       for (int64_t b = 0; b < s; ++b) {
-        const T* r = rows + b * DC;
+        v8sf r[NV];
+        for (int v = 0; v < NV; ++v) r[v] = load8(rows + b * DC + 8 * v);
         for (int u = 0; u < R; ++u) {
-          const T wab = w[(a + u) * ws_a + b * ws_b];
-          for (int c = 0; c < DC; ++c) sum[u][c] += wab * r[c];
+          const float wab = w[(a + u) * ws_a + b * ws_b];
+          for (int v = 0; v < NV; ++v) sum[u][v] += wab * r[v];
         }
       }
       for (int u = 0; u < R; ++u) {
-        for (int c = 0; c < DC; ++c) acc[(a + u) * DC + c] = sum[u][c];
+        for (int v = 0; v < NV; ++v) store8(acc + (a + u) * DC + 8 * v, sum[u][v]);
       }
     }
   }

@@ -408,7 +408,7 @@ class PointFPModule(nn.Module):
         super().__init__()
         self.backend = backend
         layers = []
-        for c_in, c_out in zip(mlp_channels[:-1], mlp_channels[1:]):
+        for c_in, c_out in zip(mlp_channels[:-1], mlp_channels[1:], strict=True):
             layers += [nn.Conv1d(c_in, c_out, 1, bias=False), nn.BatchNorm1d(c_out), nn.ReLU(inplace=True)]
         self.mlps = nn.Sequential(*layers)
 
