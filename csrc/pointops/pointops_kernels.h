@@ -31,18 +31,48 @@ cudaError_t launch_gather_features(ScalarKind kind, bool idx_is_64bit, const voi
                                    int64_t batch, int64_t channels, int64_t n, int64_t k, void* out,
                                    cudaStream_t stream);
 
-// Atomic backward: adds grad_out (B, C, K) into grad_acc (B, C, N), which is
-// zero-filled and of type float (double for kFloat64).
-cudaError_t launch_gather_features_backward_atomic(ScalarKind kind, bool idx_is_64bit, const void* grad_out,
-                                                   const void* idx, int64_t batch, int64_t channels, int64_t n,
-                                                   int64_t k, void* grad_acc, cudaStream_t stream);
+// The scatter-sum backward shared by gather_features and three_interpolate:
+// grad[b, c, idx[b, j]] += weight[b, j] * grad_out[b, c, j / group] over the K
+// positions j of idx (B, K); weight (B, K) may be null (all ones); grad_out is
+// (B, C, K / group).
+//
+// Atomic: adds into grad_acc (B, C, N), zero-filled, of type float (double for kFloat64).
+cudaError_t launch_scatter_backward_atomic(ScalarKind kind, bool idx_is_64bit, const void* grad_out,
+                                           const void* idx, const void* weight, int64_t batch, int64_t channels,
+                                           int64_t n, int64_t k, int64_t group, void* grad_acc, cudaStream_t stream);
 
-// Deterministic backward from a CSR of idx: order holds the flat positions
-// b*K + k sorted by (b*N + idx) then k; offsets (B*N + 1) bound each point's
-// run. Writes every element of grad (B, C, N) in grad_out's type.
-cudaError_t launch_gather_features_backward_segments(ScalarKind kind, const void* grad_out, const int64_t* order,
-                                                     const int64_t* offsets, int64_t batch, int64_t channels,
-                                                     int64_t n, int64_t k, void* grad, cudaStream_t stream);
+// Deterministic, from a CSR of idx: order holds the flat positions b*K + j
+// sorted by (b*N + idx) then j; offsets (B*N + 1) bound each point's run.
+// Writes every element of grad (B, C, N) in grad_out's type.
+cudaError_t launch_scatter_backward_segments(ScalarKind kind, const void* grad_out, const void* weight,
+                                             const int64_t* order, const int64_t* offsets, int64_t batch,
+                                             int64_t channels, int64_t n, int64_t k, int64_t group, void* grad,
+                                             cudaStream_t stream);
+
+// The largest k the CUDA knn keeps per center.
+constexpr int64_t kKnnMaxK = 128;
+
+// xyz (B, N, 3), centers (B, M, 3) contiguous, same kind -> dist (B, M, k) of
+// the distance type (float, double for kFloat64), idx (B, M, k) int64.
+cudaError_t launch_knn(ScalarKind kind, const void* xyz, const void* centers, int64_t batch, int64_t n, int64_t m,
+                       int64_t k, void* dist, int64_t* idx, cudaStream_t stream);
+
+// features (B, C, m), idx (B, n, 3) (int64 when idx_is_64bit), weight (B, n, 3) -> out (B, C, n).
+cudaError_t launch_three_interpolate(ScalarKind kind, bool idx_is_64bit, const void* features, const void* idx,
+                                     const void* weight, int64_t batch, int64_t channels, int64_t m, int64_t n,
+                                     void* out, cudaStream_t stream);
+
+// attn (B, M, H, R, S), grouped_xyz (B, 3, M, S), row_index (B, M) -> out (B, M, 3).
+cudaError_t launch_coordinate_refinement(ScalarKind kind, const void* attn, const void* grouped_xyz,
+                                         const int64_t* row_index, int64_t batch, int64_t m, int64_t heads,
+                                         int64_t rows, int64_t s, void* out, cudaStream_t stream);
+
+// grad_out (B, M, 3) -> grad_attn (zero-filled by the caller; the used rows
+// are written) and grad_xyz (every element written).
+cudaError_t launch_coordinate_refinement_backward(ScalarKind kind, const void* grad_out, const void* attn,
+                                                  const void* grouped_xyz, const int64_t* row_index, int64_t batch,
+                                                  int64_t m, int64_t heads, int64_t rows, int64_t s, void* grad_attn,
+                                                  void* grad_xyz, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dynkernels
