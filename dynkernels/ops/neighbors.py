@@ -69,7 +69,8 @@ def knn(
     if chosen == "reference":
         dist, idx = reference.knn(xyz, centers, k)
         return dist.detach(), idx
-    return torch.ops.dynkernels.knn(_kernel_points(xyz), _kernel_points(centers), k)
+    dist, idx = torch.ops.dynkernels.knn(_kernel_points(xyz), _kernel_points(centers), k)
+    return dist.detach(), idx
 
 
 def three_nn(
@@ -100,7 +101,7 @@ def three_nn(
         return dist.detach(), idx
     k = min(3, source.shape[1])
     d2, idx = torch.ops.dynkernels.knn(_kernel_points(source), _kernel_points(target), k)
-    dist = d2.sqrt()
+    dist = d2.detach().sqrt()
     if k < 3:
         batch, n = target.shape[:2]
         dist = torch.cat([dist, dist.new_full((batch, n, 3 - k), float("inf"))], dim=-1)

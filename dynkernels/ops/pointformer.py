@@ -235,20 +235,31 @@ if has_extension():
     )
 
 
-def _attention_fake(q, k, v, row_index):
-    g, h, s, _ = q.shape
-    lse = q.new_empty((g, h, s), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    return torch.empty_like(q), q.new_empty((g, s)), lse
+def _attention_fakes(heads_last: bool):
+    """Fake kernels of one local-attention op pair. heads_last: outputs (and
+    q/k/v gradients) live in (G, S, H, D) memory, as the C++ kernel writes
+    them; otherwise they are contiguous (G, H, S, D), as the Triton launcher's."""
+
+    def like(q):
+        g, h, s, d = q.shape
+        return q.new_empty((g, s, h, d)).transpose(1, 2) if heads_last else q.new_empty((g, h, s, d))
+
+    def forward(q, k, v, row_index):
+        g, h, s, _ = q.shape
+        lse = q.new_empty((g, h, s), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        return like(q), q.new_empty((g, s)), lse
+
+    def backward(grad_out, grad_weights, q, k, v, lse, row_index):
+        return like(q), like(q), like(q)
+
+    return forward, backward
 
 
-def _attention_backward_fake(grad_out, grad_weights, q, k, v, lse, row_index):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _register_attention(forward, backward) -> None:
+def _register_attention(forward, backward, heads_last: bool) -> None:
     """Fake kernels and autograd for one (forward, backward) pair of local-attention ops."""
-    torch.library.register_fake(forward)(_attention_fake)
-    torch.library.register_fake(backward)(_attention_backward_fake)
+    fake_forward, fake_backward = _attention_fakes(heads_last)
+    torch.library.register_fake(forward)(fake_forward)
+    torch.library.register_fake(backward)(fake_backward)
 
     def setup_context(ctx, inputs, output):
         q, k, v, row_index = inputs
@@ -268,7 +279,9 @@ def _register_attention(forward, backward) -> None:
 
 if has_extension():
     _register_attention(
-        torch.ops.dynkernels.local_attention.default, torch.ops.dynkernels.local_attention_backward.default
+        torch.ops.dynkernels.local_attention.default,
+        torch.ops.dynkernels.local_attention_backward.default,
+        heads_last=True,
     )
 
     @torch.library.register_fake("dynkernels::local_attention_packed")
@@ -327,4 +340,5 @@ if _triton is not None:
     _register_attention(
         torch.ops.dynkernels.local_attention_triton.default,
         torch.ops.dynkernels.local_attention_backward_triton.default,
+        heads_last=False,
     )

@@ -1,0 +1,351 @@
+"""Pointformer's ops (knn, three_nn, three_interpolate, coordinate_refinement,
+local attention) against their references on every backend usable here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TOLERANCES, kernel_cases
+
+from dynkernels import ops, reference
+from dynkernels.testing import random_cloud, sample_centers
+
+NEIGHBOUR_CASES = kernel_cases(("cpp", "cuda"))
+ATTENTION_CASES = kernel_cases(("cpp", "triton"))
+
+
+# ---- knn --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", NEIGHBOUR_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "batch,n,m,k,kind",
+    [
+        (1, 1, 1, 1, "uniform"),
+        (2, 37, 5, 7, "uniform"),
+        (3, 1001, 65, 16, "scene"),
+        (2, 777, 33, 64, "grid"),  # duplicates: ties go to the lower index
+        (1, 5003, 129, 3, "scene"),
+        (2, 300, 11, 300, "uniform"),  # k == N
+    ],
+)
+def test_knn_matches_reference(device, backend, dtype, batch, n, m, k, kind):
+    xyz = random_cloud(batch, n, kind=kind, dtype=dtype, device=device)
+    centers = sample_centers(xyz, m) + 0.003
+    dist, idx = ops.knn(xyz, centers, k, backend=backend)
+    want_dist, want_idx = reference.knn(xyz, centers, k)
+    assert idx.dtype == torch.int64 and idx.shape == (batch, m, k)
+    assert dist.dtype == want_dist.dtype
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(dist, want_dist)
+
+
+@pytest.mark.parametrize("device,backend", NEIGHBOUR_CASES)
+def test_knn_nan_half_and_non_contiguous(device, backend):
+    xyz = torch.rand(2, 3, 901, device=device).transpose(1, 2)
+    xyz[0, 5, 0] = float("nan")
+    centers = xyz[:, :40].clone()
+    dist, idx = ops.knn(xyz, centers, 9, backend=backend)
+    want_dist, want_idx = reference.knn(xyz, centers, 9)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(dist.isnan(), want_dist.isnan())
+    assert idx[0, 5, 0].item() == 0 or dist[0, 5].isnan().all()  # a NaN center ranks every point as NaN: lowest indices
+    half = random_cloud(1, 500, dtype=torch.float16, device=device)
+    d16, i16 = ops.knn(half, half[:, :20], 5, backend=backend)
+    assert d16.dtype == torch.float32
+    assert torch.equal(i16, reference.knn(half.float(), half[:, :20].float(), 5)[1])
+
+
+def test_knn_matches_open3d():
+    o3d = pytest.importorskip("open3d")
+    xyz = random_cloud(1, 4000, kind="scene", dtype=torch.float64)
+    centers = sample_centers(xyz, 50) + 0.01
+    dist, idx = ops.knn(xyz, centers, 12)
+    tree = o3d.geometry.KDTreeFlann(o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz[0].numpy())))
+    for m in range(50):
+        _, found, d2 = tree.search_knn_vector_3d(centers[0, m].numpy(), 12)
+        assert sorted(found) == sorted(idx[0, m].tolist())
+        assert torch.allclose(dist[0, m], torch.tensor(sorted(d2), dtype=torch.float64), rtol=1e-12, atol=1e-15)
+
+
+def test_knn_bad_inputs():
+    xyz = torch.rand(2, 10, 3)
+    with pytest.raises(ValueError, match="k must be in"):
+        ops.knn(xyz, xyz, 11)
+    with pytest.raises(ValueError, match="k must be in"):
+        ops.knn(xyz, xyz, 0)
+    with pytest.raises(TypeError, match="share a dtype"):
+        ops.knn(xyz, xyz.double(), 3)
+    with pytest.raises(ValueError, match="batch sizes"):
+        ops.knn(xyz, xyz[:1], 3)
+    with pytest.raises(ValueError, match=r"\(B, N, 3\)"):
+        ops.knn(torch.rand(2, 10, 2), xyz, 3)
+
+
+# ---- three_nn / three_interpolate ------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", NEIGHBOUR_CASES)
+@pytest.mark.parametrize("m", [1, 2, 3, 257])
+def test_three_nn_matches_reference(device, backend, m):
+    target = random_cloud(2, 301, device=device)
+    source = random_cloud(2, m, device=device)
+    dist, idx = ops.three_nn(target, source, backend=backend)
+    want_dist, want_idx = reference.three_nn(target, source)
+    assert torch.equal(idx, want_idx) and torch.equal(dist, want_dist)
+    if m < 3:  # mmcv: missing neighbours are index 0 at distance inf
+        assert torch.isinf(dist[..., m:]).all() and (idx[..., m:] == 0).all()
+    with pytest.raises(ValueError, match="at least one source point"):
+        ops.three_nn(target, source[:, :0], backend=backend)
+
+
+def _interp_inputs(device, dtype, batch=2, channels=5, m=41, n=67, idx_dtype=torch.int64):
+    features = torch.randn(batch, channels, m, dtype=dtype, device=device)
+    idx = torch.randint(0, m, (batch, n, 3), device=device).to(idx_dtype)
+    weight = torch.rand(batch, n, 3, dtype=dtype, device=device)
+    return features, idx, weight / weight.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("device,backend", NEIGHBOUR_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_three_interpolate_matches_reference(device, backend, dtype, idx_dtype):
+    features, idx, weight = _interp_inputs(device, dtype, idx_dtype=idx_dtype)
+    got = ops.three_interpolate(features, idx, weight, backend=backend)
+    torch.testing.assert_close(got, reference.three_interpolate(features, idx, weight), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device,backend", NEIGHBOUR_CASES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_three_interpolate_gradcheck(device, backend, deterministic):
+    features, idx, weight = _interp_inputs(device, torch.float64, channels=3, m=9, n=11)
+    features.requires_grad_(True)
+    weight.requires_grad_(True)
+    fn = lambda f, w: ops.three_interpolate(f, idx, w, deterministic=deterministic, backend=backend)
+    assert torch.autograd.gradcheck(fn, (features, weight))
+
+
+@pytest.mark.parametrize("device,backend", NEIGHBOUR_CASES)
+def test_three_interpolate_half_within_twice_torch_error(device, backend):
+    for dtype in (torch.float16, torch.bfloat16):
+        features, idx, weight = _interp_inputs(device, dtype, channels=16, m=300, n=400)
+        exact = reference.three_interpolate(features.double(), idx, weight.double())
+        ours = (ops.three_interpolate(features, idx, weight, backend=backend).double() - exact).abs().max()
+        torch_err = (reference.three_interpolate(features, idx, weight).double() - exact).abs().max()
+        assert ours <= 2 * torch_err + 1e-6
+
+
+def test_three_interpolate_bad_inputs():
+    features, idx, weight = _interp_inputs("cpu", torch.float32)
+    with pytest.raises(IndexError, match=r"\[0, 41\)"):
+        ops.three_interpolate(features, idx.clone().fill_(41), weight)
+    with pytest.raises(IndexError):
+        ops.three_interpolate(features, idx.clone().fill_(-1), weight)
+    with pytest.raises(TypeError, match="weight must have"):
+        ops.three_interpolate(features, idx, weight.double())
+    with pytest.raises(ValueError, match=r"\(B, n, 3\)"):
+        ops.three_interpolate(features, idx[..., :2], weight[..., :2])
+
+
+# ---- coordinate_refinement ---------------------------------------------------------
+
+
+def _refine_inputs(device, dtype, batch=2, m=7, heads=3, s=11, rows=None):
+    attn = torch.rand(batch, m, heads, rows or s, s, dtype=dtype, device=device).softmax(-1)
+    xyz = random_cloud(batch, 400, dtype=dtype, device=device)
+    centers = sample_centers(xyz, m)
+    idx = ops.ball_query(xyz, centers, 0.3, s, backend="reference")
+    grouped = reference.grouping_operation(xyz.transpose(1, 2).contiguous(), idx)
+    return attn, grouped, centers
+
+
+@pytest.mark.parametrize("device,backend", NEIGHBOUR_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("row", ["centroid", "first", "mean", "tensor"])
+def test_coordinate_refinement_matches_reference(device, backend, dtype, row):
+    attn, grouped, centers = _refine_inputs(device, dtype)
+    if row == "tensor":
+        row = torch.randint(-1, attn.shape[3], attn.shape[:2], device=device)
+    got = ops.coordinate_refinement(attn, grouped, row=row, centers=centers, backend=backend)
+    want = ops.coordinate_refinement(attn, grouped, row=row, centers=centers, backend="reference")
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+    # a convex combination of the group: inside its bounding box
+    lo, hi = grouped.amin(-1).transpose(1, 2), grouped.amax(-1).transpose(1, 2)
+    assert (got >= lo - 1e-5).all() and (got <= hi + 1e-5).all()
+
+
+def test_centroid_row_finds_the_center():
+    attn, grouped, centers = _refine_inputs("cpu", torch.float32, s=64)
+    rows = ops.centroid_row_index(grouped, centers)
+    for b, m in [(0, 0), (1, 3)]:
+        r = int(rows[b, m])
+        if r >= 0:
+            assert torch.equal(grouped[b, :, m, r], centers[b, m])
+            assert not (grouped[b, :, m, :r] == centers[b, m][:, None]).all(0).any()
+
+
+@pytest.mark.parametrize("device,backend", NEIGHBOUR_CASES)
+def test_coordinate_refinement_gradcheck(device, backend):
+    attn, grouped, centers = _refine_inputs(device, torch.float64, m=3, heads=2, s=5)
+    attn.requires_grad_(True)
+    grouped.requires_grad_(True)
+    # the row is fixed beforehand: "centroid" matching is a step function of grouped_xyz
+    centroid = ops.centroid_row_index(grouped.detach(), centers)
+    for row in (centroid, "mean", "first"):
+        fn = lambda a, g: ops.coordinate_refinement(a, g, row=row, backend=backend)
+        assert torch.autograd.gradcheck(fn, (attn, grouped))
+
+
+def test_coordinate_refinement_bad_inputs():
+    attn, grouped, centers = _refine_inputs("cpu", torch.float32)
+    with pytest.raises(ValueError, match="needs centers"):
+        ops.coordinate_refinement(attn, grouped, row="centroid")
+    with pytest.raises(ValueError, match="row must be one of"):
+        ops.coordinate_refinement(attn, grouped, row="last")
+    with pytest.raises(TypeError, match="share a dtype"):
+        ops.coordinate_refinement(attn.double(), grouped, row="first")
+    with pytest.raises(ValueError, match=r"\(B, M, H, R, S\)"):
+        ops.coordinate_refinement(attn[..., :3], grouped, row="first")
+    with pytest.raises(IndexError):
+        ops.coordinate_refinement(attn, grouped, row=torch.full(attn.shape[:2], 99))
+    with pytest.raises(ValueError, match="one attention row per grouped point"):
+        ops.coordinate_refinement(attn[:, :, :, :1], grouped, row="centroid", centers=centers)
+
+
+# ---- local attention -------------------------------------------------------------
+
+
+def _qkv(device, dtype, g=6, h=3, s=37, d=8, requires_grad=False):
+    return [torch.randn(g, h, s, d, dtype=dtype, device=device, requires_grad=requires_grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("device,backend", ATTENTION_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("s,d", [(37, 8), (64, 16), (16, 32), (9, 5), (1, 8)])
+def test_local_attention_matches_reference(device, backend, dtype, s, d):
+    q, k, v = _qkv(device, dtype, s=s, d=d, requires_grad=True)
+    rows = torch.tensor([0, s - 1, -1, s // 2, -1, 0], device=device)
+    out, w = ops.local_attention(q, k, v, row_index=rows, backend=backend)
+    ref_out, ref_w = reference.local_attention(q, k, v, rows)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(w, ref_w, **tol)
+    g_out, g_w = torch.randn_like(out), torch.randn_like(w)
+    grads = torch.autograd.grad((out * g_out).sum() + (w * g_w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref_out * g_out).sum() + (ref_w * g_w).sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+
+
+@pytest.mark.parametrize("device,backend", ATTENTION_CASES)
+def test_local_attention_gradcheck(device, backend):
+    q, k, v = _qkv(device, torch.float64, g=3, h=2, s=5, d=4, requires_grad=True)
+    rows = torch.tensor([1, -1, 4], device=device)
+    fast = backend == "triton" and device == "cpu"  # the interpreter runs each launch slowly
+    fn = lambda a, b, c: ops.local_attention(a, b, c, row_index=rows, backend=backend)
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=fast)
+    no_rows = lambda a, b, c: ops.local_attention(a, b, c, backend=backend)[0]
+    assert torch.autograd.gradcheck(no_rows, (q, k, v), fast_mode=fast)
+
+
+@pytest.mark.parametrize("device,backend", ATTENTION_CASES)
+def test_local_attention_packed_matches_split(device, backend):
+    g, s, heads, d = 3, 7, 2, 4
+    qkv = torch.randn(g, s, 3 * heads * d, dtype=torch.float64, device=device, requires_grad=True)
+    rows = torch.randint(-1, s, (g,), device=device)
+    out, w = ops.local_attention_packed(qkv, heads, row_index=rows, backend=backend)
+    q, k, v = qkv.view(g, s, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    ref_out, ref_w = reference.local_attention(q, k, v, rows)
+    torch.testing.assert_close(out, ref_out.transpose(1, 2).reshape(g, s, heads * d))
+    torch.testing.assert_close(w, ref_w)
+    fn = lambda t: ops.local_attention_packed(t, heads, row_index=rows, backend=backend)
+    assert torch.autograd.gradcheck(fn, (qkv,), fast_mode=backend == "triton" and device == "cpu")
+
+
+def test_local_attention_half_computes_in_fp32():
+    q, k, v = _qkv("cpu", torch.float32)
+    for dtype in (torch.float16, torch.bfloat16):
+        qh, kh, vh = q.to(dtype), k.to(dtype), v.to(dtype)
+        exact, _ = reference.local_attention(qh.double(), kh.double(), vh.double())
+        ours = (ops.local_attention(qh, kh, vh, backend="cpp")[0].double() - exact).abs().max()
+        torch_err = (reference.local_attention(qh, kh, vh)[0].double() - exact).abs().max()
+        assert ours <= 2 * torch_err + 1e-6
+
+
+def test_local_attention_bad_inputs():
+    q, k, v = _qkv("cpu", torch.float32)
+    with pytest.raises(ValueError, match="share one shape"):
+        ops.local_attention(q, k[:, :, :5], v)
+    with pytest.raises(TypeError, match="share a dtype"):
+        ops.local_attention(q, k.double(), v)
+    with pytest.raises(IndexError):
+        ops.local_attention(q, k, v, row_index=torch.full((6,), 37))
+    with pytest.raises(ValueError, match=r"\(G,\)"):
+        ops.local_attention(q, k, v, row_index=torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="3 \\* heads"):
+        ops.local_attention_packed(torch.rand(2, 3, 10), 4)
+    if "triton" in [c.values[1] for c in ATTENTION_CASES]:
+        big = torch.rand(1, 1, 65, 8)
+        with pytest.raises(ValueError, match="S <= 64"):
+            ops.local_attention(big, big, big, backend="triton")
+
+
+# ---- opcheck and torch.compile ------------------------------------------------------
+
+
+def test_opcheck_new_ops():
+    xyz = random_cloud(2, 200)
+    torch.library.opcheck(torch.ops.dynkernels.knn.default, (xyz, xyz[:, :9].contiguous(), 5))
+    features, idx, weight = _interp_inputs("cpu", torch.float64, channels=3, m=9, n=11)
+    torch.library.opcheck(
+        torch.ops.dynkernels.three_interpolate.default, (features.requires_grad_(True), idx, weight, False)
+    )
+    attn, grouped, _ = _refine_inputs("cpu", torch.float64, m=3, heads=2, s=5)
+    rows = torch.tensor([[0, -1, 4], [2, 2, -1]])
+    torch.library.opcheck(
+        torch.ops.dynkernels.coordinate_refinement.default,
+        (attn.requires_grad_(True), grouped.requires_grad_(True), rows),
+    )
+    q, k, v = _qkv("cpu", torch.float64, g=3, h=2, s=5, d=4, requires_grad=True)
+    torch.library.opcheck(torch.ops.dynkernels.local_attention.default, (q, k, v, torch.tensor([0, -1, 3])))
+    qkv = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.dynkernels.local_attention_packed.default, (qkv, 2, torch.tensor([0, -1, 3])))
+
+
+def test_compile_fullgraph():
+    xyz = random_cloud(2, 500)
+    features, idx, weight = _interp_inputs("cpu", torch.float32, m=500, n=60)
+
+    def pipeline(xyz, features, weight, qkv):
+        d2, nn_idx = ops.knn(xyz, xyz[:, :60], 3)
+        out = ops.three_interpolate(features, nn_idx, weight)
+        attn_out, w = ops.local_attention_packed(qkv, 2, row_index=torch.zeros(qkv.shape[0], dtype=torch.int64))
+        return out, d2, attn_out, w
+
+    qkv = torch.randn(4, 9, 48)
+    eager = pipeline(xyz, features, weight, qkv)
+    compiled = torch.compile(pipeline, fullgraph=True, backend="aot_eager")(xyz, features, weight, qkv)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.triton
+def test_compile_triton_attention():
+    if "triton" not in [c.values[1] for c in ATTENTION_CASES]:
+        pytest.skip("triton unavailable")
+    q, k, v = _qkv(ATTENTION_CASES[0].values[0], torch.float32, s=16)
+    rows = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
+    fn = lambda a, b, c: ops.local_attention(a, b, c, row_index=rows, backend="triton")
+    eager = fn(q, k, v)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(eager, compiled)
+
+
+def test_local_attention_scale_is_mha_scale():
+    q, k, v = _qkv("cpu", torch.float64, s=4, d=9)
+    out, _ = ops.local_attention(q, k, v)
+    probs = (q * math.sqrt(1.0 / 9) @ k.transpose(-1, -2)).softmax(-1)
+    torch.testing.assert_close(out, probs @ v)
