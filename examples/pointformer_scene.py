@@ -109,8 +109,10 @@ def main() -> None:
     seeds = result["fp_features"][-1]
     print(f"{path}: {len(xyz)} points, {args.config} backbone ({args.backend} path) in {elapsed:.2f} s")
     print(f"seeds: {tuple(result['fp_xyz'][-1].shape[1:])} xyz, {tuple(seeds.shape[1:])} features")
-    print(f"refinement ({args.refine} row): mean shift {shift.mean():.4f}, max {shift.max():.4f} "
-          f"(ball radius {config['radius'][0]})")
+    print(
+        f"refinement ({args.refine} row): mean shift {shift.mean():.4f}, max {shift.max():.4f} "
+        f"(ball radius {config['radius'][0]})"
+    )
     print(f"wrote {out / (stem + '_sampled.ply')}, {out / (stem + '_refined.ply')}, {out / (stem + '_refinement.png')}")
 
 

@@ -146,7 +146,11 @@ def test_global_and_local_global_transformers_match_reference():
         gt_kernel, gt_ref = _pair(dnn.GlobalTransformer(16, 24, 4, prenorm=prenorm).double().eval())
         lgt_kernel, lgt_ref = _pair(dnn.LocalGlobalTransformer(16, 4, prenorm=prenorm).double().eval())
         xyz = random_cloud(2, 300, dtype=torch.float64)
-        centers, local, feats = xyz[:, :50], torch.randn(2, 16, 50, dtype=torch.float64), torch.randn(2, 16, 300, dtype=torch.float64)
+        centers, local, feats = (
+            xyz[:, :50],
+            torch.randn(2, 16, 50, dtype=torch.float64),
+            torch.randn(2, 16, 300, dtype=torch.float64),
+        )
         with torch.no_grad():
             torch.testing.assert_close(gt_kernel(centers, local), gt_ref(centers, local))
             torch.testing.assert_close(lgt_kernel(centers, local, xyz, feats), lgt_ref(centers, local, xyz, feats))

@@ -17,6 +17,8 @@ class Impl:
     kind: str
     agrees: bool | None = None
     note: str = ""
+    measure_memory: bool = False  # also record the peak of allocations during one call
+    stages: dict | None = None  # seconds per stage of one call, where the case breaks it down
 
 
 @dataclass

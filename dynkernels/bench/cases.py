@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import pointops_cases
+from . import pointformer_cases, pointops_cases
 from .base import Case, Impl
 
 __all__ = ["FAMILIES", "Case", "Impl", "cases_for"]
 
 
-FAMILIES: dict[str, Callable[[bool, str], list[Case]]] = {"pointops": pointops_cases.cases}
+FAMILIES: dict[str, Callable[[bool, str], list[Case]]] = {
+    "pointops": pointops_cases.cases,
+    "pointformer": pointformer_cases.cases,
+}
 
 
 def cases_for(families: list[str] | None, ops: list[str] | None, quick: bool, device: str) -> list[Case]:

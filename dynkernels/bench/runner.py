@@ -33,6 +33,28 @@ def measure(fn, device: str, min_time: float = 0.4, min_runs: int = 3, max_runs:
     return times
 
 
+def peak_bytes(fn, device: str) -> int:
+    """The peak of tensor memory allocated during one call, above what was
+    allocated before it. CUDA: the caching allocator's peak counter; CPU: the
+    profiler's allocation events, summed in time order."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
 class Progress:
     def __init__(self, total: int, stream=sys.stderr) -> None:
         self.total, self.done, self.stream = total, 0, stream
@@ -113,6 +135,8 @@ def run_cases(cases: list[Case], device: str) -> list[dict]:
                     "min_s": min(times),
                     "max_s": max(times),
                     "runs": len(times),
+                    "peak_mb": peak_bytes(impl.fn, device) / 2**20 if impl.measure_memory else None,
+                    "stages_s": impl.stages,
                 }
             )
         progress.step(f"{case.op} {case.size}: done")
@@ -124,7 +148,10 @@ def run_cases(cases: list[Case], device: str) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'op':<26} {'size':<34} {'implementation':<24} {'median ms':>10} {'min-max ms':>17} {'dk speedup':>10}  agrees"
+    header = (
+        f"{'op':<26} {'size':<34} {'implementation':<24} {'median ms':>10} {'min-max ms':>17} {'dk speedup':>10} "
+        f"{'peak MB':>8}  agrees"
+    )
     lines = [header, "-" * len(header)]
     last = None
     for r in rows:
@@ -134,23 +161,42 @@ def format_table(rows: list[dict]) -> str:
         spread = f"{r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f}"
         agrees = {None: "", True: "yes", False: "NO"}[r["agrees"]]
         speed = "" if r["kind"] == "kernel" else f"{r['dynkernels_speedup']:.1f}x"
+        peak = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
         lines.append(
-            f"{op:<26} {size:<34} {r['impl']:<24} {r['median_s'] * 1e3:>10.2f} {spread:>17} {speed:>10}  {agrees}"
+            f"{op:<26} {size:<34} {r['impl']:<24} {r['median_s'] * 1e3:>10.2f} {spread:>17} {speed:>10} "
+            f"{peak:>8}  {agrees}"
         )
+        if r.get("stages_s"):
+            lines.append(" " * 28 + "stages (ms): " + stage_text(r["stages_s"]))
     lines.append("dk speedup = that implementation's median time / dynkernels' median time (higher: dynkernels faster)")
+    lines.append("peak MB = tensor memory allocated during one call at its peak; stages from one profiled call")
     return "\n".join(lines)
+
+
+def stage_text(stages: dict) -> str:
+    return ", ".join(f"{name} {seconds * 1e3:.0f}" for name, seconds in stages.items())
 
 
 def format_markdown(rows: list[dict]) -> str:
     lines = [
-        "| op | size | implementation | median ms | dynkernels speedup | same result |",
-        "|---|---|---|---:|---:|---|",
+        "| op | size | implementation | median ms | dynkernels speedup | peak MB | same result |",
+        "|---|---|---|---:|---:|---:|---|",
     ]
     for r in rows:
         speed = "—" if r["kind"] == "kernel" else f"{r['dynkernels_speedup']:.1f}x"
         agrees = {None: "", True: "yes", False: "no"}[r["agrees"]]
         name = f"**{r['impl']}**" if r["kind"] == "kernel" else r["impl"]
-        lines.append(f"| {r['op']} | {r['size']} | {name} | {r['median_s'] * 1e3:.2f} | {speed} | {agrees} |")
+        peak = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
+        lines.append(f"| {r['op']} | {r['size']} | {name} | {r['median_s'] * 1e3:.2f} | {speed} | {peak} | {agrees} |")
+    staged = [r for r in rows if r.get("stages_s")]
+    if staged:
+        lines += ["", "Per-stage forward time (ms, one profiled call):", ""]
+        names = list(dict.fromkeys(k for r in staged for k in r["stages_s"]))
+        lines.append("| size | implementation | " + " | ".join(names) + " |")
+        lines.append("|---|---|" + "---:|" * len(names))
+        for r in staged:
+            cells = " | ".join(f"{r['stages_s'].get(k, 0.0) * 1e3:.0f}" for k in names)
+            lines.append(f"| {r['size']} | {r['impl']} | {cells} |")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from .. import ops, reference
 from .pointformer_layers import (
@@ -198,33 +199,37 @@ class LocalTransformer(nn.Module):
         if features.shape[1] != self.d_model:
             raise ValueError(f"features must have d_model={self.d_model} channels, got {tuple(features.shape)}")
         batch = xyz.shape[0]
-        fps_idx, ball_idx = sample_and_group(xyz, self.npoint, self.radius, self.nsample, lengths, self.backend)
-        centers = xyz.gather(1, fps_idx.unsqueeze(-1).expand(-1, -1, 3))
+        with record_function("pointformer.sampling"):
+            fps_idx, ball_idx = sample_and_group(xyz, self.npoint, self.radius, self.nsample, lengths, self.backend)
         path = _path(self.backend)
-        if path == "reference":
-            x, grouped_abs = self._group_reference(xyz, features, centers, ball_idx)
-        else:
-            x, grouped_abs = self._group_kernel(xyz, features, centers, ball_idx)
-        row_index = None
-        if self.refine is not None:
-            row_index = self.refine.row_index(grouped_abs, centers)  # (B, M)
+        with record_function("pointformer.grouping"):
+            centers = xyz.gather(1, fps_idx.unsqueeze(-1).expand(-1, -1, 3))
+            if path == "reference":
+                x, grouped_abs = self._group_reference(xyz, features, centers, ball_idx)
+            else:
+                x, grouped_abs = self._group_kernel(xyz, features, centers, ball_idx)
+            row_index = None
+            if self.refine is not None:
+                row_index = self.refine.row_index(grouped_abs, centers)  # (B, M)
         g, s = x.shape[:2]
         attn = None
-        for i, layer in enumerate(self.layers):
-            last = i == len(self.layers) - 1
-            rows = row_index.reshape(g) if (last and row_index is not None) else None
-            x, attn_i = layer(x, path=path, local=True, row_index=rows, backend=self.backend)
-            if last:
-                attn = attn_i
-        pooled = x.amax(dim=1).view(batch, self.npoint, self.d_model).transpose(1, 2)  # (B, C, M)
-        out = self.fc(pooled)
+        with record_function("pointformer.local_attention"):
+            for i, layer in enumerate(self.layers):
+                last = i == len(self.layers) - 1
+                rows = row_index.reshape(g) if (last and row_index is not None) else None
+                x, attn_i = layer(x, path=path, local=True, row_index=rows, backend=self.backend)
+                if last:
+                    attn = attn_i
+            pooled = x.amax(dim=1).view(batch, self.npoint, self.d_model).transpose(1, 2)  # (B, C, M)
+            out = self.fc(pooled)
         if self.refine is not None:
-            if path == "reference":  # the head-averaged maps (G, S, S): pick the row in the refinement
-                attn5 = attn.view(batch, self.npoint, 1, s, s)
-                centers = self.refine(attn5, grouped_abs, row_index)
-            else:  # the fused attention already gave the picked rows (G, S)
-                attn5 = attn.view(batch, self.npoint, 1, 1, s)
-                centers = self.refine(attn5, grouped_abs, torch.zeros_like(row_index))
+            with record_function("pointformer.refinement"):
+                if path == "reference":  # the head-averaged maps (G, S, S): pick the row in the refinement
+                    attn5 = attn.view(batch, self.npoint, 1, s, s)
+                    centers = self.refine(attn5, grouped_abs, row_index)
+                else:  # the fused attention already gave the picked rows (G, S)
+                    attn5 = attn.view(batch, self.npoint, 1, 1, s)
+                    centers = self.refine(attn5, grouped_abs, torch.zeros_like(row_index))
         return centers, out, fps_idx
 
     def _offsets(self, grouped_xyz, centers, valid):
@@ -291,6 +296,7 @@ class GlobalTransformer(nn.Module):
         )
         self.fc = nn.Conv1d(d_model, out_channels, 1)
 
+    @record_function("pointformer.global_attention")
     def forward(self, xyz: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         path = _path(self.backend)
         if path == "reference":
@@ -326,6 +332,7 @@ class LocalGlobalTransformer(nn.Module):
         self.pe = PositionEncoding(d_model)
         self.layer = PointformerDecoderLayer(d_model, nhead, dim_feedforward or 2 * d_model, dropout, prenorm)
 
+    @record_function("pointformer.local_global_attention")
     def forward(self, centers, local, xyz, features, lengths: list[int] | None = None):
         path = _path(self.backend)
         pad = None
@@ -412,6 +419,7 @@ class PointFPModule(nn.Module):
             layers += [nn.Conv1d(c_in, c_out, 1, bias=False), nn.BatchNorm1d(c_out), nn.ReLU(inplace=True)]
         self.mlps = nn.Sequential(*layers)
 
+    @record_function("pointformer.feature_propagation")
     def forward(self, target, source, target_feats, source_feats):
         backend = op_backend(self.backend, ("cpp", "cuda"))
         dist, idx = ops.three_nn(target, source, backend=backend)
