@@ -40,7 +40,8 @@ def _points(batch, n, dtype=torch.float64, seed=0):
     return torch.cat([xyz, xyz[..., 2:] - xyz[..., 2:].amin(1, keepdim=True)], dim=-1)
 
 
-def _assert_outputs_equal(got: dict, want: dict, tol=dict(rtol=1e-9, atol=1e-9)):
+def _assert_outputs_equal(got: dict, want: dict, tol: dict | None = None):
+    tol = tol or dict(rtol=1e-9, atol=1e-9)
     for key in ("fp_indices", "sa_indices"):
         for a, b in zip(got[key], want[key], strict=True):
             assert torch.equal(a, b), key

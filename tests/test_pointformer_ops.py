@@ -195,7 +195,7 @@ def test_coordinate_refinement_gradcheck(device, backend):
     # the row is fixed beforehand: "centroid" matching is a step function of grouped_xyz
     centroid = ops.centroid_row_index(grouped.detach(), centers)
     for row in (centroid, "mean", "first"):
-        fn = lambda a, g: ops.coordinate_refinement(a, g, row=row, backend=backend)
+        fn = lambda a, g, row=row: ops.coordinate_refinement(a, g, row=row, backend=backend)
         assert torch.autograd.gradcheck(fn, (attn, grouped))
 
 

@@ -37,22 +37,22 @@ def op_backend(backend: str | None, supported: tuple[str, ...]) -> str | None:
     return None
 
 
-def _attend(attn: nn.MultiheadAttention, query, key, value, *, local, row_index, key_padding_mask, backend):
-    """Kernel-path multi-head attention with attn's parameters. query (G, Sq, C),
-    key/value (G, Sk, C) batch-first -> ((G, Sq, C), weights (G, Sk) or None)."""
+def _attend_heads(attn, query, key, value, in_bias, *, local, row_index, key_padding_mask, backend):
+    """Kernel-path multi-head attention with attn's projection weights and the
+    given input-projection bias, up to the merged heads (before out_proj).
+    query (G, Sq, C), key/value (G, Sk, C) batch-first -> ((G, Sq, C), weights (G, Sk) or None)."""
     g, sq, c = query.shape
     heads = attn.num_heads
     d = c // heads
     dropout = attn.dropout if attn.training else 0.0
     self_attention = query is key and key is value
     if self_attention and local and dropout == 0.0 and key_padding_mask is None:
-        qkv = F.linear(query, attn.in_proj_weight, attn.in_proj_bias)
-        out, weights = ops.local_attention_packed(
+        qkv = F.linear(query, attn.in_proj_weight, in_bias)
+        return ops.local_attention_packed(
             qkv, heads, row_index=row_index, backend=op_backend(backend, ("cpp", "triton"))
         )
-        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias), weights
     w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None, None, None)
+    b_q, b_k, b_v = in_bias.chunk(3) if in_bias is not None else (None, None, None)
     q = F.linear(query, w_q, b_q).view(g, sq, heads, d).transpose(1, 2)
     k = F.linear(key, w_k, b_k).view(g, -1, heads, d).transpose(1, 2)
     v = F.linear(value, w_v, b_v).view(g, -1, heads, d).transpose(1, 2)
@@ -61,8 +61,33 @@ def _attend(attn: nn.MultiheadAttention, query, key, value, *, local, row_index,
     weights = None
     if row_index is not None:  # attention dropout is on: the refinement reads the probabilities before it
         _, weights = ops.local_attention(q.detach(), k.detach(), v.detach(), row_index=row_index)
-    out = out.transpose(1, 2).reshape(g, sq, c)
+    return out.transpose(1, 2).reshape(g, sq, c), weights
+
+
+def _attend(attn: nn.MultiheadAttention, query, key, value, *, local, row_index, key_padding_mask, backend):
+    """_attend_heads with attn's own bias, then out_proj."""
+    out, weights = _attend_heads(
+        attn,
+        query,
+        key,
+        value,
+        attn.in_proj_bias,
+        local=local,
+        row_index=row_index,
+        key_padding_mask=key_padding_mask,
+        backend=backend,
+    )
     return F.linear(out, attn.out_proj.weight, attn.out_proj.bias), weights
+
+
+def _plus_matmul(base: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """base + x @ weight^T in one GEMM (beta = 1): no bias copy, no separate add.
+    Without autograd it accumulates into base in place (the caller gives base
+    up), which also saves addmm's copy of base into a fresh output."""
+    flat_base, flat_x = base.reshape(-1, base.shape[-1]), x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (base.requires_grad or x.requires_grad or weight.requires_grad):
+        return torch.addmm(flat_base, flat_x, weight.t()).view(base.shape)
+    return flat_base.addmm_(flat_x, weight.t()).view(base.shape)
 
 
 def _mha_reference(attn: nn.MultiheadAttention, query, key, value, *, need_weights, key_padding_mask=None):
@@ -118,8 +143,44 @@ class PointformerEncoderLayer(_FeedForward):
             backend=backend,
         )
 
+    def _fused_prenorm(self, x, local, row_index, key_padding_mask, backend):
+        """The prenorm layer with each residual add and output bias folded into
+        GEMMs. With z = LN1(x) + b_out (b_out folded into LN1's shift):
+        x + MHA(x) = z + o W_out^T, where o attends over
+        z W_in^T + (b_in - W_in b_out) = LN1(x) W_in^T + b_in; the FFN alike
+        with b2 folded into LN2. The same function, one pass less per residual;
+        valid when the residual dropouts are identities."""
+        attn, c = self.self_attn, x.shape[-1]
+        b_out, b2 = attn.out_proj.bias, self.linear2.bias
+        z = F.layer_norm(x, (c,), self.norm1.weight, self.norm1.bias + b_out, self.norm1.eps)
+        in_bias = attn.in_proj_bias - attn.in_proj_weight @ b_out
+        o, weights = _attend_heads(
+            attn,
+            z,
+            z,
+            z,
+            in_bias,
+            local=local,
+            row_index=row_index,
+            key_padding_mask=key_padding_mask,
+            backend=backend,
+        )
+        x = _plus_matmul(z, o, attn.out_proj.weight)
+        z = F.layer_norm(x, (c,), self.norm2.weight, self.norm2.bias + b2, self.norm2.eps)
+        h = self.dropout(F.relu(F.linear(z, self.linear1.weight, self.linear1.bias - self.linear1.weight @ b2)))
+        return _plus_matmul(z, h, self.linear2.weight), weights
+
     def forward(self, x, *, path="kernel", local=True, row_index=None, key_padding_mask=None, backend=None):
-        if self.prenorm:
+        foldable = (
+            path != "reference"
+            and self.self_attn.in_proj_bias is not None
+            and self.self_attn.out_proj.bias is not None
+            and self.norm1.bias is not None
+            and (not self.training or self.dropout1.p == self.dropout2.p == 0.0)
+        )
+        if self.prenorm and foldable:
+            x, attn = self._fused_prenorm(x, local, row_index, key_padding_mask, backend)
+        elif self.prenorm:
             x = self.norm1(x)
             sa, attn = self._sa(x, path, local, row_index, key_padding_mask, backend)
             x = x + self.dropout1(sa)
