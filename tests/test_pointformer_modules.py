@@ -178,3 +178,20 @@ def test_sunrgbd_backbone_shapes():
     assert out["fp_features"][-1].shape == (1, 256, 1024)
     assert out["fp_xyz"][-1].shape == (1, 1024, 3)
     assert out["fp_indices"][-1].shape == (1, 1024) and int(out["fp_indices"][-1].max()) < 2500
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_position_encoding_paths_train_batchnorm_alike(momentum):
+    torch.manual_seed(7)
+    kernel = dnn.PositionEncoding(16).double().train()
+    kernel.layers[1].momentum = momentum
+    ref = copy.deepcopy(kernel)
+    xyz = torch.randn(2, 30, 8, 3, dtype=torch.float64)
+    for _ in range(2):
+        got = kernel(xyz)
+        want = ref.reference(xyz.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        torch.testing.assert_close(got, want)
+    bn_k, bn_r = kernel.layers[1], ref.layers[1]
+    torch.testing.assert_close(bn_k.running_mean, bn_r.running_mean)
+    torch.testing.assert_close(bn_k.running_var, bn_r.running_var)
+    assert int(bn_k.num_batches_tracked) == int(bn_r.num_batches_tracked) == 2

@@ -65,9 +65,8 @@ def _local_attention_fwd_kernel(
     rows = tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     w_acc = tl.zeros((BLOCK_S,), dtype=COMPUTE)
-    r = -1
-    if HAS_ROWS:
-        r = tl.load(row_ptr + g)
+    # Without rows the launcher passes a one-element dummy: always a valid read, never used.
+    r = tl.load(row_ptr + g * HAS_ROWS)
     for h in range(H):
         base = (g * H + h) * S * D
         q = _load_head(q_ptr, base, rows, cols, S, D).to(COMPUTE)

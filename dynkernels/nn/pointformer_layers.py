@@ -60,7 +60,7 @@ def _attend_heads(attn, query, key, value, in_bias, *, local, row_index, key_pad
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=math.sqrt(1.0 / d))
     weights = None
     if row_index is not None:  # attention dropout is on: the refinement reads the probabilities before it
-        _, weights = ops.local_attention(q.detach(), k.detach(), v.detach(), row_index=row_index)
+        _, weights = ops.local_attention(q, k, v, row_index=row_index)
     return out.transpose(1, 2).reshape(g, sq, c), weights
 
 
@@ -265,6 +265,14 @@ class PositionEncoding(nn.Module):
             return self.layers(xyz.unsqueeze(-1)).squeeze(-1)
         return self.layers(xyz)
 
+    @staticmethod
+    def _momentum(bn: nn.BatchNorm2d) -> float:
+        """BatchNorm's update factor for this call, as BatchNorm2d.forward computes it."""
+        if not (bn.training and bn.track_running_stats):
+            return 0.0
+        bn.num_batches_tracked.add_(1)
+        return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
     def forward(self, xyz: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         conv1, bn, _, conv2 = self.layers
         if valid is not None:
@@ -280,9 +288,7 @@ class PositionEncoding(nn.Module):
             bn.weight,
             bn.bias,
             training=bn.training or bn.running_mean is None,
-            momentum=bn.momentum if bn.momentum is not None else 0.0,
+            momentum=self._momentum(bn),
             eps=bn.eps,
         ).view(shape)
-        if bn.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
         return F.linear(F.relu(h), conv2.weight.flatten(1), conv2.bias)
