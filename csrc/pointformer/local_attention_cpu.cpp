@@ -34,10 +34,17 @@
 #else
 #define DK_MULTIVERSION
 #endif
+// The helpers must inline into each clone: a helper left out of line is
+// compiled for the baseline only, and its vector code runs at half width.
+#if defined(__GNUC__)
+#define DK_INLINE inline __attribute__((always_inline))
+#else
+#define DK_INLINE inline
+#endif
 
 namespace {
 
-inline float exp_approx(float x) {
+DK_INLINE float exp_approx(float x) {
   x = x < -87.0f ? -87.0f : x;  // value selects, not std::min/max references: they vectorise
   x = x > 88.0f ? 88.0f : x;
   // Round to nearest by the 1.5 * 2^23 trick: plain adds, so the loop vectorises.
@@ -78,12 +85,12 @@ inline int64_t padded(int64_t s) { return (s + kChunk - 1) / kChunk * kChunk; }
 // default one. Loads and stores go through memcpy (no alignment assumed).
 typedef float v8sf __attribute__((vector_size(32)));
 
-inline v8sf load8(const float* p) {
+DK_INLINE v8sf load8(const float* p) {
   v8sf v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void store8(float* p, v8sf v) { std::memcpy(p, &v, sizeof(v)); }
+DK_INLINE void store8(float* p, v8sf v) { std::memcpy(p, &v, sizeof(v)); }
 
 // Per-thread scratch for one head: K and V as rows and transposed, the S x S
 // probabilities and their gradient, dK and dV accumulators.
@@ -98,7 +105,7 @@ struct Scratch {
 // Copies one head's S rows into rows (S x D) and transposed (D x sp, the
 // padding columns zero).
 template <typename T>
-void stage(const Operand<T>& src, int64_t g, int64_t h, int64_t s, int64_t d, T* rows, T* transposed) {
+DK_INLINE void stage(const Operand<T>& src, int64_t g, int64_t h, int64_t s, int64_t d, T* rows, T* transposed) {
   const int64_t sp = padded(s);
   for (int64_t j = 0; j < s; ++j) {
     const T* r = src.row(g, h, j);
@@ -113,7 +120,7 @@ void stage(const Operand<T>& src, int64_t g, int64_t h, int64_t s, int64_t d, T*
 // Row reductions over kChunk explicit lanes: the lanes vectorise (a plain
 // float reduction would not, without -ffast-math) and the order is fixed.
 template <typename T>
-inline T row_max(const T* x, int64_t s) {
+DK_INLINE T row_max(const T* x, int64_t s) {
   T lane[kChunk];
   for (int64_t u = 0; u < kChunk; ++u) lane[u] = -std::numeric_limits<T>::infinity();
   int64_t j = 0;
@@ -128,7 +135,7 @@ inline T row_max(const T* x, int64_t s) {
 
 // x[j] = exp(x[j] - shift) for j < s, x[j] = 0 on the padding up to padded(s); returns the sum.
 template <typename T>
-inline T exp_row(T* x, int64_t s, T shift) {
+DK_INLINE T exp_row(T* x, int64_t s, T shift) {
   const int64_t sp = padded(s);
   for (int64_t j = 0; j < sp; ++j) x[j] = exp_approx(x[j] - shift);
   for (int64_t j = s; j < sp; ++j) x[j] = T(0);
@@ -142,7 +149,7 @@ inline T exp_row(T* x, int64_t s, T shift) {
 }
 
 template <typename T>
-inline T dot_row(const T* x, const T* y, int64_t sp) {
+DK_INLINE T dot_row(const T* x, const T* y, int64_t sp) {
   T lane[kChunk] = {};
   for (int64_t j = 0; j < sp; j += kChunk) {
     for (int64_t u = 0; u < kChunk; ++u) lane[u] += x[j + u] * y[j + u];
@@ -156,7 +163,7 @@ inline T dot_row(const T* x, const T* y, int64_t sp) {
 // (bt is D x sp, zero-padded to sp = padded(S) columns; out rows have sp
 // entries). Blocks of 16 keys stay in registers across the D products.
 template <typename T, int DC>
-inline void rows_times(const Operand<T>& a, int64_t g, int64_t h, const T* bt, int64_t s, int64_t d, T scale,
+DK_INLINE void rows_times(const Operand<T>& a, int64_t g, int64_t h, const T* bt, int64_t s, int64_t d, T scale,
                        T* out) {
   const int64_t dd = DC > 0 ? DC : d, sp = padded(s);
   for (int64_t i = 0; i < s; ++i) {
@@ -188,7 +195,7 @@ inline void rows_times(const Operand<T>& a, int64_t g, int64_t h, const T* bt, i
 // P V (ws = (sp, 1)), and with the transposed weights (ws = (1, sp)) dK and dV.
 // Each output row is summed in registers when D is a compile-time size.
 template <typename T, int DC>
-inline void weighted_rows(const T* w, int64_t ws_a, int64_t ws_b, const T* rows, int64_t s, int64_t d, T* acc) {
+DK_INLINE void weighted_rows(const T* w, int64_t ws_a, int64_t ws_b, const T* rows, int64_t s, int64_t d, T* acc) {
   const int64_t dd = DC > 0 ? DC : d;
   int64_t a = 0;
   if constexpr (DC > 0 && DC % 8 == 0 && std::is_same_v<T, float>) {
