@@ -51,5 +51,21 @@ __device__ __forceinline__ double sq_dist(double x, double y, double z, double p
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
+// Fn<scalar_t>::run(args...) for the storage type of a runtime ScalarKind.
+template <template <typename> class Fn, typename... Args>
+cudaError_t dispatch_kind(ScalarKind kind, Args... args) {
+  switch (kind) {
+    case ScalarKind::kFloat32:
+      return Fn<float>::run(args...);
+    case ScalarKind::kFloat64:
+      return Fn<double>::run(args...);
+    case ScalarKind::kFloat16:
+      return Fn<__half>::run(args...);
+    case ScalarKind::kBFloat16:
+      return Fn<__nv_bfloat16>::run(args...);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace cuda
 }  // namespace dynkernels

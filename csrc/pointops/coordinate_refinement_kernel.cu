@@ -68,7 +68,9 @@ __global__ void __launch_bounds__(kThreads)
       gw += gc[c] * static_cast<acc_t>(to_compute(xyz[off]));
     }
     for (int64_t h = 0; h < heads; ++h) {
-      for (int64_t r = r0; r < r1; ++r) grad_attn[((g * heads + h) * rows + r) * s + j] = static_cast<scalar_t>(gw * share);
+      for (int64_t r = r0; r < r1; ++r) {
+        grad_attn[((g * heads + h) * rows + r) * s + j] = static_cast<scalar_t>(gw * share);
+      }
     }
   }
 }
@@ -99,35 +101,21 @@ struct RefineBackward {
   }
 };
 
-template <template <typename> class Fn, typename... Args>
-cudaError_t dispatch(ScalarKind kind, Args... args) {
-  switch (kind) {
-    case ScalarKind::kFloat32:
-      return Fn<float>::run(args...);
-    case ScalarKind::kFloat64:
-      return Fn<double>::run(args...);
-    case ScalarKind::kFloat16:
-      return Fn<__half>::run(args...);
-    case ScalarKind::kBFloat16:
-      return Fn<__nv_bfloat16>::run(args...);
-  }
-  return cudaErrorInvalidValue;
-}
 
 }  // namespace
 
 cudaError_t launch_coordinate_refinement(ScalarKind kind, const void* attn, const void* grouped_xyz,
                                          const int64_t* row_index, int64_t batch, int64_t m, int64_t heads,
                                          int64_t rows, int64_t s, void* out, cudaStream_t stream) {
-  return dispatch<Refine>(kind, attn, grouped_xyz, row_index, batch, m, heads, rows, s, out, stream);
+  return dispatch_kind<Refine>(kind, attn, grouped_xyz, row_index, batch, m, heads, rows, s, out, stream);
 }
 
 cudaError_t launch_coordinate_refinement_backward(ScalarKind kind, const void* grad_out, const void* attn,
                                                   const void* grouped_xyz, const int64_t* row_index, int64_t batch,
                                                   int64_t m, int64_t heads, int64_t rows, int64_t s, void* grad_attn,
                                                   void* grad_xyz, cudaStream_t stream) {
-  return dispatch<RefineBackward>(kind, grad_out, attn, grouped_xyz, row_index, batch, m, heads, rows, s, grad_attn,
-                                  grad_xyz, stream);
+  return dispatch_kind<RefineBackward>(kind, grad_out, attn, grouped_xyz, row_index, batch, m, heads, rows, s,
+                                       grad_attn, grad_xyz, stream);
 }
 
 }  // namespace cuda

@@ -147,21 +147,6 @@ cudaError_t three_interpolate(const void* features, const void* idx, const void*
   return cudaGetLastError();
 }
 
-// Calls fn<scalar_t>() for the runtime kind.
-template <template <typename> class Fn, typename... Args>
-cudaError_t dispatch(ScalarKind kind, Args... args) {
-  switch (kind) {
-    case ScalarKind::kFloat32:
-      return Fn<float>::run(args...);
-    case ScalarKind::kFloat64:
-      return Fn<double>::run(args...);
-    case ScalarKind::kFloat16:
-      return Fn<__half>::run(args...);
-    case ScalarKind::kBFloat16:
-      return Fn<__nv_bfloat16>::run(args...);
-  }
-  return cudaErrorInvalidValue;
-}
 
 template <typename scalar_t>
 struct Gather {
@@ -203,27 +188,29 @@ struct ThreeInterpolate {
 cudaError_t launch_gather_features(ScalarKind kind, bool idx_is_64bit, const void* features, const void* idx,
                                    int64_t batch, int64_t channels, int64_t n, int64_t k, void* out,
                                    cudaStream_t stream) {
-  return dispatch<Gather>(kind, idx_is_64bit, features, idx, batch, channels, n, k, out, stream);
+  return dispatch_kind<Gather>(kind, idx_is_64bit, features, idx, batch, channels, n, k, out, stream);
 }
 
 cudaError_t launch_scatter_backward_atomic(ScalarKind kind, bool idx_is_64bit, const void* grad_out,
                                            const void* idx, const void* weight, int64_t batch, int64_t channels,
                                            int64_t n, int64_t k, int64_t group, void* grad_acc, cudaStream_t stream) {
-  return dispatch<ScatterAtomic>(kind, idx_is_64bit, grad_out, idx, weight, batch, channels, n, k, group, grad_acc,
-                                 stream);
+  return dispatch_kind<ScatterAtomic>(kind, idx_is_64bit, grad_out, idx, weight, batch, channels, n, k, group,
+                                      grad_acc, stream);
 }
 
 cudaError_t launch_scatter_backward_segments(ScalarKind kind, const void* grad_out, const void* weight,
                                              const int64_t* order, const int64_t* offsets, int64_t batch,
                                              int64_t channels, int64_t n, int64_t k, int64_t group, void* grad,
                                              cudaStream_t stream) {
-  return dispatch<ScatterSegments>(kind, grad_out, weight, order, offsets, batch, channels, n, k, group, grad, stream);
+  return dispatch_kind<ScatterSegments>(kind, grad_out, weight, order, offsets, batch, channels, n, k, group, grad,
+                                        stream);
 }
 
 cudaError_t launch_three_interpolate(ScalarKind kind, bool idx_is_64bit, const void* features, const void* idx,
                                      const void* weight, int64_t batch, int64_t channels, int64_t m, int64_t n,
                                      void* out, cudaStream_t stream) {
-  return dispatch<ThreeInterpolate>(kind, idx_is_64bit, features, idx, weight, batch, channels, m, n, out, stream);
+  return dispatch_kind<ThreeInterpolate>(kind, idx_is_64bit, features, idx, weight, batch, channels, m, n, out,
+                                         stream);
 }
 
 }  // namespace cuda

@@ -56,21 +56,11 @@ CONFIGS = {
         fp_channels=((256, 256), (256, 256)),
         in_channels=1,
     ),
-    "sunrgbd": dict(
-        cloud_points=20000,
-        npoint=(2048, 1024, 512, 256),
-        radius=(0.2, 0.4, 0.8, 1.2),
-        nsample=(16, 16, 16, 16),
-        d_model=(64, 128, 256, 512),
-        out_channels=(128, 256, 512, 512),
-        nhead=4,
-        prenorm=False,
-        global_drop=0.1,
-        local_drop=0.0,
-        fp_channels=((256, 256), (256, 256)),
-        in_channels=1,
-    ),
 }
+# SUN RGB-D differs in input size, nsample, heads, the layer type and dropout.
+CONFIGS["sunrgbd"] = dict(
+    CONFIGS["scannet"], cloud_points=20000, nsample=(16, 16, 16, 16), nhead=4, prenorm=False, global_drop=0.1
+)
 
 
 def _path(backend: str | None) -> str:

@@ -27,8 +27,6 @@ from torch import nn
 
 from .. import ops
 
-KERNEL_BACKENDS = ("cpp", "cuda", "triton")
-
 
 def op_backend(backend: str | None, supported: tuple[str, ...]) -> str | None:
     """The backend to pass to one op: the module's, where the op has it, else auto."""
