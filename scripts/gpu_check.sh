@@ -24,6 +24,21 @@ nbr = ops.ball_query(xyz, centers, 0.2, 32, backend="cuda")
 f = torch.randn(3, 16, 9001, device="cuda", requires_grad=True)
 for det in (False, True):
     ops.grouping_operation(f, nbr, backend="cuda", deterministic=det).sum().backward()
+# Pointformer's CUDA kernels
+d2, knn_idx = ops.knn(xyz, centers, 16, backend="cuda")
+dist, nn3 = ops.three_nn(xyz[:, :2000].contiguous(), centers, backend="cuda")
+w = (1.0 / (dist + 1e-8)); w = (w / w.sum(-1, keepdim=True)).detach().requires_grad_()
+g = torch.randn(3, 16, 300, device="cuda", requires_grad=True)
+for det in (False, True):
+    ops.three_interpolate(g, nn3, w, backend="cuda", deterministic=det).sum().backward()
+grouped = ops.grouping_operation(xyz.transpose(1, 2).contiguous(), nbr, backend="cuda")
+attn = torch.rand(3, 300, 2, 32, 32, device="cuda").softmax(-1).requires_grad_()
+for row in ("centroid", "first", "mean"):
+    ops.coordinate_refinement(attn, grouped, row=row, centers=centers, backend="cuda").sum().backward()
+qkv = torch.randn(600, 32, 3 * 64, device="cuda", requires_grad=True)
+out, weights = ops.local_attention_packed(qkv, 8, row_index=torch.zeros(600, dtype=torch.int64, device="cuda"),
+                                          backend="triton")
+(out.sum() + weights.sum()).backward()
 torch.cuda.synchronize()
 print("sanitize run ok")
 PY
