@@ -1,6 +1,7 @@
 """Pure-PyTorch references: readable, faithful to the documented semantics,
 and the yardstick every kernel is tested against."""
 
+from .evolving import evolve_attention_logits, evolving_attention
 from .pointformer import coordinate_refinement, head_averaged_row, local_attention
 from .pointops import (
     ball_query,
@@ -15,6 +16,8 @@ from .pointops import (
 __all__ = [
     "ball_query",
     "coordinate_refinement",
+    "evolve_attention_logits",
+    "evolving_attention",
     "furthest_point_sample",
     "gather_points",
     "grouping_operation",
