@@ -147,6 +147,13 @@ def _config(q: torch.Tensor):
     return block_s, block_d, compute, math.sqrt(1.0 / d)
 
 
+def _rows_arg(q, row_index):
+    """(has_rows, the row pointer argument): without rows, a one-element dummy
+    the kernels read but never use."""
+    has_rows = row_index.numel() > 0
+    return has_rows, (row_index.contiguous() if has_rows else q.new_empty((1,), dtype=torch.int64))
+
+
 def local_attention_fwd(q, k, v, row_index):
     """-> (out (G, H, S, D), weights (G, S), lse (G, H, S))."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -157,8 +164,7 @@ def local_attention_fwd(q, k, v, row_index):
     if q.numel() == 0:
         return out, weights.zero_(), lse
     block_s, block_d, compute, scale = _config(q)
-    has_rows = row_index.numel() > 0
-    rows = row_index.contiguous() if has_rows else q.new_empty((1,), dtype=torch.int64)
+    has_rows, rows = _rows_arg(q, row_index)
     _local_attention_fwd_kernel[(g,)](
         q,
         k,
@@ -190,8 +196,7 @@ def local_attention_bwd(grad_out, grad_weights, q, k, v, lse, row_index):
     if q.numel() == 0:
         return dq, dk, dv
     block_s, block_d, compute, scale = _config(q)
-    has_rows = row_index.numel() > 0
-    rows = row_index.contiguous() if has_rows else q.new_empty((1,), dtype=torch.int64)
+    has_rows, rows = _rows_arg(q, row_index)
     _local_attention_bwd_kernel[(g,)](
         grad_out,
         grad_weights,

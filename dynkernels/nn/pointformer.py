@@ -109,6 +109,12 @@ def sample_and_group(xyz, npoint, radius, nsample, lengths, backend) -> tuple[to
     return torch.cat(fps_parts), torch.cat(ball_parts)
 
 
+def _encoder_stack(d_model, nhead, num_layers, dim_feedforward, dropout, prenorm) -> nn.ModuleList:
+    """num_layers Pointformer encoder layers (FFN 2 * d_model unless given), as nn.TransformerEncoder holds them."""
+    ff = dim_feedforward or 2 * d_model
+    return nn.ModuleList([PointformerEncoderLayer(d_model, nhead, ff, dropout, prenorm) for _ in range(num_layers)])
+
+
 class CoordinateRefinement(nn.Module):
     """Pointformer's coordinate refinement (paper Eq. 5-6; absent from the
     official code): each centroid moves to the attention-weighted mean of its
@@ -178,10 +184,7 @@ class LocalTransformer(nn.Module):
         self.npoint, self.radius, self.nsample, self.d_model = npoint, radius, nsample, d_model
         self.relative_xyz, self.backend = relative_xyz, backend
         self.pe = PositionEncoding(d_model)
-        ff = dim_feedforward or 2 * d_model
-        self.layers = nn.ModuleList(
-            [PointformerEncoderLayer(d_model, nhead, ff, dropout, prenorm) for _ in range(num_layers)]
-        )
+        self.layers = _encoder_stack(d_model, nhead, num_layers, dim_feedforward, dropout, prenorm)
         self.fc = nn.Conv1d(d_model, d_model, 1)
         self.refine = refine
 
@@ -280,10 +283,7 @@ class GlobalTransformer(nn.Module):
         super().__init__()
         self.backend = backend
         self.pe = PositionEncoding(d_model)
-        ff = dim_feedforward or 2 * d_model
-        self.layers = nn.ModuleList(
-            [PointformerEncoderLayer(d_model, nhead, ff, dropout, prenorm) for _ in range(num_layers)]
-        )
+        self.layers = _encoder_stack(d_model, nhead, num_layers, dim_feedforward, dropout, prenorm)
         self.fc = nn.Conv1d(d_model, out_channels, 1)
 
     @record_function("pointformer.global_attention")
