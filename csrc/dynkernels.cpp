@@ -48,6 +48,16 @@ TORCH_LIBRARY(dynkernels, m) {
   // -> dqkv (G, S, 3*H*D)
   m.def("local_attention_packed_backward(Tensor grad_out, Tensor grad_weights, Tensor qkv, int heads, Tensor lse, "
         "Tensor row_index) -> Tensor");
+
+  // ---- evolving attention ----
+  // logits, prev (B, H, N, N), weight (H, H, K, K), bias (H), activation 0/1/2 (identity/relu/leaky_relu),
+  // mask additive expanded to (B, H, N, N) -> (evolved (B, H, N, N), probs (B, H, N, N)).
+  m.def("evolve_attention_logits(Tensor logits, Tensor? prev_logits, Tensor weight, Tensor? bias, float w_prev, "
+        "float w_conv, int activation, float negative_slope, Tensor? mask) -> (Tensor, Tensor)");
+  // -> (d_logits, d_prev (empty without prev), d_weight, d_bias (empty without bias))
+  m.def("evolve_attention_logits_backward(Tensor? grad_evolved, Tensor? grad_probs, Tensor logits, "
+        "Tensor? prev_logits, Tensor weight, Tensor? bias, Tensor probs, float w_prev, float w_conv, "
+        "int activation, float negative_slope) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -88,3 +88,112 @@ def test_unknown_activation_raises():
     x = torch.randn(1, 1, 3, 3)
     with pytest.raises(ValueError, match="activation must be one of"):
         reference.evolve_attention_logits(x, None, torch.randn(1, 1, 3, 3), None, w_prev=0, w_conv=1, activation="gelu")
+
+
+# ---- the fused map step (dynkernels.ops.evolve_attention_logits) ----------------
+
+from conftest import TOLERANCES, kernel_cases  # noqa: E402
+
+from dynkernels import ops  # noqa: E402
+
+MAP_CASES = kernel_cases(("cpp",))
+
+
+def _map_inputs(dtype, b=2, h=3, n=13, prev=True, k=3):
+    g = torch.Generator().manual_seed(n + h)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+    return make(b, h, n, n), (make(b, h, n, n) if prev else None), make(h, h, k, k) * 0.3, make(h)
+
+
+@pytest.mark.parametrize("device,backend", MAP_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu"])
+@pytest.mark.parametrize(
+    "n,prev,mask_kind", [(13, True, None), (50, False, "causal"), (197, True, "padding"), (7, True, "float")]
+)
+def test_map_step_matches_reference(device, backend, dtype, activation, n, prev, mask_kind):
+    logits, prev_logits, weight, bias = _map_inputs(dtype, n=n, prev=prev)
+    mask = None
+    if mask_kind == "causal":
+        mask = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+    elif mask_kind == "padding":  # (B, 1, 1, N): the last keys of the second sample are padding
+        mask = torch.zeros(2, 1, 1, n, dtype=torch.bool)
+        mask[1, ..., n - 20 :] = True
+    elif mask_kind == "float":
+        mask = torch.randn(n, n, dtype=dtype)
+    leaves = [t.requires_grad_() for t in (logits, prev_logits, weight, bias) if t is not None]
+    kwargs = dict(w_prev=0.3, w_conv=0.6, activation=activation, negative_slope=0.2, mask=mask)
+    got = ops.evolve_attention_logits(logits, prev_logits, weight, bias, backend=backend, **kwargs)
+    want = reference.evolve_attention_logits(logits, prev_logits, weight, bias, **kwargs)
+    tol = TOLERANCES[dtype]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    g_e, g_p = torch.randn_like(want[0]), torch.randn_like(want[1])
+    grads = torch.autograd.grad((got[0] * g_e).sum() + (got[1] * g_p).sum(), leaves)
+    ref_grads = torch.autograd.grad((want[0] * g_e).sum() + (want[1] * g_p).sum(), leaves)
+    # Against float64: at most twice the float32 reference's own error (the weight
+    # gradient sums B*N*N products, so a fixed tolerance would not be honest).
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(leaves64)
+    s64 = next(it)
+    p64 = next(it) if prev else None
+    w64, b64 = next(it), next(it)
+    mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
+    exact = reference.evolve_attention_logits(s64, p64, w64, b64, **dict(kwargs, mask=mask64))
+    exact_grads = torch.autograd.grad((exact[0] * g_e.double()).sum() + (exact[1] * g_p.double()).sum(), leaves64)
+    for ours, torchs, truth in zip(grads, ref_grads, exact_grads, strict=True):
+        if dtype == torch.float64:
+            torch.testing.assert_close(ours, truth, **tol)
+        else:
+            torch_err = (torchs.double() - truth).abs().max()
+            assert (ours.double() - truth).abs().max() <= 2 * torch_err + tol["atol"]
+
+
+@pytest.mark.parametrize("device,backend", MAP_CASES)
+def test_map_step_gradcheck(device, backend):
+    for prev, with_bias, k in ((True, True, 3), (False, False, 5)):
+        logits, prev_logits, weight, bias = _map_inputs(torch.float64, b=1, h=2, n=5, prev=prev, k=k)
+        bias = bias if with_bias else None
+        inputs = [t.requires_grad_() for t in (logits, prev_logits, weight, bias) if t is not None]
+
+        def fn(*xs, prev=prev, with_bias=with_bias):
+            it = iter(xs)
+            s, p = next(it), next(it) if prev else None
+            w, b = next(it), next(it) if with_bias else None
+            return ops.evolve_attention_logits(
+                s, p, w, b, w_prev=0.4, w_conv=0.7, activation="leaky_relu", negative_slope=0.1, backend=backend
+            )
+
+        assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_map_step_opcheck_and_compile():
+    logits, prev_logits, weight, bias = _map_inputs(torch.float64, b=1, h=2, n=6)
+    args = (logits.requires_grad_(), prev_logits, weight.requires_grad_(), bias, 0.5, 1.0, 1, 0.01, None)
+    torch.library.opcheck(torch.ops.dynkernels.evolve_attention_logits.default, args)
+    fn = lambda s, p, w, b: ops.evolve_attention_logits(
+        s, p, w, b, w_prev=0.5, w_conv=1.0, mask=torch.ones(6, 6, dtype=torch.bool).triu(1)
+    )
+    eager = fn(logits, prev_logits, weight, bias)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(logits, prev_logits, weight, bias)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_map_step_bad_inputs():
+    logits, prev_logits, weight, bias = _map_inputs(torch.float32)
+    kw = dict(w_prev=0.5, w_conv=1.0)
+    with pytest.raises(ValueError, match="H = 3"):
+        ops.evolve_attention_logits(logits, prev_logits, weight[:2, :2], bias, **kw)
+    with pytest.raises(ValueError, match="must match logits"):
+        ops.evolve_attention_logits(logits, prev_logits[..., :5, :5], weight, bias, **kw)
+    with pytest.raises(ValueError, match="odd"):
+        ops.evolve_attention_logits(logits, prev_logits, torch.randn(3, 3, 4, 4), bias, **kw)
+    with pytest.raises(ValueError, match="activation"):
+        ops.evolve_attention_logits(logits, prev_logits, weight, bias, activation="gelu", **kw)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.evolve_attention_logits(logits, prev_logits.double(), weight, bias, **kw)
+    with pytest.raises(ValueError, match="broadcast"):
+        ops.evolve_attention_logits(logits, prev_logits, weight, bias, mask=torch.zeros(5, 5), **kw)
+    with pytest.raises(ValueError, match=r"\(B, H, N, N\)"):
+        ops.evolve_attention_logits(logits[..., :4], None, weight, bias, **kw)

@@ -46,6 +46,7 @@ def evolve_attention_logits(
     w_prev: float,
     w_conv: float,
     activation: str = "relu",
+    negative_slope: float = 0.01,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The map step: logits (B, H, N, N), prev_logits (B, H, N, N) or None,
@@ -54,7 +55,7 @@ def evolve_attention_logits(
     Returns (evolved logits A_i, unmasked; probabilities P_i)."""
     mixed = logits if prev_logits is None else (1.0 - w_prev) * logits + w_prev * prev_logits
     pad = weight.shape[-1] // 2
-    conv = activate(F.conv2d(mixed, weight, bias, padding=pad), activation)
+    conv = activate(F.conv2d(mixed, weight, bias, padding=pad), activation, negative_slope)
     evolved = w_conv * conv + (1.0 - w_conv) * mixed
     scores = evolved
     if mask is not None:

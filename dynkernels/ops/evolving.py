@@ -1,0 +1,187 @@
+"""Evolving Attention (Wang et al., arXiv 2102.12895): the fused map step.
+
+Each attention layer mixes its pre-softmax logits with the previous layer's
+evolved logits, refines them with a KxK convolution that treats heads as
+channels and the (query, key) plane as the image, and softmaxes the result.
+See :mod:`dynkernels.reference.evolving` for the formula and the official
+code's quirks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._backends import resolve
+from .._extension import has_extension
+from ..reference.evolving import ACTIVATIONS
+from ._validation import check_floating, check_real, check_tensor
+
+__all__ = ["evolve_attention_logits"]
+
+_ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+
+
+def _additive_mask(mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
+    """A bool mask (True masks out) or an additive float mask, broadcast to the
+    logits' shape and dtype (a view: nothing is copied for broadcast dims)."""
+    if mask is None:
+        return None
+    check_tensor("mask", mask)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=logits.dtype, device=logits.device).masked_fill(mask, float("-inf"))
+    elif not mask.is_floating_point():
+        raise TypeError(f"mask must be bool or floating, got {mask.dtype}")
+    try:
+        return mask.to(logits.dtype).expand(logits.shape)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the logits' {tuple(logits.shape)}"
+        ) from exc
+
+
+def evolve_attention_logits(
+    logits: torch.Tensor,
+    prev_logits: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    w_prev: float,
+    w_conv: float,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evolving Attention's map step, fused: mix, head-mixing convolution,
+    activation, residual and masked softmax in one pass over the logits.
+
+    Args:
+        logits: ``(B, H, N, N)`` pre-softmax attention logits S_i (float32/float64 on CPU).
+        prev_logits: the previous layer's evolved logits ``(B, H, N, N)``, or
+            None for no mixing (the first layer, or after N changes).
+        weight: ``(H, H, K, K)``, K odd (3 in the paper); bias: ``(H,)`` or None.
+        w_prev: weight of prev_logits in the mix (the official code's "beta").
+        w_conv: weight of the convolution branch (the official code's "alpha").
+        activation: "identity", "relu" or "leaky_relu" (negative_slope).
+        mask: optional, broadcastable to ``(B, H, N, N)``: bool (True masks
+            out) or additive float (0 or -inf). Added after the convolution,
+            never convolved; no gradient flows to it.
+        backend: None (auto), "reference" or "cpp".
+
+    Returns:
+        ``(evolved, probs)``: the evolved logits A_i ``(B, H, N, N)``,
+        unmasked (what the next layer receives), and ``softmax(A_i + mask)``.
+        A fully masked row gives NaN, as torch.softmax does. Differentiable in
+        logits, prev_logits, weight and bias; the parameter gradients are
+        summed in a fixed order (deterministic).
+    """
+    for name, t in (("logits", logits), ("weight", weight)):
+        check_tensor(name, t)
+        check_floating(name, t)
+    if logits.dim() != 4 or logits.shape[2] != logits.shape[3]:
+        raise ValueError(f"logits must have shape (B, H, N, N), got {tuple(logits.shape)}")
+    heads = logits.shape[1]
+    if weight.dim() != 4 or weight.shape[:2] != (heads, heads) or weight.shape[2] != weight.shape[3]:
+        raise ValueError(
+            f"weight must have shape (H, H, K, K) with H = {heads} (the logits' heads), got {tuple(weight.shape)}"
+        )
+    if weight.shape[-1] % 2 == 0:
+        raise ValueError(f"the kernel size must be odd (same padding), got {weight.shape[-1]}")
+    if prev_logits is not None:
+        check_tensor("prev_logits", prev_logits)
+        if prev_logits.shape != logits.shape:
+            raise ValueError(
+                f"prev_logits must match logits {tuple(logits.shape)}, got {tuple(prev_logits.shape)}; "
+                "pass None where N changes (no mixing)"
+            )
+    if bias is not None:
+        check_tensor("bias", bias)
+        if bias.shape != (heads,):
+            raise ValueError(f"bias must have shape (H,) = ({heads},), got {tuple(bias.shape)}")
+    for name, t in (("prev_logits", prev_logits), ("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != logits.dtype or t.device != logits.device):
+            raise TypeError(
+                f"{name} must share the logits' dtype and device ({logits.dtype}, {logits.device}), got {t.dtype} on {t.device}"
+            )
+    if activation not in _ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    w_prev, w_conv = check_real("w_prev", w_prev), check_real("w_conv", w_conv)
+    negative_slope = check_real("negative_slope", negative_slope)
+    chosen = resolve("evolve_attention_logits", logits.device, backend, ("reference", "cpp"))
+    if chosen == "reference":
+        return reference.evolve_attention_logits(
+            logits,
+            prev_logits,
+            weight,
+            bias,
+            w_prev=w_prev,
+            w_conv=w_conv,
+            activation=activation,
+            negative_slope=negative_slope,
+            mask=mask,
+        )
+    if logits.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"evolve_attention_logits on CPU takes float32 or float64, got {logits.dtype}")
+    return torch.ops.dynkernels.evolve_attention_logits(
+        logits,
+        prev_logits,
+        weight,
+        bias,
+        w_prev,
+        w_conv,
+        _ACTIVATION_CODES[activation],
+        negative_slope,
+        _additive_mask(mask, logits),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    logits, prev, weight, bias, w_prev, w_conv, activation, slope, _mask = inputs
+    ctx.save_for_backward(logits, prev, weight, bias, output[1])
+    ctx.params = (w_prev, w_conv, activation, slope)
+    ctx.has_prev, ctx.has_bias = prev is not None, bias is not None
+
+
+def _backward(ctx, grad_evolved, grad_probs):
+    logits, prev, weight, bias, probs = ctx.saved_tensors
+    d_logits, d_prev, d_weight, d_bias = torch.ops.dynkernels.evolve_attention_logits_backward(
+        grad_evolved,
+        grad_probs,
+        logits,
+        prev if ctx.has_prev else None,
+        weight,
+        bias if ctx.has_bias else None,
+        probs,
+        *ctx.params,
+    )
+    return (
+        d_logits,
+        d_prev if ctx.has_prev else None,
+        d_weight,
+        d_bias if ctx.has_bias else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+if has_extension():
+
+    @torch.library.register_fake("dynkernels::evolve_attention_logits")
+    def _(logits, prev, weight, bias, w_prev, w_conv, activation, slope, mask):
+        return torch.empty_like(logits), torch.empty_like(logits)
+
+    @torch.library.register_fake("dynkernels::evolve_attention_logits_backward")
+    def _(grad_evolved, grad_probs, logits, prev, weight, bias, probs, w_prev, w_conv, activation, slope):
+        empty = logits.new_empty((0,))
+        return (
+            torch.empty_like(logits),
+            torch.empty_like(logits) if prev is not None else empty,
+            torch.empty_like(weight),
+            torch.empty_like(bias) if bias is not None else empty,
+        )
+
+    torch.library.register_autograd("dynkernels::evolve_attention_logits", _backward, setup_context=_setup_context)
