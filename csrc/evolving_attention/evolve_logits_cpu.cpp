@@ -24,19 +24,35 @@
 
 #include "common/checks.h"
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DK_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define DK_MULTIVERSION
+#endif
+#if defined(__GNUC__)
+#define DK_INLINE inline __attribute__((always_inline))
+#else
+#define DK_INLINE inline
+#endif
+
 namespace {
+
+// Output positions per register block of the row convolutions: 4 vectors of 8 floats.
+constexpr int64_t kBlock = 32;
+
+inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
 enum Activation : int64_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2 };
 
 template <typename T>
-inline T activate(T z, int64_t act, T slope) {
+DK_INLINE T activate(T z, int64_t act, T slope) {
   if (act == kRelu) return z > T(0) ? z : T(0);
   if (act == kLeakyRelu) return z > T(0) ? z : slope * z;
   return z;
 }
 
 template <typename T>
-inline T activate_grad(T z, int64_t act, T slope) {
+DK_INLINE T activate_grad(T z, int64_t act, T slope) {
   if (act == kRelu) return z > T(0) ? T(1) : T(0);
   if (act == kLeakyRelu) return z > T(0) ? T(1) : slope;
   return T(1);
@@ -46,11 +62,15 @@ struct Shape {
   int64_t b, h, n, k, r;
 };
 
+// Row stride of the band: N + 2r, rounded up so that whole register blocks
+// of the convolution can read past N (into zeros) without a tail loop.
+inline int64_t band_width(const Shape& s) { return round_up(s.n, kBlock) + 2 * s.r; }
+
 // The rows i - r .. i + r of M for every head, zero-padded by r on both sides
-// of the key axis (and zero for rows outside the map): band[(hi * K + di) * (N + 2r) + r + j].
+// of the key axis (and zero for rows outside the map): band[(hi * K + di) * width + r + j].
 template <typename T>
-void mixed_band(const T* logits, const T* prev, T w_prev, const Shape& s, int64_t b, int64_t i, T* band) {
-  const int64_t width = s.n + 2 * s.r;
+DK_INLINE void mixed_band(const T* logits, const T* prev, T w_prev, const Shape& s, int64_t b, int64_t i, T* band) {
+  const int64_t width = band_width(s);
   std::fill(band, band + s.h * s.k * width, T(0));
   for (int64_t hi = 0; hi < s.h; ++hi) {
     for (int64_t di = 0; di < s.k; ++di) {
@@ -67,26 +87,47 @@ void mixed_band(const T* logits, const T* prev, T w_prev, const Shape& s, int64_
   }
 }
 
-// z[j] = bias + sum_{hi, di, dj} w[ho, hi, di, dj] * band[hi, di, j + dj] for one output head.
+// z[j] = bias + sum_{hi, di, dj} w[ho, hi, di, dj] * band[hi, di, j + dj] for
+// one output head, j < round_up(N, kBlock) (z has that many entries). Each
+// block of 32 outputs stays in four vector registers across the 9H taps.
 template <typename T>
-void conv_row(const T* band, const T* weight, T bias, const Shape& s, int64_t ho, T* z) {
-  const int64_t width = s.n + 2 * s.r;
-  std::fill(z, z + s.n, bias);
-  for (int64_t hi = 0; hi < s.h; ++hi) {
-    for (int64_t di = 0; di < s.k; ++di) {
-      const T* src = band + (hi * s.k + di) * width;
-      for (int64_t dj = 0; dj < s.k; ++dj) {
-        const T w = weight[((ho * s.h + hi) * s.k + di) * s.k + dj];
-        const T* shifted = src + dj;
-        for (int64_t j = 0; j < s.n; ++j) z[j] += w * shifted[j];
+DK_INLINE void conv_row(const T* band, const T* weight, T bias, const Shape& s, int64_t ho, T* z) {
+  const int64_t width = band_width(s), taps = s.h * s.k * s.k;
+  const T* w = weight + ho * taps;
+  for (int64_t j0 = 0; j0 < round_up(s.n, kBlock); j0 += kBlock) {
+    T acc[kBlock];
+    for (int64_t u = 0; u < kBlock; ++u) acc[u] = bias;
+    for (int64_t hi = 0; hi < s.h; ++hi) {
+      for (int64_t di = 0; di < s.k; ++di) {
+        const T* src = band + (hi * s.k + di) * width + j0;
+        for (int64_t dj = 0; dj < s.k; ++dj) {
+          const T wt = w[(hi * s.k + di) * s.k + dj];
+          for (int64_t u = 0; u < kBlock; ++u) acc[u] += wt * src[dj + u];
+        }
       }
     }
+    for (int64_t u = 0; u < kBlock; ++u) z[j0 + u] = acc[u];
   }
+}
+
+// sum_j x[j] * y[j] over explicit lanes (a plain float reduction would not vectorise).
+template <typename T>
+DK_INLINE T dot_lanes(const T* x, const T* y, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  T lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t u = 0; u < kLanes; ++u) lane[u] += x[j + u] * y[j + u];
+  }
+  T total = T(0);
+  for (int64_t u = 0; u < kLanes; ++u) total += lane[u];
+  for (; j < n; ++j) total += x[j] * y[j];
+  return total;
 }
 
 // Softmax of a + mask over one row, into p (row length n).
 template <typename T>
-void masked_softmax_row(const T* a, const T* mask, int64_t mask_stride, int64_t n, T* p) {
+DK_INLINE void masked_softmax_row(const T* a, const T* mask, int64_t mask_stride, int64_t n, T* p) {
   T top = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < n; ++j) {
     p[j] = mask == nullptr ? a[j] : a[j] + mask[j * mask_stride];
@@ -111,111 +152,140 @@ const T* mask_row(const MaskView& m, int64_t b, int64_t h, int64_t i) {
   return m.data == nullptr ? nullptr : static_cast<const T*>(m.data) + b * m.sb + h * m.sh + i * m.si;
 }
 
+// Everything one call needs, by pointer; the row workers below are compiled
+// for AVX2 and the baseline (target_clones), so they take plain arguments.
 template <typename T>
-void forward(const T* logits, const T* prev, const T* weight, const T* bias, const MaskView& mask, T w_prev,
-             T w_conv, int64_t act, T slope, const Shape& s, T* evolved, T* probs) {
-  const int64_t width = s.n + 2 * s.r;
-  at::parallel_for(0, s.b * s.n, 4, [&](int64_t begin, int64_t end) {
-    std::vector<T> band(s.h * s.k * width), z(s.n);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / s.n, i = task % s.n;
-      mixed_band(logits, prev, w_prev, s, b, i, band.data());
-      for (int64_t ho = 0; ho < s.h; ++ho) {
-        conv_row(band.data(), weight, bias == nullptr ? T(0) : bias[ho], s, ho, z.data());
-        const T* m = band.data() + (ho * s.k + s.r) * width + s.r;
-        const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
-        T* a = evolved + off;
-        for (int64_t j = 0; j < s.n; ++j) a[j] = w_conv * activate(z[j], act, slope) + (T(1) - w_conv) * m[j];
-        masked_softmax_row(a, mask_row<T>(mask, b, ho, i), mask.sj, s.n, probs + off);
-      }
+struct Problem {
+  const T *logits, *prev, *weight, *bias, *probs, *grad_evolved, *grad_probs;
+  MaskView mask;
+  T w_prev, w_conv, slope;
+  int64_t act;
+  Shape s;
+};
+
+template <typename T>
+DK_MULTIVERSION void forward_rows(const Problem<T>& p, int64_t begin, int64_t end, T* evolved, T* probs) {
+  const Shape& s = p.s;
+  const int64_t width = band_width(s);
+  std::vector<T> band(s.h * s.k * width), z(round_up(s.n, kBlock));
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / s.n, i = task % s.n;
+    mixed_band(p.logits, p.prev, p.w_prev, s, b, i, band.data());
+    for (int64_t ho = 0; ho < s.h; ++ho) {
+      conv_row(band.data(), p.weight, p.bias == nullptr ? T(0) : p.bias[ho], s, ho, z.data());
+      const T* m = band.data() + (ho * s.k + s.r) * width + s.r;
+      const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
+      T* a = evolved + off;
+      for (int64_t j = 0; j < s.n; ++j) a[j] = p.w_conv * activate(z[j], p.act, p.slope) + (T(1) - p.w_conv) * m[j];
+      masked_softmax_row(a, mask_row<T>(p.mask, b, ho, i), p.mask.sj, s.n, probs + off);
     }
-  });
+  }
+}
+
+template <typename T>
+void forward(const Problem<T>& p, T* evolved, T* probs) {
+  at::parallel_for(0, p.s.b * p.s.n, 4, [&](int64_t begin, int64_t end) { forward_rows(p, begin, end, evolved, probs); });
 }
 
 // Rows per chunk of the parameter-gradient reduction: fixed, so the sums do
 // not depend on the thread count.
 constexpr int64_t kChunkRows = 16;
 
+// Backward pass 1 over chunks [begin, end): dA, dZ (kept for pass 2), the
+// (1 - w_conv) dA part of dM (into d_logits for now), and each chunk's dW and
+// dbias partial (partial: (wsize + H) per chunk).
 template <typename T>
-void backward(const T* grad_evolved, const T* grad_probs, const T* logits, const T* prev, const T* weight,
-              const T* bias, const T* probs, T w_prev, T w_conv, int64_t act, T slope, const Shape& s, T* d_logits,
-              T* d_prev, T* d_weight, T* d_bias) {
-  const int64_t width = s.n + 2 * s.r, rows = s.b * s.n;
-  const int64_t wsize = s.h * s.h * s.k * s.k;
+DK_MULTIVERSION void backward_chunks(const Problem<T>& p, int64_t begin, int64_t end, T* dz, T* d_logits,
+                                     T* partial) {
+  const Shape& s = p.s;
+  const int64_t width = band_width(s), rows = s.b * s.n, wsize = s.h * s.h * s.k * s.k;
+  std::vector<T> band(s.h * s.k * width), z(round_up(s.n, kBlock)), da(s.n);
+  for (int64_t c = begin; c < end; ++c) {
+    T* pw = partial + c * (wsize + s.h);
+    T* pb = pw + wsize;
+    for (int64_t task = c * kChunkRows; task < std::min(rows, (c + 1) * kChunkRows); ++task) {
+      const int64_t b = task / s.n, i = task % s.n;
+      mixed_band(p.logits, p.prev, p.w_prev, s, b, i, band.data());
+      for (int64_t ho = 0; ho < s.h; ++ho) {
+        const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
+        for (int64_t j = 0; j < s.n; ++j) da[j] = p.grad_evolved == nullptr ? T(0) : p.grad_evolved[off + j];
+        if (p.grad_probs != nullptr) {
+          const T dot = dot_lanes(p.grad_probs + off, p.probs + off, s.n);
+          for (int64_t j = 0; j < s.n; ++j) da[j] += p.probs[off + j] * (p.grad_probs[off + j] - dot);
+        }
+        conv_row(band.data(), p.weight, p.bias == nullptr ? T(0) : p.bias[ho], s, ho, z.data());
+        T* dzr = dz + off;
+        T* dm = d_logits + off;
+        for (int64_t j = 0; j < s.n; ++j) {
+          dzr[j] = p.w_conv * da[j] * activate_grad(z[j], p.act, p.slope);
+          dm[j] = (T(1) - p.w_conv) * da[j];
+        }
+        T dz_sum = T(0);
+        for (int64_t j = 0; j < s.n; ++j) dz_sum += dzr[j];
+        pb[ho] += dz_sum;
+        for (int64_t hi = 0; hi < s.h; ++hi) {
+          for (int64_t di = 0; di < s.k; ++di) {
+            const T* src = band.data() + (hi * s.k + di) * width;
+            for (int64_t dj = 0; dj < s.k; ++dj) {
+              pw[((ho * s.h + hi) * s.k + di) * s.k + dj] += dot_lanes(dzr, src + dj, s.n);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Backward pass 2 over rows [begin, end): dM[hi, i, j] += sum w[ho, hi, di, dj]
+// dZ[ho, i - di + r, j - dj + r]; then dM splits into the logits' and the
+// previous logits' gradients.
+template <typename T>
+DK_MULTIVERSION void transpose_rows(const Problem<T>& p, int64_t begin, int64_t end, const T* dz, T* d_logits,
+                                    T* d_prev) {
+  const Shape& s = p.s;
+  const int64_t width = band_width(s);
+  std::vector<T> padded(width);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / s.n, i = task % s.n;
+    for (int64_t hi = 0; hi < s.h; ++hi) {
+      T* dm = d_logits + ((b * s.h + hi) * s.n + i) * s.n;
+      for (int64_t ho = 0; ho < s.h; ++ho) {
+        for (int64_t di = 0; di < s.k; ++di) {
+          const int64_t row = i - di + s.r;
+          if (row < 0 || row >= s.n) continue;
+          const T* src = dz + ((b * s.h + ho) * s.n + row) * s.n;
+          std::fill(padded.begin(), padded.end(), T(0));
+          std::copy(src, src + s.n, padded.begin() + s.r);
+          for (int64_t dj = 0; dj < s.k; ++dj) {
+            const T w = p.weight[((ho * s.h + hi) * s.k + di) * s.k + dj];
+            const T* shifted = padded.data() + 2 * s.r - dj;  // dZ[j - dj + r]
+            for (int64_t j = 0; j < s.n; ++j) dm[j] += w * shifted[j];
+          }
+        }
+      }
+      if (d_prev != nullptr) {
+        T* dp = d_prev + ((b * s.h + hi) * s.n + i) * s.n;
+        for (int64_t j = 0; j < s.n; ++j) {
+          dp[j] = p.w_prev * dm[j];
+          dm[j] *= T(1) - p.w_prev;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward(const Problem<T>& p, T* d_logits, T* d_prev, T* d_weight, T* d_bias) {
+  const Shape& s = p.s;
+  const int64_t rows = s.b * s.n, wsize = s.h * s.h * s.k * s.k;
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
   std::vector<T> dz(static_cast<size_t>(s.b * s.h * s.n * s.n));
   std::vector<T> partial(static_cast<size_t>(chunks * (wsize + s.h)), T(0));
-  // Pass 1, per chunk of rows: dA, dZ (kept for pass 2), the (1 - w_conv) dA
-  // part of dM (into d_logits for now), and the chunk's dW and dbias partial.
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> band(s.h * s.k * width), z(s.n), da(s.n);
-    for (int64_t c = begin; c < end; ++c) {
-      T* pw = partial.data() + c * (wsize + s.h);
-      T* pb = pw + wsize;
-      for (int64_t task = c * kChunkRows; task < std::min(rows, (c + 1) * kChunkRows); ++task) {
-        const int64_t b = task / s.n, i = task % s.n;
-        mixed_band(logits, prev, w_prev, s, b, i, band.data());
-        for (int64_t ho = 0; ho < s.h; ++ho) {
-          const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
-          for (int64_t j = 0; j < s.n; ++j) da[j] = grad_evolved == nullptr ? T(0) : grad_evolved[off + j];
-          if (grad_probs != nullptr) {
-            T dot = T(0);
-            for (int64_t j = 0; j < s.n; ++j) dot += grad_probs[off + j] * probs[off + j];
-            for (int64_t j = 0; j < s.n; ++j) da[j] += probs[off + j] * (grad_probs[off + j] - dot);
-          }
-          conv_row(band.data(), weight, bias == nullptr ? T(0) : bias[ho], s, ho, z.data());
-          T* dzr = dz.data() + off;
-          T* dm = d_logits + off;
-          for (int64_t j = 0; j < s.n; ++j) {
-            dzr[j] = w_conv * da[j] * activate_grad(z[j], act, slope);
-            dm[j] = (T(1) - w_conv) * da[j];
-            pb[ho] += dzr[j];
-          }
-          for (int64_t hi = 0; hi < s.h; ++hi) {
-            for (int64_t di = 0; di < s.k; ++di) {
-              const T* src = band.data() + (hi * s.k + di) * width;
-              for (int64_t dj = 0; dj < s.k; ++dj) {
-                T acc = T(0);
-                for (int64_t j = 0; j < s.n; ++j) acc += dzr[j] * src[j + dj];
-                pw[((ho * s.h + hi) * s.k + di) * s.k + dj] += acc;
-              }
-            }
-          }
-        }
-      }
-    }
+    backward_chunks(p, begin, end, dz.data(), d_logits, partial.data());
   });
-  // Pass 2, per row: dM[hi, i, j] += sum w[ho, hi, di, dj] dZ[ho, i - di + r, j - dj + r];
-  // then split dM into the logits' and the previous logits' gradients.
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    std::vector<T> padded(width);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / s.n, i = task % s.n;
-      for (int64_t hi = 0; hi < s.h; ++hi) {
-        T* dm = d_logits + ((b * s.h + hi) * s.n + i) * s.n;
-        for (int64_t ho = 0; ho < s.h; ++ho) {
-          for (int64_t di = 0; di < s.k; ++di) {
-            const int64_t row = i - di + s.r;
-            if (row < 0 || row >= s.n) continue;
-            const T* src = dz.data() + ((b * s.h + ho) * s.n + row) * s.n;
-            std::fill(padded.begin(), padded.end(), T(0));
-            std::copy(src, src + s.n, padded.begin() + s.r);
-            for (int64_t dj = 0; dj < s.k; ++dj) {
-              const T w = weight[((ho * s.h + hi) * s.k + di) * s.k + dj];
-              const T* shifted = padded.data() + 2 * s.r - dj;  // dZ[j - dj + r]
-              for (int64_t j = 0; j < s.n; ++j) dm[j] += w * shifted[j];
-            }
-          }
-        }
-        if (d_prev != nullptr) {
-          T* dp = d_prev + ((b * s.h + hi) * s.n + i) * s.n;
-          for (int64_t j = 0; j < s.n; ++j) {
-            dp[j] = w_prev * dm[j];
-            dm[j] *= T(1) - w_prev;
-          }
-        }
-      }
-    }
+    transpose_rows(p, begin, end, dz.data(), d_logits, d_prev);
   });
   std::fill(d_weight, d_weight + wsize, T(0));
   if (d_bias != nullptr) std::fill(d_bias, d_bias + s.h, T(0));
@@ -290,11 +360,11 @@ std::tuple<at::Tensor, at::Tensor> evolve_attention_logits_cpu(const at::Tensor&
   if (logits.numel() == 0) return {evolved, probs};
   const MaskView mv = mask_view(mask);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "evolve_attention_logits_cpu", [&] {
-    forward<scalar_t>(logits.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(prev),
-                      weight.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias), mv,
-                      static_cast<scalar_t>(w_prev), static_cast<scalar_t>(w_conv), activation,
-                      static_cast<scalar_t>(negative_slope), s, evolved.data_ptr<scalar_t>(),
-                      probs.data_ptr<scalar_t>());
+    const Problem<scalar_t> p{logits.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(prev),
+                              weight.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias), nullptr, nullptr,
+                              nullptr, mv, static_cast<scalar_t>(w_prev), static_cast<scalar_t>(w_conv),
+                              static_cast<scalar_t>(negative_slope), activation, s};
+    forward(p, evolved.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>());
   });
   return {evolved, probs};
 }
@@ -322,12 +392,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evolve_attention_logi
     return {d_logits, d_prev, d_weight, d_bias};
   }
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "evolve_attention_logits_backward_cpu", [&] {
-    backward<scalar_t>(ptr_or_null<scalar_t>(ge), ptr_or_null<scalar_t>(gp), logits.const_data_ptr<scalar_t>(),
-                       ptr_or_null<scalar_t>(prev), weight.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias),
-                       probs.const_data_ptr<scalar_t>(), static_cast<scalar_t>(w_prev),
-                       static_cast<scalar_t>(w_conv), activation, static_cast<scalar_t>(negative_slope), s,
-                       d_logits.data_ptr<scalar_t>(), prev.has_value() ? d_prev.data_ptr<scalar_t>() : nullptr,
-                       d_weight.data_ptr<scalar_t>(), bias.has_value() ? d_bias.data_ptr<scalar_t>() : nullptr);
+    const Problem<scalar_t> p{logits.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(prev),
+                              weight.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias),
+                              probs.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ge), ptr_or_null<scalar_t>(gp),
+                              MaskView(), static_cast<scalar_t>(w_prev), static_cast<scalar_t>(w_conv),
+                              static_cast<scalar_t>(negative_slope), activation, s};
+    backward(p, d_logits.data_ptr<scalar_t>(), prev.has_value() ? d_prev.data_ptr<scalar_t>() : nullptr,
+             d_weight.data_ptr<scalar_t>(), bias.has_value() ? d_bias.data_ptr<scalar_t>() : nullptr);
   });
   return {d_logits, d_prev, d_weight, d_bias};
 }
