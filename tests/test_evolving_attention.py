@@ -128,6 +128,8 @@ def test_map_step_matches_reference(device, backend, dtype, activation, n, prev,
     tol = TOLERANCES[dtype]
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, **tol)
+    if mask is not None and mask.dtype == torch.bool:
+        assert (got[1][mask.expand_as(got[1])] == 0).all()  # masked keys get exactly no weight
     g_e, g_p = torch.randn_like(want[0]), torch.randn_like(want[1])
     grads = torch.autograd.grad((got[0] * g_e).sum() + (got[1] * g_p).sum(), leaves)
     ref_grads = torch.autograd.grad((want[0] * g_e).sum() + (want[1] * g_p).sum(), leaves)

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DK_MULTIVERSION __attribute__((target_clones("avx2", "default")))
@@ -125,21 +126,39 @@ DK_INLINE T dot_lanes(const T* x, const T* y, int64_t n) {
   return total;
 }
 
-// Softmax of a + mask over one row, into p (row length n).
+// Softmax of a + mask over one row, into p (row length n). The maximum and
+// the sum run over explicit lanes and exp is branch-free, so all of it
+// vectorises. A fully masked row gives NaN, as torch.softmax does.
 template <typename T>
 DK_INLINE void masked_softmax_row(const T* a, const T* mask, int64_t mask_stride, int64_t n, T* p) {
+  constexpr int64_t kLanes = 16;
+  for (int64_t j = 0; j < n; ++j) p[j] = mask == nullptr ? a[j] : a[j] + mask[j * mask_stride];
+  T lane[kLanes];
+  for (int64_t u = 0; u < kLanes; ++u) lane[u] = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t u = 0; u < kLanes; ++u) lane[u] = p[j + u] > lane[u] ? p[j + u] : lane[u];
+  }
   T top = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    p[j] = mask == nullptr ? a[j] : a[j] + mask[j * mask_stride];
-    top = p[j] > top ? p[j] : top;
+  for (int64_t u = 0; u < kLanes; ++u) top = lane[u] > top ? lane[u] : top;
+  for (; j < n; ++j) top = p[j] > top ? p[j] : top;
+  if (top == -std::numeric_limits<T>::infinity()) {  // exp_approx clamps, so make the NaN explicit
+    for (j = 0; j < n; ++j) p[j] = std::numeric_limits<T>::quiet_NaN();
+    return;
+  }
+  for (j = 0; j < n; ++j) {  // exactly 0 below exp's float range, so masked keys get no weight
+    const T x = p[j] - top;
+    p[j] = x < T(-87) ? T(0) : dynkernels::exp_approx(x);
+  }
+  for (int64_t u = 0; u < kLanes; ++u) lane[u] = T(0);
+  for (j = 0; j + kLanes <= n; j += kLanes) {
+    for (int64_t u = 0; u < kLanes; ++u) lane[u] += p[j + u];
   }
   T total = T(0);
-  for (int64_t j = 0; j < n; ++j) {
-    p[j] = std::exp(p[j] - top);  // a fully masked row gives NaN, as torch.softmax does
-    total += p[j];
-  }
+  for (int64_t u = 0; u < kLanes; ++u) total += lane[u];
+  for (; j < n; ++j) total += p[j];
   const T inv = T(1) / total;
-  for (int64_t j = 0; j < n; ++j) p[j] *= inv;
+  for (j = 0; j < n; ++j) p[j] *= inv;
 }
 
 struct MaskView {

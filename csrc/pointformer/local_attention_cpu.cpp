@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DK_MULTIVERSION __attribute__((target_clones("avx2", "default")))
@@ -44,26 +45,8 @@
 
 namespace {
 
-DK_INLINE float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;  // value selects, not std::min/max references: they vectorise
-  x = x > 88.0f ? 88.0f : x;
-  // Round to nearest by the 1.5 * 2^23 trick: plain adds, so the loop vectorises.
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-inline double exp_approx(double x) { return std::exp(x); }
+using dynkernels::exp_approx;
+
 
 template <typename T>
 struct Operand {
