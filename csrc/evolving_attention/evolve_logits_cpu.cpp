@@ -255,33 +255,22 @@ DK_MULTIVERSION void backward_chunks(const Problem<T>& p, int64_t begin, int64_t
   }
 }
 
-// Backward pass 2 over rows [begin, end): dM[hi, i, j] += sum w[ho, hi, di, dj]
-// dZ[ho, i - di + r, j - dj + r]; then dM splits into the logits' and the
-// previous logits' gradients.
+// Backward pass 2 over rows [begin, end): the transposed convolution
+// dM += conv(dZ, W') with W'[hi, ho, a, c] = W[ho, hi, K-1-a, K-1-c] (heads
+// swapped, taps flipped), so it reuses the forward's band and register-blocked
+// row convolution; then dM splits into the logits' and the previous logits' gradients.
 template <typename T>
-DK_MULTIVERSION void transpose_rows(const Problem<T>& p, int64_t begin, int64_t end, const T* dz, T* d_logits,
-                                    T* d_prev) {
+DK_MULTIVERSION void transpose_rows(const Problem<T>& p, const T* flipped, int64_t begin, int64_t end, const T* dz,
+                                    T* d_logits, T* d_prev) {
   const Shape& s = p.s;
-  const int64_t width = band_width(s);
-  std::vector<T> padded(width);
+  std::vector<T> band(s.h * s.k * band_width(s)), z(round_up(s.n, kBlock));
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / s.n, i = task % s.n;
+    mixed_band(dz, static_cast<const T*>(nullptr), T(0), s, b, i, band.data());
     for (int64_t hi = 0; hi < s.h; ++hi) {
+      conv_row(band.data(), flipped, T(0), s, hi, z.data());
       T* dm = d_logits + ((b * s.h + hi) * s.n + i) * s.n;
-      for (int64_t ho = 0; ho < s.h; ++ho) {
-        for (int64_t di = 0; di < s.k; ++di) {
-          const int64_t row = i - di + s.r;
-          if (row < 0 || row >= s.n) continue;
-          const T* src = dz + ((b * s.h + ho) * s.n + row) * s.n;
-          std::fill(padded.begin(), padded.end(), T(0));
-          std::copy(src, src + s.n, padded.begin() + s.r);
-          for (int64_t dj = 0; dj < s.k; ++dj) {
-            const T w = p.weight[((ho * s.h + hi) * s.k + di) * s.k + dj];
-            const T* shifted = padded.data() + 2 * s.r - dj;  // dZ[j - dj + r]
-            for (int64_t j = 0; j < s.n; ++j) dm[j] += w * shifted[j];
-          }
-        }
-      }
+      for (int64_t j = 0; j < s.n; ++j) dm[j] += z[j];
       if (d_prev != nullptr) {
         T* dp = d_prev + ((b * s.h + hi) * s.n + i) * s.n;
         for (int64_t j = 0; j < s.n; ++j) {
@@ -303,8 +292,18 @@ void backward(const Problem<T>& p, T* d_logits, T* d_prev, T* d_weight, T* d_bia
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     backward_chunks(p, begin, end, dz.data(), d_logits, partial.data());
   });
+  std::vector<T> flipped(static_cast<size_t>(wsize));
+  for (int64_t ho = 0; ho < s.h; ++ho) {
+    for (int64_t hi = 0; hi < s.h; ++hi) {
+      for (int64_t a = 0; a < s.k; ++a) {
+        for (int64_t c = 0; c < s.k; ++c) {
+          flipped[((hi * s.h + ho) * s.k + a) * s.k + c] = p.weight[((ho * s.h + hi) * s.k + (s.k - 1 - a)) * s.k + (s.k - 1 - c)];
+        }
+      }
+    }
+  }
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    transpose_rows(p, begin, end, dz.data(), d_logits, d_prev);
+    transpose_rows(p, flipped.data(), begin, end, dz.data(), d_logits, d_prev);
   });
   std::fill(d_weight, d_weight + wsize, T(0));
   if (d_bias != nullptr) std::fill(d_bias, d_bias + s.h, T(0));
