@@ -199,3 +199,74 @@ def test_map_step_bad_inputs():
         ops.evolve_attention_logits(logits, prev_logits, weight, bias, mask=torch.zeros(5, 5), **kw)
     with pytest.raises(ValueError, match=r"\(B, H, N, N\)"):
         ops.evolve_attention_logits(logits[..., :4], None, weight, bias, **kw)
+
+
+# ---- modules -----------------------------------------------------------------------
+
+import copy  # noqa: E402
+
+from dynkernels import nn as dnn  # noqa: E402
+
+
+def _set_backend(module, backend):
+    for sub in module.modules():
+        if isinstance(sub, dnn.EvolvingAttention):
+            sub.backend = backend
+    return module
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_encoder_trains_alike_on_kernel_and_reference_paths(norm_first):
+    torch.manual_seed(5)
+    encoder = dnn.EvolvingTransformerEncoder(
+        32, depth=3, num_heads=4, norm_first=norm_first, w_prev=0.3, w_conv=0.7, activation="leaky_relu"
+    ).double()
+    paths = {"kernel": encoder, "reference": _set_backend(copy.deepcopy(encoder), "reference")}
+    optims = {k: torch.optim.SGD(m.parameters(), lr=0.05) for k, m in paths.items()}
+    x = torch.randn(2, 19, 32, dtype=torch.float64)
+    target = torch.randn(2, 19, 32, dtype=torch.float64)
+    causal = torch.triu(torch.ones(19, 19, dtype=torch.bool), diagonal=1)
+    losses = {k: [] for k in paths}
+    for _ in range(3):
+        for name, model in paths.items():
+            optims[name].zero_grad()
+            loss = (model(x, causal) - target).square().mean()
+            loss.backward()
+            optims[name].step()
+            losses[name].append(loss.item())
+    assert losses["kernel"] == pytest.approx(losses["reference"], rel=1e-10, abs=1e-12)
+    assert losses["kernel"][-1] < losses["kernel"][0]
+
+
+def test_from_attention_reproduces_plain_attention():
+    torch.manual_seed(6)
+
+    class Attention(torch.nn.Module):  # timm's layout
+        def __init__(self, dim, num_heads):
+            super().__init__()
+            self.num_heads = num_heads
+            self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+            attn = ((q * (c // self.num_heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+            return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+    plain = Attention(48, 6).double()
+    converted = dnn.EvolvingAttention.from_attention(plain, w_prev=0.0, activation="identity")
+    x = torch.randn(3, 50, 48, dtype=torch.float64)
+    y, logits = converted(x)
+    torch.testing.assert_close(y, plain(x))
+    assert logits.shape == (3, 6, 50, 50)
+
+
+def test_attention_does_not_mix_across_a_change_of_n():
+    torch.manual_seed(7)
+    attn = dnn.EvolvingAttention(16, 2).double()
+    x = torch.randn(1, 9, 16, dtype=torch.float64)
+    alone, _ = attn(x)
+    other_stage, _ = attn(x, prev_logits=torch.randn(1, 2, 12, 12, dtype=torch.float64))
+    torch.testing.assert_close(alone, other_stage)
+    with pytest.raises(ValueError, match="divisible"):
+        dnn.EvolvingAttention(10, 3)

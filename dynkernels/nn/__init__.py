@@ -1,5 +1,6 @@
 """nn.Module wrappers: parameters and configuration only, the math lives in dynkernels.ops."""
 
+from .evolving import EvolvingAttention, EvolvingTransformerEncoder, EvolvingTransformerEncoderLayer
 from .pointformer import (
     CONFIGS,
     CoordinateRefinement,
@@ -16,6 +17,9 @@ from .pointops import QueryAndGroup
 __all__ = [
     "CONFIGS",
     "CoordinateRefinement",
+    "EvolvingAttention",
+    "EvolvingTransformerEncoder",
+    "EvolvingTransformerEncoderLayer",
     "GlobalTransformer",
     "LocalGlobalTransformer",
     "LocalTransformer",
