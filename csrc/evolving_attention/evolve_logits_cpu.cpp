@@ -17,19 +17,23 @@
 //          chunks of rows, then the rows again for the transposed convolution.
 #include <ATen/Parallel.h>
 
+// The build turns FMA contraction off (-ffp-contract=off) so that the point
+// ops reproduce their references bit for bit. This file has no such
+// contract (it is held to a tolerance), and the convolution's multiply-adds
+// are its whole cost: contract them here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=fast")
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/cpu_math.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DK_MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define DK_MULTIVERSION
-#endif
 #if defined(__GNUC__)
 #define DK_INLINE inline __attribute__((always_inline))
 #else
@@ -38,8 +42,47 @@
 
 namespace {
 
-// Output positions per register block of the row convolutions: 4 vectors of 8 floats.
-constexpr int64_t kBlock = 32;
+// GCC vector types: 32 bytes (8 floats or 4 doubles) per vector, compiled to
+// AVX2 / AVX-512VL registers by the target clones. Loads and stores go
+// through memcpy (no alignment assumed).
+template <typename T>
+struct Simd {
+  typedef T V __attribute__((vector_size(32)));
+  static constexpr int64_t kLanes = 32 / sizeof(T);
+};
+
+template <typename T>
+DK_INLINE typename Simd<T>::V vload(const T* p) {
+  typename Simd<T>::V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// A vector of x in every lane (x - 0 is exactly x, so this folds to a broadcast).
+template <typename T>
+DK_INLINE typename Simd<T>::V splat(T x) {
+  return x - typename Simd<T>::V{};
+}
+
+template <typename T>
+DK_INLINE void vstore(T* p, typename Simd<T>::V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// The convolution's register block: kHeads output heads x kVecs vectors of
+// positions (4 x 24 floats = 12 accumulators; with the 3 loaded source
+// vectors and one broadcast weight that is the 16 AVX2 registers). Each
+// source load feeds kHeads FMAs, so the loop is FMA-bound, not load-bound.
+constexpr int64_t kHeads = 4;
+constexpr int64_t kVecs = 3;
+
+template <typename T>
+constexpr int64_t block_positions() {
+  return kVecs * Simd<T>::kLanes;
+}
+
+// Largest kernel size (the row-pointer arrays below are this long).
+constexpr int64_t kMaxKernel = 31;
 
 inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
@@ -63,51 +106,106 @@ struct Shape {
   int64_t b, h, n, k, r;
 };
 
-// Row stride of the band: N + 2r, rounded up so that whole register blocks
-// of the convolution can read past N (into zeros) without a tail loop.
-inline int64_t band_width(const Shape& s) { return round_up(s.n, kBlock) + 2 * s.r; }
-
-// The rows i - r .. i + r of M for every head, zero-padded by r on both sides
-// of the key axis (and zero for rows outside the map): band[(hi * K + di) * width + r + j].
+// Entries per row of the conv output buffers: N rounded up to whole blocks.
 template <typename T>
-DK_INLINE void mixed_band(const T* logits, const T* prev, T w_prev, const Shape& s, int64_t b, int64_t i, T* band) {
-  const int64_t width = band_width(s);
-  std::fill(band, band + s.h * s.k * width, T(0));
-  for (int64_t hi = 0; hi < s.h; ++hi) {
-    for (int64_t di = 0; di < s.k; ++di) {
-      const int64_t row = i + di - s.r;
-      if (row < 0 || row >= s.n) continue;
-      const int64_t off = ((b * s.h + hi) * s.n + row) * s.n;
-      T* dst = band + (hi * s.k + di) * width + s.r;
+inline int64_t padded(const Shape& s) {
+  return round_up(s.n, block_positions<T>());
+}
+
+// Row stride of a band: whole blocks plus r zeros on each side, so blocks
+// read past N (into zeros) without a tail loop.
+template <typename T>
+inline int64_t band_width(const Shape& s) {
+  return padded<T>(s) + 2 * s.r;
+}
+
+// A ring of K rows per head of a (B, H, N, N) map m (mixed with prev when
+// given), zero-padded by r on both sides of the key axis; rows outside the map
+// are zeros. A worker walks its rows in order, so moving to the next query row
+// fills one new row per head instead of K.
+template <typename T>
+class Band {
+ public:
+  Band(const Shape& s) : s_(s), width_(band_width<T>(s)), data_(s.h * s.k * width_, T(0)), held_(s.k, -1) {}
+
+  // Makes rows i - r .. i + r of image b present; returns the base pointer
+  // per kernel row di: head hi's row is at rows[di] + hi * K * width.
+  void load(const T* m, const T* prev, T w_prev, int64_t b, int64_t i, const T** rows) {
+    for (int64_t di = 0; di < s_.k; ++di) {
+      const int64_t row = i + di - s_.r, slot = (row + s_.k) % s_.k, key = b * (s_.n + 2 * s_.k) + row + s_.k;
+      if (held_[slot] != key) {
+        fill(m, prev, w_prev, b, row, slot);
+        held_[slot] = key;
+      }
+      rows[di] = data_.data() + slot * width_;
+    }
+  }
+  int64_t head_stride() const { return s_.k * width_; }
+
+ private:
+  void fill(const T* m, const T* prev, T w_prev, int64_t b, int64_t row, int64_t slot) {
+    for (int64_t hi = 0; hi < s_.h; ++hi) {
+      T* dst = data_.data() + (hi * s_.k + slot) * width_ + s_.r;
+      if (row < 0 || row >= s_.n) {
+        std::fill(dst, dst + s_.n, T(0));
+        continue;
+      }
+      const int64_t off = ((b * s_.h + hi) * s_.n + row) * s_.n;
       if (prev == nullptr) {
-        std::copy(logits + off, logits + off + s.n, dst);
+        std::copy(m + off, m + off + s_.n, dst);
       } else {
-        for (int64_t j = 0; j < s.n; ++j) dst[j] = (T(1) - w_prev) * logits[off + j] + w_prev * prev[off + j];
+        for (int64_t j = 0; j < s_.n; ++j) dst[j] = (T(1) - w_prev) * m[off + j] + w_prev * prev[off + j];
       }
     }
   }
+  Shape s_;
+  int64_t width_;
+  std::vector<T> data_;
+  std::vector<int64_t> held_;  // which (image, row) each slot holds
+};
+
+// Weights regrouped for the register block: packed[((g * taps + t) * kHeads) + q]
+// = weight[g * kHeads + q, t] (t = (hi * K + di) * K + dj), zero for heads past H.
+template <typename T>
+std::vector<T> pack_weights(const T* weight, const Shape& s) {
+  const int64_t taps = s.h * s.k * s.k, groups = (s.h + kHeads - 1) / kHeads;
+  std::vector<T> packed(groups * taps * kHeads, T(0));
+  for (int64_t ho = 0; ho < s.h; ++ho) {
+    for (int64_t t = 0; t < taps; ++t) packed[((ho / kHeads) * taps + t) * kHeads + ho % kHeads] = weight[ho * taps + t];
+  }
+  return packed;
 }
 
-// z[j] = bias + sum_{hi, di, dj} w[ho, hi, di, dj] * band[hi, di, j + dj] for
-// one output head, j < round_up(N, kBlock) (z has that many entries). Each
-// block of 32 outputs stays in four vector registers across the 9H taps.
+// z[q][j] = bias[q] + sum_{hi, di, dj} w[q, hi, di, dj] * row(hi, di)[j + dj]
+// for the kHeads heads of one group, j < padded(s) (z rows are that long).
 template <typename T>
-DK_INLINE void conv_row(const T* band, const T* weight, T bias, const Shape& s, int64_t ho, T* z) {
-  const int64_t width = band_width(s), taps = s.h * s.k * s.k;
-  const T* w = weight + ho * taps;
-  for (int64_t j0 = 0; j0 < round_up(s.n, kBlock); j0 += kBlock) {
-    T acc[kBlock];
-    for (int64_t u = 0; u < kBlock; ++u) acc[u] = bias;
+DK_INLINE void conv_group(const T* const* rows, int64_t head_stride, const T* packed, const T* bias, const Shape& s,
+                          T* z) {
+  typedef typename Simd<T>::V V;
+  constexpr int64_t L = Simd<T>::kLanes;
+  const int64_t pad = padded<T>(s);
+  for (int64_t j0 = 0; j0 < pad; j0 += kVecs * L) {
+    V acc[kHeads][kVecs];
+    for (int64_t q = 0; q < kHeads; ++q) {
+      for (int64_t v = 0; v < kVecs; ++v) acc[q][v] = splat(bias[q]);
+    }
+    const T* w = packed;
     for (int64_t hi = 0; hi < s.h; ++hi) {
       for (int64_t di = 0; di < s.k; ++di) {
-        const T* src = band + (hi * s.k + di) * width + j0;
-        for (int64_t dj = 0; dj < s.k; ++dj) {
-          const T wt = w[(hi * s.k + di) * s.k + dj];
-          for (int64_t u = 0; u < kBlock; ++u) acc[u] += wt * src[dj + u];
+        const T* src = rows[di] + hi * head_stride + j0;
+        for (int64_t dj = 0; dj < s.k; ++dj, w += kHeads) {
+          V x[kVecs];
+          for (int64_t v = 0; v < kVecs; ++v) x[v] = vload(src + dj + v * L);
+          for (int64_t q = 0; q < kHeads; ++q) {
+            const V wq = splat(w[q]);
+            for (int64_t v = 0; v < kVecs; ++v) acc[q][v] += wq * x[v];
+          }
         }
       }
     }
-    for (int64_t u = 0; u < kBlock; ++u) z[j0 + u] = acc[u];
+    for (int64_t q = 0; q < kHeads; ++q) {
+      for (int64_t v = 0; v < kVecs; ++v) vstore(z + q * pad + j0 + v * L, acc[q][v]);
+    }
   }
 }
 
@@ -132,7 +230,13 @@ DK_INLINE T dot_lanes(const T* x, const T* y, int64_t n) {
 template <typename T>
 DK_INLINE void masked_softmax_row(const T* a, const T* mask, int64_t mask_stride, int64_t n, T* p) {
   constexpr int64_t kLanes = 16;
-  for (int64_t j = 0; j < n; ++j) p[j] = mask == nullptr ? a[j] : a[j] + mask[j * mask_stride];
+  if (mask == nullptr) {
+    std::copy(a, a + n, p);
+  } else if (mask_stride == 1) {
+    for (int64_t j = 0; j < n; ++j) p[j] = a[j] + mask[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) p[j] = a[j] + mask[j * mask_stride];
+  }
   T lane[kLanes];
   for (int64_t u = 0; u < kLanes; ++u) lane[u] = -std::numeric_limits<T>::infinity();
   int64_t j = 0;
@@ -172,7 +276,7 @@ const T* mask_row(const MaskView& m, int64_t b, int64_t h, int64_t i) {
 }
 
 // Everything one call needs, by pointer; the row workers below are compiled
-// for AVX2 and the baseline (target_clones), so they take plain arguments.
+// for AVX-512, AVX2 and the baseline (target_clones), so they take plain arguments.
 template <typename T>
 struct Problem {
   const T *logits, *prev, *weight, *bias, *probs, *grad_evolved, *grad_probs;
@@ -180,117 +284,180 @@ struct Problem {
   T w_prev, w_conv, slope;
   int64_t act;
   Shape s;
+  const T* packed;       // pack_weights(weight)
+  const T* bias_padded;  // bias (or zeros), padded to whole head groups
 };
 
+inline int64_t head_groups(const Shape& s) { return (s.h + kHeads - 1) / kHeads; }
+
+// Z rows (kHeads x padded) of one query row for head group g.
 template <typename T>
-DK_MULTIVERSION void forward_rows(const Problem<T>& p, int64_t begin, int64_t end, T* evolved, T* probs) {
-  const Shape& s = p.s;
-  const int64_t width = band_width(s);
-  std::vector<T> band(s.h * s.k * width), z(round_up(s.n, kBlock));
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / s.n, i = task % s.n;
-    mixed_band(p.logits, p.prev, p.w_prev, s, b, i, band.data());
-    for (int64_t ho = 0; ho < s.h; ++ho) {
-      conv_row(band.data(), p.weight, p.bias == nullptr ? T(0) : p.bias[ho], s, ho, z.data());
-      const T* m = band.data() + (ho * s.k + s.r) * width + s.r;
-      const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
-      T* a = evolved + off;
-      for (int64_t j = 0; j < s.n; ++j) a[j] = p.w_conv * activate(z[j], p.act, p.slope) + (T(1) - p.w_conv) * m[j];
-      masked_softmax_row(a, mask_row<T>(p.mask, b, ho, i), p.mask.sj, s.n, probs + off);
-    }
-  }
+DK_INLINE void conv_rows(const Problem<T>& p, const T* const* rows, int64_t head_stride, int64_t g, T* z) {
+  const int64_t taps = p.s.h * p.s.k * p.s.k;
+  conv_group(rows, head_stride, p.packed + g * taps * kHeads, p.bias_padded + g * kHeads, p.s, z);
 }
 
 template <typename T>
+DK_INLINE void forward_rows(const Problem<T>* pp, int64_t begin, int64_t end, T* evolved, T* probs) {
+  const Problem<T>& p = *pp;
+  const Shape& s = p.s;
+  const int64_t pad = padded<T>(s);
+  Band<T> band(s);
+  std::vector<T> z(kHeads * pad);
+  const T* rows[kMaxKernel];
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / s.n, i = task % s.n;
+    band.load(p.logits, p.prev, p.w_prev, b, i, rows);
+    for (int64_t g = 0; g < head_groups(s); ++g) {
+      conv_rows(p, rows, band.head_stride(), g, z.data());
+      for (int64_t ho = g * kHeads; ho < std::min(s.h, (g + 1) * kHeads); ++ho) {
+        const T* zr = z.data() + (ho - g * kHeads) * pad;
+        const T* m = rows[s.r] + ho * band.head_stride() + s.r;
+        const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
+        T* a = evolved + off;
+        for (int64_t j = 0; j < s.n; ++j) a[j] = p.w_conv * activate(zr[j], p.act, p.slope) + (T(1) - p.w_conv) * m[j];
+        masked_softmax_row(a, mask_row<T>(p.mask, b, ho, i), p.mask.sj, s.n, probs + off);
+      }
+    }
+  }
+}
+DK_ISA_DISPATCH(forward_rows)
+
+template <typename T>
 void forward(const Problem<T>& p, T* evolved, T* probs) {
-  at::parallel_for(0, p.s.b * p.s.n, 4, [&](int64_t begin, int64_t end) { forward_rows(p, begin, end, evolved, probs); });
+  at::parallel_for(0, p.s.b * p.s.n, 4, [&](int64_t begin, int64_t end) { forward_rows_isa<T>(&p, begin, end, evolved, probs); });
 }
 
 // Rows per chunk of the parameter-gradient reduction: fixed, so the sums do
 // not depend on the thread count.
 constexpr int64_t kChunkRows = 16;
 
+// lanes[(ho * taps + t) * L + u] += sum over j = u (mod L) of dz[ho][j] * row(t)[j + dj]
+// for the kHeads heads of group g: each loaded source vector feeds kHeads FMAs.
+// dz rows are padded with zeros past N, so whole vectors are summed.
+template <typename T>
+DK_INLINE void weight_grad_group(const T* const* rows, int64_t head_stride, const T* dz, int64_t g, const Shape& s,
+                                 T* lanes) {
+  typedef typename Simd<T>::V V;
+  constexpr int64_t L = Simd<T>::kLanes;
+  const int64_t pad = padded<T>(s), taps = s.h * s.k * s.k, heads = std::min(kHeads, s.h - g * kHeads);
+  for (int64_t hi = 0; hi < s.h; ++hi) {
+    for (int64_t di = 0; di < s.k; ++di) {
+      const T* src = rows[di] + hi * head_stride;
+      for (int64_t dj = 0; dj < s.k; ++dj) {
+        V acc[kHeads] = {};
+        for (int64_t j = 0; j < pad; j += L) {
+          const V x = vload(src + dj + j);
+          for (int64_t q = 0; q < kHeads; ++q) acc[q] += vload(dz + q * pad + j) * x;
+        }
+        const int64_t t = (hi * s.k + di) * s.k + dj;
+        for (int64_t q = 0; q < heads; ++q) {
+          T* dst = lanes + ((g * kHeads + q) * taps + t) * L;
+          vstore(dst, vload(dst) + acc[q]);
+        }
+      }
+    }
+  }
+}
+
 // Backward pass 1 over chunks [begin, end): dA, dZ (kept for pass 2), the
 // (1 - w_conv) dA part of dM (into d_logits for now), and each chunk's dW and
-// dbias partial (partial: (wsize + H) per chunk).
+// dbias partial (partial: (wsize + H) * L lanes per chunk).
 template <typename T>
-DK_MULTIVERSION void backward_chunks(const Problem<T>& p, int64_t begin, int64_t end, T* dz, T* d_logits,
+DK_INLINE void backward_chunks(const Problem<T>* pp, int64_t begin, int64_t end, T* dz, T* d_logits,
                                      T* partial) {
+  const Problem<T>& p = *pp;
+  constexpr int64_t L = Simd<T>::kLanes;
   const Shape& s = p.s;
-  const int64_t width = band_width(s), rows = s.b * s.n, wsize = s.h * s.h * s.k * s.k;
-  std::vector<T> band(s.h * s.k * width), z(round_up(s.n, kBlock)), da(s.n);
+  const int64_t pad = padded<T>(s), rows_total = s.b * s.n, wsize = s.h * s.h * s.k * s.k;
+  Band<T> band(s);
+  std::vector<T> z(kHeads * pad), dzl(kHeads * pad, T(0)), da(s.n);
+  const T* rows[kMaxKernel];
   for (int64_t c = begin; c < end; ++c) {
-    T* pw = partial + c * (wsize + s.h);
-    T* pb = pw + wsize;
-    for (int64_t task = c * kChunkRows; task < std::min(rows, (c + 1) * kChunkRows); ++task) {
+    T* lanes = partial + c * (wsize + s.h) * L;
+    for (int64_t task = c * kChunkRows; task < std::min(rows_total, (c + 1) * kChunkRows); ++task) {
       const int64_t b = task / s.n, i = task % s.n;
-      mixed_band(p.logits, p.prev, p.w_prev, s, b, i, band.data());
-      for (int64_t ho = 0; ho < s.h; ++ho) {
-        const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
-        for (int64_t j = 0; j < s.n; ++j) da[j] = p.grad_evolved == nullptr ? T(0) : p.grad_evolved[off + j];
-        if (p.grad_probs != nullptr) {
-          const T dot = dot_lanes(p.grad_probs + off, p.probs + off, s.n);
-          for (int64_t j = 0; j < s.n; ++j) da[j] += p.probs[off + j] * (p.grad_probs[off + j] - dot);
+      band.load(p.logits, p.prev, p.w_prev, b, i, rows);
+      for (int64_t g = 0; g < head_groups(s); ++g) {
+        conv_rows(p, rows, band.head_stride(), g, z.data());
+        for (int64_t ho = g * kHeads; ho < std::min(s.h, (g + 1) * kHeads); ++ho) {
+          const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
+          for (int64_t j = 0; j < s.n; ++j) da[j] = p.grad_evolved == nullptr ? T(0) : p.grad_evolved[off + j];
+          if (p.grad_probs != nullptr) {
+            const T dot = dot_lanes(p.grad_probs + off, p.probs + off, s.n);
+            for (int64_t j = 0; j < s.n; ++j) da[j] += p.probs[off + j] * (p.grad_probs[off + j] - dot);
+          }
+          const T* zr = z.data() + (ho - g * kHeads) * pad;
+          T* dzr = dzl.data() + (ho - g * kHeads) * pad;
+          T* dm = d_logits + off;
+          for (int64_t j = 0; j < s.n; ++j) {
+            dzr[j] = p.w_conv * da[j] * activate_grad(zr[j], p.act, p.slope);
+            dm[j] = (T(1) - p.w_conv) * da[j];
+          }
+          std::copy(dzr, dzr + s.n, dz + off);
+          T* lb = lanes + (wsize + ho) * L;
+          for (int64_t j = 0; j < pad; ++j) lb[j % L] += dzr[j];
         }
-        conv_row(band.data(), p.weight, p.bias == nullptr ? T(0) : p.bias[ho], s, ho, z.data());
-        T* dzr = dz + off;
-        T* dm = d_logits + off;
-        for (int64_t j = 0; j < s.n; ++j) {
-          dzr[j] = p.w_conv * da[j] * activate_grad(z[j], p.act, p.slope);
-          dm[j] = (T(1) - p.w_conv) * da[j];
-        }
-        T dz_sum = T(0);
-        for (int64_t j = 0; j < s.n; ++j) dz_sum += dzr[j];
-        pb[ho] += dz_sum;
-        for (int64_t hi = 0; hi < s.h; ++hi) {
-          for (int64_t di = 0; di < s.k; ++di) {
-            const T* src = band.data() + (hi * s.k + di) * width;
-            for (int64_t dj = 0; dj < s.k; ++dj) {
-              pw[((ho * s.h + hi) * s.k + di) * s.k + dj] += dot_lanes(dzr, src + dj, s.n);
-            }
+        weight_grad_group(rows, band.head_stride(), dzl.data(), g, s, lanes);
+      }
+    }
+  }
+}
+DK_ISA_DISPATCH(backward_chunks)
+
+// Backward pass 2 over rows [begin, end): the transposed convolution
+// dM += conv(dZ, W') with W'[hi, ho, a, c] = W[ho, hi, K-1-a, K-1-c] (heads
+// swapped, taps flipped), so it reuses the forward's band and register-blocked
+// convolution; then dM splits into the logits' and the previous logits' gradients.
+template <typename T>
+DK_INLINE void transpose_rows(const Problem<T>* pp, int64_t begin, int64_t end, const T* dz, T* d_logits,
+                                    T* d_prev) {
+  const Problem<T>& p = *pp;
+  const Shape& s = p.s;
+  const int64_t pad = padded<T>(s);
+  Band<T> band(s);
+  std::vector<T> z(kHeads * pad);
+  const T* rows[kMaxKernel];
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / s.n, i = task % s.n;
+    band.load(dz, static_cast<const T*>(nullptr), T(0), b, i, rows);
+    for (int64_t g = 0; g < head_groups(s); ++g) {
+      conv_rows(p, rows, band.head_stride(), g, z.data());
+      for (int64_t hi = g * kHeads; hi < std::min(s.h, (g + 1) * kHeads); ++hi) {
+        const T* zr = z.data() + (hi - g * kHeads) * pad;
+        T* dm = d_logits + ((b * s.h + hi) * s.n + i) * s.n;
+        for (int64_t j = 0; j < s.n; ++j) dm[j] += zr[j];
+        if (d_prev != nullptr) {
+          T* dp = d_prev + ((b * s.h + hi) * s.n + i) * s.n;
+          for (int64_t j = 0; j < s.n; ++j) {
+            dp[j] = p.w_prev * dm[j];
+            dm[j] *= T(1) - p.w_prev;
           }
         }
       }
     }
   }
 }
+DK_ISA_DISPATCH(transpose_rows)
 
-// Backward pass 2 over rows [begin, end): the transposed convolution
-// dM += conv(dZ, W') with W'[hi, ho, a, c] = W[ho, hi, K-1-a, K-1-c] (heads
-// swapped, taps flipped), so it reuses the forward's band and register-blocked
-// row convolution; then dM splits into the logits' and the previous logits' gradients.
+// The bias, or zeros, padded to whole head groups.
 template <typename T>
-DK_MULTIVERSION void transpose_rows(const Problem<T>& p, const T* flipped, int64_t begin, int64_t end, const T* dz,
-                                    T* d_logits, T* d_prev) {
-  const Shape& s = p.s;
-  std::vector<T> band(s.h * s.k * band_width(s)), z(round_up(s.n, kBlock));
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / s.n, i = task % s.n;
-    mixed_band(dz, static_cast<const T*>(nullptr), T(0), s, b, i, band.data());
-    for (int64_t hi = 0; hi < s.h; ++hi) {
-      conv_row(band.data(), flipped, T(0), s, hi, z.data());
-      T* dm = d_logits + ((b * s.h + hi) * s.n + i) * s.n;
-      for (int64_t j = 0; j < s.n; ++j) dm[j] += z[j];
-      if (d_prev != nullptr) {
-        T* dp = d_prev + ((b * s.h + hi) * s.n + i) * s.n;
-        for (int64_t j = 0; j < s.n; ++j) {
-          dp[j] = p.w_prev * dm[j];
-          dm[j] *= T(1) - p.w_prev;
-        }
-      }
-    }
-  }
+std::vector<T> padded_bias(const T* bias, const Shape& s) {
+  std::vector<T> out(head_groups(s) * kHeads, T(0));
+  if (bias != nullptr) std::copy(bias, bias + s.h, out.begin());
+  return out;
 }
 
 template <typename T>
-void backward(const Problem<T>& p, T* d_logits, T* d_prev, T* d_weight, T* d_bias) {
+void backward(Problem<T> p, T* d_logits, T* d_prev, T* d_weight, T* d_bias) {
+  constexpr int64_t L = Simd<T>::kLanes;
   const Shape& s = p.s;
   const int64_t rows = s.b * s.n, wsize = s.h * s.h * s.k * s.k;
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
   std::vector<T> dz(static_cast<size_t>(s.b * s.h * s.n * s.n));
-  std::vector<T> partial(static_cast<size_t>(chunks * (wsize + s.h)), T(0));
+  std::vector<T> partial(static_cast<size_t>(chunks * (wsize + s.h) * L), T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    backward_chunks(p, begin, end, dz.data(), d_logits, partial.data());
+    backward_chunks_isa<T>(&p, begin, end, dz.data(), d_logits, partial.data());
   });
   std::vector<T> flipped(static_cast<size_t>(wsize));
   for (int64_t ho = 0; ho < s.h; ++ho) {
@@ -302,16 +469,28 @@ void backward(const Problem<T>& p, T* d_logits, T* d_prev, T* d_weight, T* d_bia
       }
     }
   }
+  const std::vector<T> packed_flipped = pack_weights(flipped.data(), s), zeros = padded_bias<T>(nullptr, s);
+  p.packed = packed_flipped.data();
+  p.bias_padded = zeros.data();
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    transpose_rows(p, flipped.data(), begin, end, dz.data(), d_logits, d_prev);
+    transpose_rows_isa<T>(&p, begin, end, dz.data(), d_logits, d_prev);
   });
+  // Lanes, then chunks, in a fixed order: deterministic for any thread count.
   std::fill(d_weight, d_weight + wsize, T(0));
   if (d_bias != nullptr) std::fill(d_bias, d_bias + s.h, T(0));
-  for (int64_t c = 0; c < chunks; ++c) {  // chunk order: deterministic
-    const T* pw = partial.data() + c * (wsize + s.h);
-    for (int64_t e = 0; e < wsize; ++e) d_weight[e] += pw[e];
+  for (int64_t c = 0; c < chunks; ++c) {
+    const T* lanes = partial.data() + c * (wsize + s.h) * L;
+    for (int64_t e = 0; e < wsize; ++e) {
+      T sum = T(0);
+      for (int64_t u = 0; u < L; ++u) sum += lanes[e * L + u];
+      d_weight[e] += sum;
+    }
     if (d_bias != nullptr) {
-      for (int64_t h = 0; h < s.h; ++h) d_bias[h] += pw[wsize + h];
+      for (int64_t h = 0; h < s.h; ++h) {
+        T sum = T(0);
+        for (int64_t u = 0; u < L; ++u) sum += lanes[(wsize + h) * L + u];
+        d_bias[h] += sum;
+      }
     }
   }
 }
@@ -328,6 +507,7 @@ Shape check_args(const at::Tensor& logits, const c10::optional<at::Tensor>& prev
   const int64_t k = weight.size(3);
   TORCH_CHECK(weight.size(0) == h && weight.size(1) == h && weight.size(2) == k && k % 2 == 1,
               "weight must be (H, H, K, K) with H = ", h, " and K odd, got ", weight.sizes());
+  TORCH_CHECK(k <= kMaxKernel, "kernel size must be at most ", kMaxKernel, ", got ", k);
   TORCH_CHECK(weight.scalar_type() == logits.scalar_type(), "weight must have the logits' dtype");
   if (prev.has_value()) {
     TORCH_CHECK(prev->sizes() == logits.sizes() && prev->scalar_type() == logits.scalar_type(),
@@ -378,10 +558,13 @@ std::tuple<at::Tensor, at::Tensor> evolve_attention_logits_cpu(const at::Tensor&
   if (logits.numel() == 0) return {evolved, probs};
   const MaskView mv = mask_view(mask);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "evolve_attention_logits_cpu", [&] {
-    const Problem<scalar_t> p{logits.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(prev),
+    Problem<scalar_t> p{logits.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(prev),
                               weight.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias), nullptr, nullptr,
                               nullptr, mv, static_cast<scalar_t>(w_prev), static_cast<scalar_t>(w_conv),
-                              static_cast<scalar_t>(negative_slope), activation, s};
+                              static_cast<scalar_t>(negative_slope), activation, s, nullptr, nullptr};
+    const std::vector<scalar_t> packed = pack_weights(p.weight, s), bias_pad = padded_bias(p.bias, s);
+    p.packed = packed.data();
+    p.bias_padded = bias_pad.data();
     forward(p, evolved.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>());
   });
   return {evolved, probs};
@@ -410,11 +593,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evolve_attention_logi
     return {d_logits, d_prev, d_weight, d_bias};
   }
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "evolve_attention_logits_backward_cpu", [&] {
-    const Problem<scalar_t> p{logits.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(prev),
+    Problem<scalar_t> p{logits.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(prev),
                               weight.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias),
                               probs.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ge), ptr_or_null<scalar_t>(gp),
                               MaskView(), static_cast<scalar_t>(w_prev), static_cast<scalar_t>(w_conv),
-                              static_cast<scalar_t>(negative_slope), activation, s};
+                              static_cast<scalar_t>(negative_slope), activation, s, nullptr, nullptr};
+    const std::vector<scalar_t> packed = pack_weights(p.weight, s), bias_pad = padded_bias(p.bias, s);
+    p.packed = packed.data();
+    p.bias_padded = bias_pad.data();
     backward(p, d_logits.data_ptr<scalar_t>(), prev.has_value() ? d_prev.data_ptr<scalar_t>() : nullptr,
              d_weight.data_ptr<scalar_t>(), bias.has_value() ? d_bias.data_ptr<scalar_t>() : nullptr);
   });
