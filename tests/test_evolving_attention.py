@@ -133,8 +133,6 @@ def test_map_step_matches_reference(device, backend, dtype, activation, n, prev,
     g_e, g_p = torch.randn_like(want[0]), torch.randn_like(want[1])
     grads = torch.autograd.grad((got[0] * g_e).sum() + (got[1] * g_p).sum(), leaves)
     ref_grads = torch.autograd.grad((want[0] * g_e).sum() + (want[1] * g_p).sum(), leaves)
-    # Against float64: at most twice the float32 reference's own error (the weight
-    # gradient sums B*N*N products, so a fixed tolerance would not be honest).
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     it = iter(leaves64)
     s64 = next(it)
@@ -143,18 +141,47 @@ def test_map_step_matches_reference(device, backend, dtype, activation, n, prev,
     mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
     exact = reference.evolve_attention_logits(s64, p64, w64, b64, **dict(kwargs, mask=mask64))
     exact_grads = torch.autograd.grad((exact[0] * g_e.double()).sum() + (exact[1] * g_p.double()).sum(), leaves64)
+    _assert_grads_close(grads, ref_grads, exact_grads, dtype)
+
+
+@pytest.mark.parametrize("device,backend", MAP_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("h,k,n", [(1, 3, 9), (5, 3, 31), (8, 3, 196), (12, 1, 20), (3, 5, 17), (6, 7, 40)])
+def test_map_step_head_counts_and_kernel_sizes(device, backend, dtype, h, k, n):
+    # K = 3 takes the Winograd path, other K the direct one; head counts that
+    # do not fill the kernels' head groups (2 and 4) exercise their padding.
+    logits, prev_logits, weight, bias = _map_inputs(dtype, b=2, h=h, n=n, k=k)
+    kwargs = dict(w_prev=0.4, w_conv=0.7, activation="relu")
+    leaves = [t.requires_grad_() for t in (logits, prev_logits, weight, bias)]
+    got = ops.evolve_attention_logits(logits, prev_logits, weight, bias, backend=backend, **kwargs)
+    want = reference.evolve_attention_logits(logits, prev_logits, weight, bias, **kwargs)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOLERANCES[dtype])
+    g_p = torch.randn_like(want[1])
+    loss = lambda out, g=g_p: (out[1] * g.to(out[1].dtype)).sum() + out[0].sum()
+    grads = torch.autograd.grad(loss(got), leaves)
+    ref_grads = torch.autograd.grad(loss(want), leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    exact_grads = torch.autograd.grad(loss(reference.evolve_attention_logits(*leaves64, **kwargs)), leaves64)
+    _assert_grads_close(grads, ref_grads, exact_grads, dtype)
+
+
+def _assert_grads_close(grads, ref_grads, exact_grads, dtype):
+    """float64: within the tolerance table of the float64 truth. float32: at most
+    twice the float32 reference's own error against that truth (the weight
+    gradient sums B*N*N products, so a fixed tolerance would not be honest)."""
     for ours, torchs, truth in zip(grads, ref_grads, exact_grads, strict=True):
         if dtype == torch.float64:
-            torch.testing.assert_close(ours, truth, **tol)
+            torch.testing.assert_close(ours, truth, **TOLERANCES[dtype])
         else:
             torch_err = (torchs.double() - truth).abs().max()
-            assert (ours.double() - truth).abs().max() <= 2 * torch_err + tol["atol"]
+            assert (ours.double() - truth).abs().max() <= 2 * torch_err + TOLERANCES[dtype]["atol"]
 
 
 @pytest.mark.parametrize("device,backend", MAP_CASES)
 def test_map_step_gradcheck(device, backend):
-    for prev, with_bias, k in ((True, True, 3), (False, False, 5)):
-        logits, prev_logits, weight, bias = _map_inputs(torch.float64, b=1, h=2, n=5, prev=prev, k=k)
+    for prev, with_bias, k, h in ((True, True, 3, 2), (False, False, 5, 2), (True, False, 3, 3)):
+        logits, prev_logits, weight, bias = _map_inputs(torch.float64, b=1, h=h, n=5, prev=prev, k=k)
         bias = bias if with_bias else None
         inputs = [t.requires_grad_() for t in (logits, prev_logits, weight, bias) if t is not None]
 

@@ -69,17 +69,25 @@ DK_INLINE void vstore(T* p, typename Simd<T>::V v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// The convolution's register block: kHeads output heads x kVecs vectors of
-// positions (4 x 24 floats = 12 accumulators; with the 3 loaded source
-// vectors and one broadcast weight that is the 16 AVX2 registers). Each
-// source load feeds kHeads FMAs, so the loop is FMA-bound, not load-bound.
-constexpr int64_t kHeads = 4;
-constexpr int64_t kVecs = 3;
-
+// Interleaves two vectors: lo = (a0, b0, a1, b1, ...), hi = the upper halves.
 template <typename T>
-constexpr int64_t block_positions() {
-  return kVecs * Simd<T>::kLanes;
-}
+struct Zip;
+template <>
+struct Zip<float> {
+  typedef int32_t M __attribute__((vector_size(32)));
+  static DK_INLINE void run(Simd<float>::V a, Simd<float>::V b, float* out) {
+    vstore(out, __builtin_shuffle(a, b, M{0, 8, 1, 9, 2, 10, 3, 11}));
+    vstore(out + 8, __builtin_shuffle(a, b, M{4, 12, 5, 13, 6, 14, 7, 15}));
+  }
+};
+template <>
+struct Zip<double> {
+  typedef int64_t M __attribute__((vector_size(32)));
+  static DK_INLINE void run(Simd<double>::V a, Simd<double>::V b, double* out) {
+    vstore(out, __builtin_shuffle(a, b, M{0, 4, 1, 5}));
+    vstore(out + 4, __builtin_shuffle(a, b, M{2, 6, 3, 7}));
+  }
+};
 
 // Largest kernel size (the row-pointer arrays below are this long).
 constexpr int64_t kMaxKernel = 31;
@@ -106,30 +114,64 @@ struct Shape {
   int64_t b, h, n, k, r;
 };
 
-// Entries per row of the conv output buffers: N rounded up to whole blocks.
-template <typename T>
-inline int64_t padded(const Shape& s) {
-  return round_up(s.n, block_positions<T>());
-}
+// Two convolutions over the rows of the (query, key) plane:
+//
+// Direct (any odd K): z[j] = sum_{hi, di, dj} w[ho, hi, di, dj] row(hi, di)[j + dj],
+//   register-blocked as kHeads output heads x kVecs vectors of positions
+//   (4 x 24 floats: 12 accumulators, 3 source vectors, one broadcast weight).
+//
+// Winograd F(2, 3) along the keys (K = 3): each pair of outputs (2t, 2t + 1)
+//   costs 4 multiplies per (hi, di) instead of 6. With d_0..3 = row[2t .. 2t + 3]
+//   (the band holds the key axis shifted by r = 1) and g = w[ho, hi, di, :]:
+//     V = (d0 - d2, d1 + d2, d2 - d1, d1 - d3)        (input transform, per row)
+//     U = (g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2)   (per weight)
+//     m_c = sum_{hi, di} U_c V_c;  z[2t] = m0 + m1 + m2, z[2t + 1] = m1 - m2 - m3.
+//   The band keeps each row's four transformed arrays next to the raw row, so a
+//   row is transformed once, however many query rows and heads use it.
+//   Register block: kWinoHeads heads x VB vectors of pairs x 4 components
+//   (VB = 2 with AVX-512's 32 registers, 1 with AVX2's 16).
+constexpr int64_t kHeads = 4;
+constexpr int64_t kVecs = 3;
+constexpr int64_t kWinoHeads = 2;
 
-// Row stride of a band: whole blocks plus r zeros on each side, so blocks
-// read past N (into zeros) without a tail loop.
 template <typename T>
-inline int64_t band_width(const Shape& s) {
-  return padded<T>(s) + 2 * s.r;
-}
+struct Layout {
+  bool wino;
+  int64_t pairs;  // Winograd: pairs of outputs per row, whole vectors (plus one spare vector)
+  int64_t zlen;   // conv outputs per row (>= N; whole blocks)
+  int64_t width;  // raw band row stride (>= zlen + 2r + 2, zero past N)
+  int64_t group;  // output heads per conv call
+
+  explicit Layout(const Shape& s) {
+    constexpr int64_t L = Simd<T>::kLanes;
+    wino = s.k == 3;
+    pairs = round_up((s.n + 1) / 2, L) + L;
+    zlen = wino ? 2 * pairs : round_up(s.n, kVecs * L);
+    width = zlen + 2 * s.r + 2;
+    group = wino ? kWinoHeads : kHeads;
+  }
+};
+
+inline int64_t groups_of(int64_t h, int64_t size) { return (h + size - 1) / size; }
 
 // A ring of K rows per head of a (B, H, N, N) map m (mixed with prev when
 // given), zero-padded by r on both sides of the key axis; rows outside the map
 // are zeros. A worker walks its rows in order, so moving to the next query row
-// fills one new row per head instead of K.
+// fills one new row per head instead of K. With the Winograd layout each slot
+// also holds the row's four transformed arrays (4 x pairs).
 template <typename T>
 class Band {
  public:
-  Band(const Shape& s) : s_(s), width_(band_width<T>(s)), data_(s.h * s.k * width_, T(0)), held_(s.k, -1) {}
+  Band(const Shape& s, const Layout<T>& lay)
+      : s_(s),
+        lay_(lay),
+        slot_size_(lay.width + (lay.wino ? 4 * lay.pairs : 0)),
+        data_(s.h * s.k * slot_size_, T(0)),
+        held_(s.k, -1) {}
 
-  // Makes rows i - r .. i + r of image b present; returns the base pointer
-  // per kernel row di: head hi's row is at rows[di] + hi * K * width.
+  // Makes rows i - r .. i + r of image b present; rows[di] is the slot of
+  // kernel row di for head 0 (head hi's is at rows[di] + hi * head_stride()):
+  // the raw row, then (Winograd) its transformed arrays at + width.
   void load(const T* m, const T* prev, T w_prev, int64_t b, int64_t i, const T** rows) {
     for (int64_t di = 0; di < s_.k; ++di) {
       const int64_t row = i + di - s_.r, slot = (row + s_.k) % s_.k, key = b * (s_.n + 2 * s_.k) + row + s_.k;
@@ -137,54 +179,101 @@ class Band {
         fill(m, prev, w_prev, b, row, slot);
         held_[slot] = key;
       }
-      rows[di] = data_.data() + slot * width_;
+      rows[di] = data_.data() + slot * slot_size_;
     }
+    prefetch(m, b, i + s_.r + 1);
+    if (prev != nullptr) prefetch(prev, b, i + s_.r + 1);
   }
-  int64_t head_stride() const { return s_.k * width_; }
+  int64_t head_stride() const { return s_.k * slot_size_; }
 
  private:
   void fill(const T* m, const T* prev, T w_prev, int64_t b, int64_t row, int64_t slot) {
     for (int64_t hi = 0; hi < s_.h; ++hi) {
-      T* dst = data_.data() + (hi * s_.k + slot) * width_ + s_.r;
+      T* raw = data_.data() + (hi * s_.k + slot) * slot_size_;
+      T* dst = raw + s_.r;
       if (row < 0 || row >= s_.n) {
         std::fill(dst, dst + s_.n, T(0));
-        continue;
-      }
-      const int64_t off = ((b * s_.h + hi) * s_.n + row) * s_.n;
-      if (prev == nullptr) {
-        std::copy(m + off, m + off + s_.n, dst);
       } else {
-        for (int64_t j = 0; j < s_.n; ++j) dst[j] = (T(1) - w_prev) * m[off + j] + w_prev * prev[off + j];
+        const int64_t off = ((b * s_.h + hi) * s_.n + row) * s_.n;
+        const T* src = m + off;
+        if (prev == nullptr) {
+          std::copy(src, src + s_.n, dst);
+        } else {
+          const T* pv = prev + off;
+          const T keep = T(1) - w_prev, take = w_prev;
+          for (int64_t j = 0; j < s_.n; ++j) dst[j] = keep * src[j] + take * pv[j];
+        }
+      }
+      if (lay_.wino) {
+        T* v = raw + lay_.width;
+        const int64_t np = lay_.pairs;
+        for (int64_t t = 0; t < np; ++t) {
+          const T d0 = raw[2 * t], d1 = raw[2 * t + 1], d2 = raw[2 * t + 2], d3 = raw[2 * t + 3];
+          v[t] = d0 - d2;
+          v[np + t] = d1 + d2;
+          v[2 * np + t] = d2 - d1;
+          v[3 * np + t] = d1 - d3;
+        }
       }
     }
   }
+  // Asks for the row the next query row will fill: H short rows N * N
+  // apart are too short for the hardware prefetcher to pick up alone.
+  void prefetch(const T* m, int64_t b, int64_t row) const {
+    if (row >= s_.n) return;
+    constexpr int64_t kLine = 64 / sizeof(T);
+    for (int64_t hi = 0; hi < s_.h; ++hi) {
+      const T* src = m + ((b * s_.h + hi) * s_.n + row) * s_.n;
+      for (int64_t j = 0; j < s_.n; j += kLine) __builtin_prefetch(src + j);
+      __builtin_prefetch(src + s_.n - 1);
+    }
+  }
   Shape s_;
-  int64_t width_;
+  Layout<T> lay_;
+  int64_t slot_size_;
   std::vector<T> data_;
   std::vector<int64_t> held_;  // which (image, row) each slot holds
 };
 
-// Weights regrouped for the register block: packed[((g * taps + t) * kHeads) + q]
-// = weight[g * kHeads + q, t] (t = (hi * K + di) * K + dj), zero for heads past H.
+// Weights regrouped for the register blocks, zero for heads past H.
+// Direct: packed[((g * taps + t) * kHeads) + q] = weight[g * kHeads + q, t]
+//   (t = (hi * K + di) * K + dj).
+// Winograd: packed[(((g * H + hi) * 3 + di) * 4 + c) * kWinoHeads + q] = U_c of
+//   weight[g * kWinoHeads + q, hi, di, :].
 template <typename T>
-std::vector<T> pack_weights(const T* weight, const Shape& s) {
-  const int64_t taps = s.h * s.k * s.k, groups = (s.h + kHeads - 1) / kHeads;
-  std::vector<T> packed(groups * taps * kHeads, T(0));
+std::vector<T> pack_weights(const T* weight, const Shape& s, const Layout<T>& lay) {
+  const int64_t taps = s.h * s.k * s.k, groups = groups_of(s.h, lay.group);
+  std::vector<T> packed(groups * taps * lay.group + groups * s.h * 3 * 4 * lay.group, T(0));
   for (int64_t ho = 0; ho < s.h; ++ho) {
-    for (int64_t t = 0; t < taps; ++t) packed[((ho / kHeads) * taps + t) * kHeads + ho % kHeads] = weight[ho * taps + t];
+    const int64_t g = ho / lay.group, q = ho % lay.group;
+    if (!lay.wino) {
+      for (int64_t t = 0; t < taps; ++t) packed[(g * taps + t) * kHeads + q] = weight[ho * taps + t];
+      continue;
+    }
+    for (int64_t hd = 0; hd < s.h * 3; ++hd) {  // (hi, di)
+      const T* w = weight + ho * taps + hd * 3;
+      const T u[4] = {w[0], (w[0] + w[1] + w[2]) / T(2), (w[0] - w[1] + w[2]) / T(2), w[2]};
+      for (int64_t c = 0; c < 4; ++c) packed[((g * s.h * 3 + hd) * 4 + c) * kWinoHeads + q] = u[c];
+    }
   }
   return packed;
 }
 
-// z[q][j] = bias[q] + sum_{hi, di, dj} w[q, hi, di, dj] * row(hi, di)[j + dj]
-// for the kHeads heads of one group, j < padded(s) (z rows are that long).
+// The bias, or zeros, padded to whole head groups.
 template <typename T>
-DK_INLINE void conv_group(const T* const* rows, int64_t head_stride, const T* packed, const T* bias, const Shape& s,
-                          T* z) {
+std::vector<T> padded_bias(const T* bias, const Shape& s) {
+  std::vector<T> out(groups_of(s.h, kHeads) * kHeads, T(0));
+  if (bias != nullptr) std::copy(bias, bias + s.h, out.begin());
+  return out;
+}
+
+// Direct convolution of one head group: z[q * zlen + j], j < zlen.
+template <typename T>
+DK_INLINE void conv_direct(const T* const* rows, int64_t head_stride, const T* packed, const T* bias, const Shape& s,
+                           const Layout<T>& lay, T* z) {
   typedef typename Simd<T>::V V;
   constexpr int64_t L = Simd<T>::kLanes;
-  const int64_t pad = padded<T>(s);
-  for (int64_t j0 = 0; j0 < pad; j0 += kVecs * L) {
+  for (int64_t j0 = 0; j0 < lay.zlen; j0 += kVecs * L) {
     V acc[kHeads][kVecs];
     for (int64_t q = 0; q < kHeads; ++q) {
       for (int64_t v = 0; v < kVecs; ++v) acc[q][v] = splat(bias[q]);
@@ -204,9 +293,59 @@ DK_INLINE void conv_group(const T* const* rows, int64_t head_stride, const T* pa
       }
     }
     for (int64_t q = 0; q < kHeads; ++q) {
-      for (int64_t v = 0; v < kVecs; ++v) vstore(z + q * pad + j0 + v * L, acc[q][v]);
+      for (int64_t v = 0; v < kVecs; ++v) vstore(z + q * lay.zlen + j0 + v * L, acc[q][v]);
     }
   }
+}
+
+// Winograd pairs [t0, t0 + VB * L) of one head group (see Layout).
+template <typename T, int64_t VB>
+DK_INLINE void wino_block(const T* const* rows, int64_t head_stride, const T* packed, const T* bias, const Shape& s,
+                          const Layout<T>& lay, int64_t t0, T* z) {
+  typedef typename Simd<T>::V V;
+  constexpr int64_t L = Simd<T>::kLanes;
+  const int64_t np = lay.pairs;
+  V m[4][kWinoHeads][VB];
+  for (int64_t c = 0; c < 4; ++c) {
+    for (int64_t q = 0; q < kWinoHeads; ++q) {
+      for (int64_t v = 0; v < VB; ++v) m[c][q][v] = V{};
+    }
+  }
+  const T* u = packed;
+  for (int64_t hi = 0; hi < s.h; ++hi) {
+    for (int64_t di = 0; di < 3; ++di, u += 4 * kWinoHeads) {
+      const T* src = rows[di] + hi * head_stride + lay.width + t0;
+      V x[4][VB];
+      for (int64_t c = 0; c < 4; ++c) {
+        for (int64_t v = 0; v < VB; ++v) x[c][v] = vload(src + c * np + v * L);
+      }
+      for (int64_t q = 0; q < kWinoHeads; ++q) {
+        for (int64_t c = 0; c < 4; ++c) {
+          const V uc = splat(u[c * kWinoHeads + q]);
+          for (int64_t v = 0; v < VB; ++v) m[c][q][v] += uc * x[c][v];
+        }
+      }
+    }
+  }
+  for (int64_t q = 0; q < kWinoHeads; ++q) {
+    const V bq = splat(bias[q]);
+    for (int64_t v = 0; v < VB; ++v) {
+      const V even = m[0][q][v] + m[1][q][v] + m[2][q][v] + bq;
+      const V odd = m[1][q][v] - m[2][q][v] - m[3][q][v] + bq;
+      Zip<T>::run(even, odd, z + q * lay.zlen + 2 * (t0 + v * L));
+    }
+  }
+}
+
+template <typename T, dynkernels::CpuIsa kIsa>
+DK_INLINE void conv_wino(const T* const* rows, int64_t head_stride, const T* packed, const T* bias, const Shape& s,
+                         const Layout<T>& lay, T* z) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  constexpr int64_t VB = kIsa == dynkernels::CpuIsa::kAvx512 ? 2 : 1;
+  const int64_t used = round_up((s.n + 1) / 2, L);  // pairs that hold outputs
+  int64_t t0 = 0;
+  for (; t0 + VB * L <= used; t0 += VB * L) wino_block<T, VB>(rows, head_stride, packed, bias, s, lay, t0, z);
+  for (; t0 < used; t0 += L) wino_block<T, 1>(rows, head_stride, packed, bias, s, lay, t0, z);
 }
 
 // sum_j x[j] * y[j] over explicit lanes (a plain float reduction would not vectorise).
@@ -276,7 +415,7 @@ const T* mask_row(const MaskView& m, int64_t b, int64_t h, int64_t i) {
 }
 
 // Everything one call needs, by pointer; the row workers below are compiled
-// for AVX-512, AVX2 and the baseline (target_clones), so they take plain arguments.
+// for AVX-512, AVX2 and the baseline (DK_ISA_DISPATCH), so they take plain arguments.
 template <typename T>
 struct Problem {
   const T *logits, *prev, *weight, *bias, *probs, *grad_evolved, *grad_probs;
@@ -285,33 +424,37 @@ struct Problem {
   int64_t act;
   Shape s;
   const T* packed;       // pack_weights(weight)
-  const T* bias_padded;  // bias (or zeros), padded to whole head groups
+  const T* bias_padded;  // padded_bias(bias)
 };
 
-inline int64_t head_groups(const Shape& s) { return (s.h + kHeads - 1) / kHeads; }
-
-// Z rows (kHeads x padded) of one query row for head group g.
-template <typename T>
-DK_INLINE void conv_rows(const Problem<T>& p, const T* const* rows, int64_t head_stride, int64_t g, T* z) {
-  const int64_t taps = p.s.h * p.s.k * p.s.k;
-  conv_group(rows, head_stride, p.packed + g * taps * kHeads, p.bias_padded + g * kHeads, p.s, z);
+// Z rows (group x zlen) of one query row for head group g.
+template <typename T, dynkernels::CpuIsa kIsa>
+DK_INLINE void conv_rows(const Problem<T>& p, const Layout<T>& lay, const T* const* rows, int64_t head_stride,
+                         int64_t g, T* z) {
+  const Shape& s = p.s;
+  if (lay.wino) {
+    conv_wino<T, kIsa>(rows, head_stride, p.packed + g * s.h * 3 * 4 * kWinoHeads, p.bias_padded + g * kWinoHeads, s,
+                       lay, z);
+  } else {
+    conv_direct(rows, head_stride, p.packed + g * s.h * s.k * s.k * kHeads, p.bias_padded + g * kHeads, s, lay, z);
+  }
 }
 
-template <typename T>
+template <typename T, dynkernels::CpuIsa kIsa>
 DK_INLINE void forward_rows(const Problem<T>* pp, int64_t begin, int64_t end, T* evolved, T* probs) {
   const Problem<T>& p = *pp;
   const Shape& s = p.s;
-  const int64_t pad = padded<T>(s);
-  Band<T> band(s);
-  std::vector<T> z(kHeads * pad);
+  const Layout<T> lay(s);
+  Band<T> band(s, lay);
+  std::vector<T> z(lay.group * lay.zlen);
   const T* rows[kMaxKernel];
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / s.n, i = task % s.n;
     band.load(p.logits, p.prev, p.w_prev, b, i, rows);
-    for (int64_t g = 0; g < head_groups(s); ++g) {
-      conv_rows(p, rows, band.head_stride(), g, z.data());
-      for (int64_t ho = g * kHeads; ho < std::min(s.h, (g + 1) * kHeads); ++ho) {
-        const T* zr = z.data() + (ho - g * kHeads) * pad;
+    for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
+      conv_rows<T, kIsa>(p, lay, rows, band.head_stride(), g, z.data());
+      for (int64_t ho = g * lay.group; ho < std::min(s.h, (g + 1) * lay.group); ++ho) {
+        const T* zr = z.data() + (ho - g * lay.group) * lay.zlen;
         const T* m = rows[s.r] + ho * band.head_stride() + s.r;
         const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
         T* a = evolved + off;
@@ -325,7 +468,9 @@ DK_ISA_DISPATCH(forward_rows)
 
 template <typename T>
 void forward(const Problem<T>& p, T* evolved, T* probs) {
-  at::parallel_for(0, p.s.b * p.s.n, 4, [&](int64_t begin, int64_t end) { forward_rows_isa<T>(&p, begin, end, evolved, probs); });
+  at::parallel_for(0, p.s.b * p.s.n, 4, [&](int64_t begin, int64_t end) {
+    forward_rows_isa<T>(&p, begin, end, evolved, probs);
+  });
 }
 
 // Rows per chunk of the parameter-gradient reduction: fixed, so the sums do
@@ -333,26 +478,27 @@ void forward(const Problem<T>& p, T* evolved, T* probs) {
 constexpr int64_t kChunkRows = 16;
 
 // lanes[(ho * taps + t) * L + u] += sum over j = u (mod L) of dz[ho][j] * row(t)[j + dj]
-// for the kHeads heads of group g: each loaded source vector feeds kHeads FMAs.
-// dz rows are padded with zeros past N, so whole vectors are summed.
+// for the kHeads heads from h0 (dz rows zlen long, zero past N, so whole
+// vectors are summed): each loaded source vector feeds kHeads FMAs.
 template <typename T>
-DK_INLINE void weight_grad_group(const T* const* rows, int64_t head_stride, const T* dz, int64_t g, const Shape& s,
-                                 T* lanes) {
+DK_INLINE void weight_grad_group(const T* const* rows, int64_t head_stride, const T* dz, int64_t h0, const Shape& s,
+                                 const Layout<T>& lay, T* lanes) {
   typedef typename Simd<T>::V V;
   constexpr int64_t L = Simd<T>::kLanes;
-  const int64_t pad = padded<T>(s), taps = s.h * s.k * s.k, heads = std::min(kHeads, s.h - g * kHeads);
+  const int64_t taps = s.h * s.k * s.k, heads = std::min(kHeads, s.h - h0), used = round_up(s.n, L);
+  const T* dzg = dz + h0 * lay.zlen;
   for (int64_t hi = 0; hi < s.h; ++hi) {
     for (int64_t di = 0; di < s.k; ++di) {
       const T* src = rows[di] + hi * head_stride;
       for (int64_t dj = 0; dj < s.k; ++dj) {
         V acc[kHeads] = {};
-        for (int64_t j = 0; j < pad; j += L) {
+        for (int64_t j = 0; j < used; j += L) {
           const V x = vload(src + dj + j);
-          for (int64_t q = 0; q < kHeads; ++q) acc[q] += vload(dz + q * pad + j) * x;
+          for (int64_t q = 0; q < kHeads; ++q) acc[q] += vload(dzg + q * lay.zlen + j) * x;
         }
         const int64_t t = (hi * s.k + di) * s.k + dj;
         for (int64_t q = 0; q < heads; ++q) {
-          T* dst = lanes + ((g * kHeads + q) * taps + t) * L;
+          T* dst = lanes + ((h0 + q) * taps + t) * L;
           vstore(dst, vload(dst) + acc[q]);
         }
       }
@@ -363,32 +509,33 @@ DK_INLINE void weight_grad_group(const T* const* rows, int64_t head_stride, cons
 // Backward pass 1 over chunks [begin, end): dA, dZ (kept for pass 2), the
 // (1 - w_conv) dA part of dM (into d_logits for now), and each chunk's dW and
 // dbias partial (partial: (wsize + H) * L lanes per chunk).
-template <typename T>
-DK_INLINE void backward_chunks(const Problem<T>* pp, int64_t begin, int64_t end, T* dz, T* d_logits,
-                                     T* partial) {
+template <typename T, dynkernels::CpuIsa kIsa>
+DK_INLINE void backward_chunks(const Problem<T>* pp, int64_t begin, int64_t end, T* dz, T* d_logits, T* partial) {
   const Problem<T>& p = *pp;
   constexpr int64_t L = Simd<T>::kLanes;
   const Shape& s = p.s;
-  const int64_t pad = padded<T>(s), rows_total = s.b * s.n, wsize = s.h * s.h * s.k * s.k;
-  Band<T> band(s);
-  std::vector<T> z(kHeads * pad), dzl(kHeads * pad, T(0)), da(s.n);
+  const Layout<T> lay(s);
+  const int64_t rows_total = s.b * s.n, wsize = s.h * s.h * s.k * s.k;
+  Band<T> band(s, lay);
+  // dZ of every head for one query row, zero past N (padded to whole kHeads groups).
+  std::vector<T> z(lay.group * lay.zlen), dzl(groups_of(s.h, kHeads) * kHeads * lay.zlen, T(0)), da(s.n);
   const T* rows[kMaxKernel];
   for (int64_t c = begin; c < end; ++c) {
     T* lanes = partial + c * (wsize + s.h) * L;
     for (int64_t task = c * kChunkRows; task < std::min(rows_total, (c + 1) * kChunkRows); ++task) {
       const int64_t b = task / s.n, i = task % s.n;
       band.load(p.logits, p.prev, p.w_prev, b, i, rows);
-      for (int64_t g = 0; g < head_groups(s); ++g) {
-        conv_rows(p, rows, band.head_stride(), g, z.data());
-        for (int64_t ho = g * kHeads; ho < std::min(s.h, (g + 1) * kHeads); ++ho) {
+      for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
+        conv_rows<T, kIsa>(p, lay, rows, band.head_stride(), g, z.data());
+        for (int64_t ho = g * lay.group; ho < std::min(s.h, (g + 1) * lay.group); ++ho) {
           const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
           for (int64_t j = 0; j < s.n; ++j) da[j] = p.grad_evolved == nullptr ? T(0) : p.grad_evolved[off + j];
           if (p.grad_probs != nullptr) {
             const T dot = dot_lanes(p.grad_probs + off, p.probs + off, s.n);
             for (int64_t j = 0; j < s.n; ++j) da[j] += p.probs[off + j] * (p.grad_probs[off + j] - dot);
           }
-          const T* zr = z.data() + (ho - g * kHeads) * pad;
-          T* dzr = dzl.data() + (ho - g * kHeads) * pad;
+          const T* zr = z.data() + (ho - g * lay.group) * lay.zlen;
+          T* dzr = dzl.data() + ho * lay.zlen;
           T* dm = d_logits + off;
           for (int64_t j = 0; j < s.n; ++j) {
             dzr[j] = p.w_conv * da[j] * activate_grad(zr[j], p.act, p.slope);
@@ -396,10 +543,10 @@ DK_INLINE void backward_chunks(const Problem<T>* pp, int64_t begin, int64_t end,
           }
           std::copy(dzr, dzr + s.n, dz + off);
           T* lb = lanes + (wsize + ho) * L;
-          for (int64_t j = 0; j < pad; ++j) lb[j % L] += dzr[j];
+          for (int64_t j = 0; j < round_up(s.n, L); ++j) lb[j % L] += dzr[j];
         }
-        weight_grad_group(rows, band.head_stride(), dzl.data(), g, s, lanes);
       }
+      for (int64_t h0 = 0; h0 < s.h; h0 += kHeads) weight_grad_group(rows, band.head_stride(), dzl.data(), h0, s, lay, lanes);
     }
   }
 }
@@ -407,24 +554,24 @@ DK_ISA_DISPATCH(backward_chunks)
 
 // Backward pass 2 over rows [begin, end): the transposed convolution
 // dM += conv(dZ, W') with W'[hi, ho, a, c] = W[ho, hi, K-1-a, K-1-c] (heads
-// swapped, taps flipped), so it reuses the forward's band and register-blocked
-// convolution; then dM splits into the logits' and the previous logits' gradients.
-template <typename T>
-DK_INLINE void transpose_rows(const Problem<T>* pp, int64_t begin, int64_t end, const T* dz, T* d_logits,
-                                    T* d_prev) {
+// swapped, taps flipped), so it reuses the forward's band and convolution
+// (p.packed holds W' here); then dM splits into the logits' and the previous
+// logits' gradients.
+template <typename T, dynkernels::CpuIsa kIsa>
+DK_INLINE void transpose_rows(const Problem<T>* pp, int64_t begin, int64_t end, const T* dz, T* d_logits, T* d_prev) {
   const Problem<T>& p = *pp;
   const Shape& s = p.s;
-  const int64_t pad = padded<T>(s);
-  Band<T> band(s);
-  std::vector<T> z(kHeads * pad);
+  const Layout<T> lay(s);
+  Band<T> band(s, lay);
+  std::vector<T> z(lay.group * lay.zlen);
   const T* rows[kMaxKernel];
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / s.n, i = task % s.n;
     band.load(dz, static_cast<const T*>(nullptr), T(0), b, i, rows);
-    for (int64_t g = 0; g < head_groups(s); ++g) {
-      conv_rows(p, rows, band.head_stride(), g, z.data());
-      for (int64_t hi = g * kHeads; hi < std::min(s.h, (g + 1) * kHeads); ++hi) {
-        const T* zr = z.data() + (hi - g * kHeads) * pad;
+    for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
+      conv_rows<T, kIsa>(p, lay, rows, band.head_stride(), g, z.data());
+      for (int64_t hi = g * lay.group; hi < std::min(s.h, (g + 1) * lay.group); ++hi) {
+        const T* zr = z.data() + (hi - g * lay.group) * lay.zlen;
         T* dm = d_logits + ((b * s.h + hi) * s.n + i) * s.n;
         for (int64_t j = 0; j < s.n; ++j) dm[j] += zr[j];
         if (d_prev != nullptr) {
@@ -439,14 +586,6 @@ DK_INLINE void transpose_rows(const Problem<T>* pp, int64_t begin, int64_t end, 
   }
 }
 DK_ISA_DISPATCH(transpose_rows)
-
-// The bias, or zeros, padded to whole head groups.
-template <typename T>
-std::vector<T> padded_bias(const T* bias, const Shape& s) {
-  std::vector<T> out(head_groups(s) * kHeads, T(0));
-  if (bias != nullptr) std::copy(bias, bias + s.h, out.begin());
-  return out;
-}
 
 template <typename T>
 void backward(Problem<T> p, T* d_logits, T* d_prev, T* d_weight, T* d_bias) {
@@ -469,7 +608,7 @@ void backward(Problem<T> p, T* d_logits, T* d_prev, T* d_weight, T* d_bias) {
       }
     }
   }
-  const std::vector<T> packed_flipped = pack_weights(flipped.data(), s), zeros = padded_bias<T>(nullptr, s);
+  const std::vector<T> packed_flipped = pack_weights(flipped.data(), s, Layout<T>(s)), zeros = padded_bias<T>(nullptr, s);
   p.packed = packed_flipped.data();
   p.bias_padded = zeros.data();
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
@@ -562,7 +701,7 @@ std::tuple<at::Tensor, at::Tensor> evolve_attention_logits_cpu(const at::Tensor&
                               weight.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias), nullptr, nullptr,
                               nullptr, mv, static_cast<scalar_t>(w_prev), static_cast<scalar_t>(w_conv),
                               static_cast<scalar_t>(negative_slope), activation, s, nullptr, nullptr};
-    const std::vector<scalar_t> packed = pack_weights(p.weight, s), bias_pad = padded_bias(p.bias, s);
+    const std::vector<scalar_t> packed = pack_weights(p.weight, s, Layout<scalar_t>(s)), bias_pad = padded_bias(p.bias, s);
     p.packed = packed.data();
     p.bias_padded = bias_pad.data();
     forward(p, evolved.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>());
@@ -598,7 +737,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evolve_attention_logi
                               probs.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ge), ptr_or_null<scalar_t>(gp),
                               MaskView(), static_cast<scalar_t>(w_prev), static_cast<scalar_t>(w_conv),
                               static_cast<scalar_t>(negative_slope), activation, s, nullptr, nullptr};
-    const std::vector<scalar_t> packed = pack_weights(p.weight, s), bias_pad = padded_bias(p.bias, s);
+    const std::vector<scalar_t> packed = pack_weights(p.weight, s, Layout<scalar_t>(s)), bias_pad = padded_bias(p.bias, s);
     p.packed = packed.data();
     p.bias_padded = bias_pad.data();
     backward(p, d_logits.data_ptr<scalar_t>(), prev.has_value() ? d_prev.data_ptr<scalar_t>() : nullptr,
