@@ -181,8 +181,8 @@ class Band {
       }
       rows[di] = data_.data() + slot * slot_size_;
     }
-    prefetch(m, b, i + s_.r + 1);
-    if (prev != nullptr) prefetch(prev, b, i + s_.r + 1);
+    prefetch(m, b, i + s_.r + kAhead);
+    if (prev != nullptr) prefetch(prev, b, i + s_.r + kAhead);
   }
   int64_t head_stride() const { return s_.k * slot_size_; }
 
@@ -217,7 +217,8 @@ class Band {
       }
     }
   }
-  // Asks for the row the next query row will fill: H short rows N * N
+  static constexpr int64_t kAhead = 2;
+  // Asks for the row that the query row kAhead on will fill: H short rows N * N
   // apart are too short for the hardware prefetcher to pick up alone.
   void prefetch(const T* m, int64_t b, int64_t row) const {
     if (row >= s_.n) return;
@@ -479,9 +480,11 @@ constexpr int64_t kChunkRows = 16;
 
 // lanes[(ho * taps + t) * L + u] += sum over j = u (mod L) of dz[ho][j] * row(t)[j + dj]
 // for the kHeads heads from h0 (dz rows zlen long, zero past N, so whole
-// vectors are summed): each loaded source vector feeds kHeads FMAs.
-template <typename T>
-DK_INLINE void weight_grad_group(const T* const* rows, int64_t head_stride, const T* dz, int64_t h0, const Shape& s,
+// vectors are summed). Register block: kHeads heads x KB taps along the row
+// (KB = K when K is the template's, else 1), so each source load feeds
+// kHeads FMAs and each dZ load KB.
+template <typename T, int64_t KB>
+DK_INLINE void weight_grad_heads(const T* const* rows, int64_t head_stride, const T* dz, int64_t h0, const Shape& s,
                                  const Layout<T>& lay, T* lanes) {
   typedef typename Simd<T>::V V;
   constexpr int64_t L = Simd<T>::kLanes;
@@ -490,19 +493,34 @@ DK_INLINE void weight_grad_group(const T* const* rows, int64_t head_stride, cons
   for (int64_t hi = 0; hi < s.h; ++hi) {
     for (int64_t di = 0; di < s.k; ++di) {
       const T* src = rows[di] + hi * head_stride;
-      for (int64_t dj = 0; dj < s.k; ++dj) {
-        V acc[kHeads] = {};
+      for (int64_t dj0 = 0; dj0 < s.k; dj0 += KB) {
+        V acc[kHeads][KB] = {};
         for (int64_t j = 0; j < used; j += L) {
-          const V x = vload(src + dj + j);
-          for (int64_t q = 0; q < kHeads; ++q) acc[q] += vload(dzg + q * lay.zlen + j) * x;
+          V x[KB];
+          for (int64_t e = 0; e < KB; ++e) x[e] = vload(src + dj0 + e + j);
+          for (int64_t q = 0; q < kHeads; ++q) {
+            const V d = vload(dzg + q * lay.zlen + j);
+            for (int64_t e = 0; e < KB; ++e) acc[q][e] += d * x[e];
+          }
         }
-        const int64_t t = (hi * s.k + di) * s.k + dj;
         for (int64_t q = 0; q < heads; ++q) {
-          T* dst = lanes + ((h0 + q) * taps + t) * L;
-          vstore(dst, vload(dst) + acc[q]);
+          for (int64_t e = 0; e < KB; ++e) {
+            T* dst = lanes + ((h0 + q) * taps + (hi * s.k + di) * s.k + dj0 + e) * L;
+            vstore(dst, vload(dst) + acc[q][e]);
+          }
         }
       }
     }
+  }
+}
+
+template <typename T>
+DK_INLINE void weight_grad_group(const T* const* rows, int64_t head_stride, const T* dz, int64_t h0, const Shape& s,
+                                 const Layout<T>& lay, T* lanes) {
+  if (s.k == 3) {
+    weight_grad_heads<T, 3>(rows, head_stride, dz, h0, s, lay, lanes);
+  } else {
+    weight_grad_heads<T, 1>(rows, head_stride, dz, h0, s, lay, lanes);
   }
 }
 
