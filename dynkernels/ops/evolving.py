@@ -15,6 +15,7 @@ from .. import reference
 from .._backends import resolve
 from .._extension import has_extension
 from ..reference.evolving import ACTIVATIONS
+from ._triton_registry import evolving_kernels as _triton
 from ._validation import check_floating, check_real, check_tensor
 
 __all__ = ["evolve_attention_logits"]
@@ -108,7 +109,7 @@ def evolve_attention_logits(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     w_prev, w_conv = check_real("w_prev", w_prev), check_real("w_conv", w_conv)
     negative_slope = check_real("negative_slope", negative_slope)
-    chosen = resolve("evolve_attention_logits", logits.device, backend, ("reference", "cpp"))
+    chosen = resolve("evolve_attention_logits", logits.device, backend, ("reference", "cpp", "triton"))
     if chosen == "reference":
         return reference.evolve_attention_logits(
             logits,
@@ -121,9 +122,14 @@ def evolve_attention_logits(
             negative_slope=negative_slope,
             mask=mask,
         )
-    if logits.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"evolve_attention_logits on CPU takes float32 or float64, got {logits.dtype}")
-    return torch.ops.dynkernels.evolve_attention_logits(
+    if chosen == "triton":
+        op = torch.ops.dynkernels.evolve_attention_logits_triton
+        logits, prev_logits = logits.contiguous(), None if prev_logits is None else prev_logits.contiguous()
+    else:
+        if logits.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"evolve_attention_logits on CPU takes float32 or float64, got {logits.dtype}")
+        op = torch.ops.dynkernels.evolve_attention_logits
+    return op(
         logits,
         prev_logits,
         weight,
@@ -143,9 +149,16 @@ def _setup_context(ctx, inputs, output):
     ctx.has_prev, ctx.has_bias = prev is not None, bias is not None
 
 
-def _backward(ctx, grad_evolved, grad_probs):
+def _make_backward(backward_op):
+    def backward(ctx, grad_evolved, grad_probs):
+        return _backward(backward_op, ctx, grad_evolved, grad_probs)
+
+    return backward
+
+
+def _backward(backward_op, ctx, grad_evolved, grad_probs):
     logits, prev, weight, bias, probs = ctx.saved_tensors
-    d_logits, d_prev, d_weight, d_bias = torch.ops.dynkernels.evolve_attention_logits_backward(
+    d_logits, d_prev, d_weight, d_bias = backward_op(
         grad_evolved,
         grad_probs,
         logits,
@@ -168,20 +181,82 @@ def _backward(ctx, grad_evolved, grad_probs):
     )
 
 
+def _fake_map(logits, prev, weight, bias, w_prev, w_conv, activation, slope, mask):
+    return torch.empty_like(logits), torch.empty_like(logits)
+
+
+def _fake_map_backward(grad_evolved, grad_probs, logits, prev, weight, bias, probs, w_prev, w_conv, activation, slope):
+    empty = logits.new_empty((0,))
+    return (
+        torch.empty_like(logits),
+        torch.empty_like(logits) if prev is not None else empty,
+        torch.empty_like(weight),
+        torch.empty_like(bias) if bias is not None else empty,
+    )
+
+
 if has_extension():
+    torch.library.register_fake("dynkernels::evolve_attention_logits")(_fake_map)
+    torch.library.register_fake("dynkernels::evolve_attention_logits_backward")(_fake_map_backward)
+    torch.library.register_autograd(
+        "dynkernels::evolve_attention_logits",
+        _make_backward(torch.ops.dynkernels.evolve_attention_logits_backward),
+        setup_context=_setup_context,
+    )
 
-    @torch.library.register_fake("dynkernels::evolve_attention_logits")
-    def _(logits, prev, weight, bias, w_prev, w_conv, activation, slope, mask):
-        return torch.empty_like(logits), torch.empty_like(logits)
 
-    @torch.library.register_fake("dynkernels::evolve_attention_logits_backward")
-    def _(grad_evolved, grad_probs, logits, prev, weight, bias, probs, w_prev, w_conv, activation, slope):
-        empty = logits.new_empty((0,))
-        return (
-            torch.empty_like(logits),
-            torch.empty_like(logits) if prev is not None else empty,
-            torch.empty_like(weight),
-            torch.empty_like(bias) if bias is not None else empty,
+if _triton is not None:
+    # Opaque custom ops rather than torch.library.triton_op: see ops/pointops.py.
+
+    @torch.library.custom_op("dynkernels::evolve_attention_logits_triton", mutates_args=())
+    def _evolve_triton(
+        logits: torch.Tensor,
+        prev_logits: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        w_prev: float,
+        w_conv: float,
+        activation: int,
+        negative_slope: float,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _triton.evolve_logits_fwd(
+            logits, prev_logits, weight, bias, w_prev, w_conv, activation, negative_slope, mask
         )
 
-    torch.library.register_autograd("dynkernels::evolve_attention_logits", _backward, setup_context=_setup_context)
+    @torch.library.custom_op("dynkernels::evolve_attention_logits_backward_triton", mutates_args=())
+    def _evolve_backward_triton(
+        grad_evolved: torch.Tensor | None,
+        grad_probs: torch.Tensor | None,
+        logits: torch.Tensor,
+        prev_logits: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        probs: torch.Tensor,
+        w_prev: float,
+        w_conv: float,
+        activation: int,
+        negative_slope: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        contiguous = lambda t: None if t is None else t.contiguous()
+        return _triton.evolve_logits_bwd(
+            contiguous(grad_evolved),
+            contiguous(grad_probs),
+            logits,
+            prev_logits,
+            weight,
+            bias,
+            probs.contiguous(),
+            w_prev,
+            w_conv,
+            activation,
+            negative_slope,
+        )
+
+    torch.library.register_fake("dynkernels::evolve_attention_logits_triton")(_fake_map)
+    torch.library.register_fake("dynkernels::evolve_attention_logits_backward_triton")(_fake_map_backward)
+    torch.library.register_autograd(
+        "dynkernels::evolve_attention_logits_triton",
+        _make_backward(torch.ops.dynkernels.evolve_attention_logits_backward_triton),
+        setup_context=_setup_context,
+    )
