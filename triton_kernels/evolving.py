@@ -55,7 +55,9 @@ def _activate_grad(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _gather_taps(a_ptr, b_ptr, w_a, w_b, base, i, cols, taps, H, N, K: tl.constexpr, HAS_B: tl.constexpr, COMPUTE: tl.constexpr):
+def _gather_taps(
+    a_ptr, b_ptr, w_a, w_b, base, i, cols, taps, H, N, K: tl.constexpr, HAS_B: tl.constexpr, COMPUTE: tl.constexpr
+):
     """X[t, j] = w_a a[hi, i + di - r, j + dj - r] (+ w_b b[...]) with t = (hi * K + di) * K + dj,
     zero outside the map, for the image at `base`."""
     r = K // 2
@@ -243,9 +245,7 @@ def _evolve_bwd_rows_kernel(
             tl.store(dm_ptr + out_off + cols[None, :], (1.0 - w_conv) * da, mask=ok)
             dw += tl.dot(dz, tl.trans(x), input_precision="ieee", out_dtype=COMPUTE)
             db += tl.sum(dz, axis=1)
-    tl.store(
-        dw_ptr + pid * BLOCK_H * BLOCK_T + heads[:, None] * BLOCK_T + taps[None, :], dw
-    )
+    tl.store(dw_ptr + pid * BLOCK_H * BLOCK_T + heads[:, None] * BLOCK_T + taps[None, :], dw)
     tl.store(db_ptr + pid * BLOCK_H + heads, db)
 
 
@@ -360,7 +360,12 @@ def evolve_logits_bwd(grad_evolved, grad_probs, logits, prev, weight, bias, prob
     # Absent inputs get empty (0,) gradients, distinct tensors (outputs must not alias).
     d_prev = torch.empty_like(logits) if prev is not None else logits.new_empty((0,))
     if logits.numel() == 0:
-        return d_logits, d_prev, torch.zeros_like(weight), torch.zeros_like(bias) if bias is not None else logits.new_empty((0,))
+        return (
+            d_logits,
+            d_prev,
+            torch.zeros_like(weight),
+            torch.zeros_like(bias) if bias is not None else logits.new_empty((0,)),
+        )
     block_h, block_t, block_j = _blocks(h, k, n)
     scratch = _scratch_dtype(logits)
     dz = torch.empty(logits.shape, dtype=scratch, device=logits.device)
