@@ -314,3 +314,111 @@ def test_attention_does_not_mix_across_a_change_of_n():
     torch.testing.assert_close(alone, other_stage)
     with pytest.raises(ValueError, match="divisible"):
         dnn.EvolvingAttention(10, 3)
+
+
+# ---- the whole attention step (dynkernels.ops.evolving_attention) ------------
+
+STEP_CASES = kernel_cases(("cpp", "triton"))
+
+
+def _step_inputs(dtype, b=2, h=3, n=11, d=4, prev=True):
+    g = torch.Generator().manual_seed(n * h + d)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+    q, k, v = make(b, h, n, d), make(b, h, n, d), make(b, h, n, d + 1)
+    return q, k, v, (make(b, h, n, n) if prev else None), make(h, h, 3, 3) * 0.3, make(h)
+
+
+@pytest.mark.parametrize("device,backend", STEP_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,prev,mask_kind", [(11, True, None), (50, False, "causal"), (20, True, "padding")])
+def test_attention_step_matches_reference(device, backend, dtype, n, prev, mask_kind):
+    q, k, v, prev_logits, weight, bias = _step_inputs(dtype, n=n, prev=prev)
+    mask = None
+    if mask_kind == "causal":
+        mask = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+    elif mask_kind == "padding":
+        mask = torch.zeros(2, 1, 1, n, dtype=torch.bool)
+        mask[0, ..., n - 5 :] = True
+    leaves = [t.requires_grad_() for t in (q, k, v, prev_logits, weight, bias) if t is not None]
+    kwargs = dict(w_prev=0.5, w_conv=1.0, activation="relu", mask=mask, scale=0.7)
+    got = ops.evolving_attention(q, k, v, prev_logits, weight, bias, backend=backend, **kwargs)
+    want = reference.evolving_attention(q, k, v, prev_logits, weight, bias, **kwargs)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOLERANCES[dtype])
+    g_out, g_a = torch.randn_like(want[0]), torch.randn_like(want[1])
+    loss = lambda out: (out[0] * g_out.to(out[0].dtype)).sum() + (out[1] * g_a.to(out[1].dtype)).sum()
+    grads = torch.autograd.grad(loss(got), leaves)
+    ref_grads = torch.autograd.grad(loss(want), leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(leaves64)
+    q64, k64, v64 = next(it), next(it), next(it)
+    p64 = next(it) if prev else None
+    exact = reference.evolving_attention(q64, k64, v64, p64, next(it), next(it), **kwargs)
+    _assert_grads_close(grads, ref_grads, torch.autograd.grad(loss(exact), leaves64), dtype)
+
+
+@pytest.mark.parametrize("device,backend", STEP_CASES)
+def test_attention_step_gradcheck(device, backend):
+    q, k, v, prev_logits, weight, bias = _step_inputs(torch.float64, b=1, h=2, n=5, d=2)
+    inputs = [t.requires_grad_() for t in (q, k, v, prev_logits, weight, bias)]
+    mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)
+
+    def fn(*xs):
+        return ops.evolving_attention(
+            *xs, w_prev=0.3, w_conv=0.8, activation="leaky_relu", negative_slope=0.1, mask=mask, backend=backend
+        )
+
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "triton" and device == "cpu")
+
+
+def test_attention_step_compiles_and_first_layer_does_not_mix():
+    q, k, v, _, weight, bias = _step_inputs(torch.float32, prev=False)
+    fn = lambda q, k, v, prev: ops.evolving_attention(q, k, v, prev, weight, bias, w_prev=0.5, w_conv=1.0)
+    eager = fn(q, k, v, None)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, None)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b)
+    # No prev: the map is conv(S) alone, whatever w_prev says.
+    again = ops.evolving_attention(q, k, v, None, weight, bias, w_prev=0.9, w_conv=1.0)
+    torch.testing.assert_close(again[0], eager[0])
+    # Mixing with zeros at w_prev = 0.5 halves S instead: a different map.
+    mixed = ops.evolving_attention(q, k, v, torch.zeros_like(eager[1]), weight, bias, w_prev=0.5, w_conv=1.0)
+    assert not torch.allclose(mixed[1], eager[1])
+
+
+def test_attention_step_bad_inputs():
+    q, k, v, prev_logits, weight, bias = _step_inputs(torch.float32)
+    kw = dict(w_prev=0.5, w_conv=1.0)
+    with pytest.raises(ValueError, match="share"):
+        ops.evolving_attention(q, k[:, :, :5], v, prev_logits, weight, bias, **kw)
+    with pytest.raises(ValueError, match=r"\(H, H, K, K\)"):
+        ops.evolving_attention(q, k, v, prev_logits, weight[:2, :2], bias, **kw)
+    with pytest.raises(ValueError, match="prev_logits"):
+        ops.evolving_attention(q, k, v, prev_logits[:, :, :4, :4], weight, bias, **kw)
+    with pytest.raises(ValueError, match="odd"):
+        ops.evolving_attention(q, k, v, prev_logits, torch.randn(3, 3, 2, 2), bias, **kw)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.evolving_attention(q, k, v.double(), prev_logits, weight, bias, **kw)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.evolving_attention(q, k, v, prev_logits, weight, bias, dropout_p=1.0, **kw)
+
+
+@pytest.mark.parametrize(
+    "device,backend",
+    [c for c in STEP_CASES if c.values[0] == "cuda"]
+    or [pytest.param("cuda", "triton", marks=pytest.mark.skip(reason="needs a CUDA GPU"))],
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_step_half_precision_on_gpu(device, backend, dtype):
+    # Half inputs, float32 arithmetic: within twice the error of the reference
+    # run in that half dtype, both against the float64 reference.
+    q, k, v, prev_logits, weight, bias = (t.to(device) for t in _step_inputs(torch.float64, b=2, h=12, n=197, d=64))
+    kw = dict(w_prev=0.5, w_conv=1.0, activation="relu", scale=0.125)
+    exact = reference.evolving_attention(q, k, v, prev_logits, weight, bias, **kw)
+    half = [t.to(dtype) for t in (q, k, v, prev_logits, weight, bias)]
+    got = ops.evolving_attention(*half, backend=backend, **kw)
+    theirs = reference.evolving_attention(*half, **kw)
+    for ours, ref_half, truth in zip(got, theirs, exact, strict=True):
+        assert ours.dtype == dtype
+        ref_err = (ref_half.double() - truth).abs().max()
+        assert (ours.double() - truth).abs().max() <= 2 * ref_err + TOLERANCES[dtype]["atol"]

@@ -25,7 +25,7 @@ class EvolvingAttention(nn.Module):
         w_prev, w_conv: the mix weights (the official code's beta and alpha;
             EA-AA-ResNet uses w_prev=0.5, w_conv=1.0, the defaults).
         activation: "relu" (EA-AA-ResNet), "leaky_relu" (EA-DC) or "identity".
-        backend: passed to :func:`dynkernels.ops.evolve_attention_logits`.
+        backend: passed to :func:`dynkernels.ops.evolving_attention`.
     """
 
     def __init__(
@@ -85,11 +85,12 @@ class EvolvingAttention(nn.Module):
     def forward(self, x: torch.Tensor, prev_logits: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        logits = (q * self.scale) @ k.transpose(-2, -1)
-        if prev_logits is not None and prev_logits.shape != logits.shape:
+        if prev_logits is not None and prev_logits.shape != (b, self.num_heads, n, n):
             prev_logits = None  # N changed (a new stage): no mixing, as in the official code
-        evolved, probs = ops.evolve_attention_logits(
-            logits,
+        out, evolved = ops.evolving_attention(
+            q,
+            k,
+            v,
             prev_logits,
             self.conv.weight,
             self.conv.bias,
@@ -98,9 +99,11 @@ class EvolvingAttention(nn.Module):
             activation=self.activation,
             negative_slope=self.negative_slope,
             mask=mask,
+            scale=self.scale,
+            dropout_p=self.attn_drop.p if self.training else 0.0,
             backend=self.backend,
         )
-        out = (self.attn_drop(probs) @ v).transpose(1, 2).reshape(b, n, c)
+        out = out.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out)), evolved
 
     def extra_repr(self) -> str:

@@ -1,6 +1,6 @@
 """Public functional API, one module per op family."""
 
-from .evolving import evolve_attention_logits
+from .evolving import evolve_attention_logits, evolving_attention
 from .neighbors import knn, three_interpolate, three_nn
 from .pointformer import centroid_row_index, coordinate_refinement, local_attention, local_attention_packed
 from .pointops import ball_query, furthest_point_sample, gather_points, grouping_operation
@@ -10,6 +10,7 @@ __all__ = [
     "centroid_row_index",
     "coordinate_refinement",
     "evolve_attention_logits",
+    "evolving_attention",
     "furthest_point_sample",
     "gather_points",
     "grouping_operation",

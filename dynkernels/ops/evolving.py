@@ -18,7 +18,7 @@ from ..reference.evolving import ACTIVATIONS
 from ._triton_registry import evolving_kernels as _triton
 from ._validation import check_floating, check_real, check_tensor
 
-__all__ = ["evolve_attention_logits"]
+__all__ = ["evolve_attention_logits", "evolving_attention"]
 
 _ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
@@ -68,7 +68,9 @@ def evolve_attention_logits(
         mask: optional, broadcastable to ``(B, H, N, N)``: bool (True masks
             out) or additive float (0 or -inf). Added after the convolution,
             never convolved; no gradient flows to it.
-        backend: None (auto), "reference" or "cpp".
+        backend: None (auto), "reference", "cpp" (CPU, float32/float64) or
+            "triton" (GPU: float16, bfloat16, float32, float64 with float32
+            or float64 arithmetic; CPU under TRITON_INTERPRET=1).
 
     Returns:
         ``(evolved, probs)``: the evolved logits A_i ``(B, H, N, N)``,
@@ -140,6 +142,77 @@ def evolve_attention_logits(
         negative_slope,
         _additive_mask(mask, logits),
     )
+
+
+def evolving_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prev_logits: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    w_prev: float,
+    w_conv: float,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Evolving Attention step: ``S = (q * scale) k^T``, the fused map
+    step (:func:`evolve_attention_logits`), then ``out = dropout(P) v``.
+
+    Args:
+        q, k: ``(B, H, N, d)``; v: ``(B, H, N, d_v)``; all one dtype and device.
+        prev_logits, weight, bias, w_prev, w_conv, activation, negative_slope,
+            mask, backend: as :func:`evolve_attention_logits`.
+        scale: defaults to ``d ** -0.5``.
+        dropout_p: dropout on P before ``P v`` (pass 0 in eval mode).
+
+    Returns:
+        ``(out (B, H, N, d_v), evolved logits A_i (B, H, N, N))``.
+
+    The products run as batched matrix products (BLAS / cuBLAS) around the
+    fused map step, so three N x N maps are stored (S, A, P) where the
+    reference stores about nine. A single GPU kernel that also fuses Q K^T and
+    P V (never storing S or P) is not part of this release.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+        check_floating(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, N, d), got {tuple(t.shape)}")
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"q and k must share (B, H, N, d) and v (B, H, N): got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(
+                f"{name} must share q's dtype and device ({q.dtype}, {q.device}), got {t.dtype} on {t.device}"
+            )
+    scale = q.shape[-1] ** -0.5 if scale is None else check_real("scale", scale)
+    dropout_p = check_real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    logits = torch.matmul(q * scale, k.transpose(-2, -1))
+    evolved, probs = evolve_attention_logits(
+        logits,
+        prev_logits,
+        weight,
+        bias,
+        w_prev=w_prev,
+        w_conv=w_conv,
+        activation=activation,
+        negative_slope=negative_slope,
+        mask=mask,
+        backend=backend,
+    )
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
+    return torch.matmul(probs, v), evolved
 
 
 def _setup_context(ctx, inputs, output):
