@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "common/checks.h"
@@ -561,7 +562,9 @@ DK_INLINE void backward_chunks(const Problem<T>* pp, int64_t begin, int64_t end,
           }
           std::copy(dzr, dzr + s.n, dz + off);
           T* lb = lanes + (wsize + ho) * L;
-          for (int64_t j = 0; j < round_up(s.n, L); ++j) lb[j % L] += dzr[j];
+          typename Simd<T>::V bias_lanes = vload(lb);
+          for (int64_t j = 0; j < round_up(s.n, L); j += L) bias_lanes += vload(dzr + j);
+          vstore(lb, bias_lanes);
         }
       }
       for (int64_t h0 = 0; h0 < s.h; h0 += kHeads) weight_grad_group(rows, band.head_stride(), dzl.data(), h0, s, lay, lanes);
@@ -611,10 +614,12 @@ void backward(Problem<T> p, T* d_logits, T* d_prev, T* d_weight, T* d_bias) {
   const Shape& s = p.s;
   const int64_t rows = s.b * s.n, wsize = s.h * s.h * s.k * s.k;
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
-  std::vector<T> dz(static_cast<size_t>(s.b * s.h * s.n * s.n));
+  // dZ for pass 2; every entry is written by pass 1, so no zero fill.
+  const std::unique_ptr<T[]> dz_buffer(new T[static_cast<size_t>(s.b * s.h * s.n * s.n)]);
+  T* dz = dz_buffer.get();
   std::vector<T> partial(static_cast<size_t>(chunks * (wsize + s.h) * L), T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    backward_chunks_isa<T>(&p, begin, end, dz.data(), d_logits, partial.data());
+    backward_chunks_isa<T>(&p, begin, end, dz, d_logits, partial.data());
   });
   std::vector<T> flipped(static_cast<size_t>(wsize));
   for (int64_t ho = 0; ho < s.h; ++ho) {
@@ -630,7 +635,7 @@ void backward(Problem<T> p, T* d_logits, T* d_prev, T* d_weight, T* d_bias) {
   p.packed = packed_flipped.data();
   p.bias_padded = zeros.data();
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    transpose_rows_isa<T>(&p, begin, end, dz.data(), d_logits, d_prev);
+    transpose_rows_isa<T>(&p, begin, end, dz, d_logits, d_prev);
   });
   // Lanes, then chunks, in a fixed order: deterministic for any thread count.
   std::fill(d_weight, d_weight + wsize, T(0));
