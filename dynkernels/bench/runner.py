@@ -17,19 +17,24 @@ from ..info import info
 from .cases import Case, cases_for
 
 
-def measure(fn, device: str, min_time: float = 0.4, min_runs: int = 3, max_runs: int = 50) -> list[float]:
-    """Seconds per call: one warm-up, then runs until min_time has passed (at
-    least min_runs, at most max_runs). CUDA timings synchronise inside."""
+def measure(fns: list, device: str, min_time: float = 1.0, min_runs: int = 3, max_runs: int = 30) -> list[list[float]]:
+    """Seconds per call of each of fns, measured side by side: one warm-up
+    each, then rounds that call every fn once, in turn, so that a slow spell
+    of the machine hits them all alike. Rounds go on until min_time has
+    passed (at least min_runs, at most max_runs). CUDA timings synchronise
+    inside."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
+    for fn in fns:
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < max_runs and (len(times[0]) < min_runs or time.perf_counter() - start < min_time):
+        for fn, out in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t0)
     return times
 
 
@@ -117,10 +122,9 @@ def run_cases(cases: list[Case], device: str) -> list[dict]:
         progress.show(f"{case.op} {case.size}: checking")
         impls = case.setup()
         assert tuple(i.name for i in impls) == case.impl_names, (case.op, [i.name for i in impls], case.impl_names)
-        for impl in impls:
-            progress.show(f"{case.op} {case.size}: {impl.name}")
-            slow = impl.kind != "kernel"
-            times = measure(impl.fn, device, min_time=0.3 if slow else 0.6, min_runs=3, max_runs=10 if slow else 50)
+        progress.show(f"{case.op} {case.size}: timing {', '.join(i.name for i in impls)} side by side")
+        all_times = measure([impl.fn for impl in impls], device)
+        for impl, times in zip(impls, all_times, strict=True):
             rows.append(
                 {
                     "family": case.family,
