@@ -39,6 +39,16 @@ qkv = torch.randn(600, 32, 3 * 64, device="cuda", requires_grad=True)
 out, weights = ops.local_attention_packed(qkv, 8, row_index=torch.zeros(600, dtype=torch.int64, device="cuda"),
                                           backend="triton")
 (out.sum() + weights.sum()).backward()
+# Evolving Attention's map step: CUDA (all four dtypes) and Triton, fwd + bwd
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    for backend in ("cuda", "triton"):
+        s = torch.randn(2, 12, 197, 197, device="cuda", dtype=dtype, requires_grad=True)
+        p = torch.randn_like(s, requires_grad=True)
+        wt = (0.2 * torch.randn(12, 12, 3, 3, device="cuda", dtype=dtype)).requires_grad_()
+        bs = torch.randn(12, device="cuda", dtype=dtype, requires_grad=True)
+        mask = torch.ones(197, 197, dtype=torch.bool, device="cuda").triu(1)
+        a, pr = ops.evolve_attention_logits(s, p, wt, bs, w_prev=0.5, w_conv=1.0, mask=mask, backend=backend)
+        (a.float().sum() + pr.float().square().sum()).backward()
 torch.cuda.synchronize()
 print("sanitize run ok")
 PY

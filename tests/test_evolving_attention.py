@@ -97,7 +97,7 @@ from conftest import TOLERANCES, kernel_cases  # noqa: E402
 from dynkernels import ops  # noqa: E402
 from dynkernels._backends import usable_backends  # noqa: E402
 
-MAP_CASES = kernel_cases(("cpp", "triton"))
+MAP_CASES = kernel_cases(("cpp", "cuda", "triton"))
 
 
 def _skip_large_under_interpreter(device, backend, n):
@@ -108,9 +108,9 @@ def _skip_large_under_interpreter(device, backend, n):
         pytest.skip("large N under the Triton interpreter: run on a GPU")
 
 
-def _map_inputs(dtype, b=2, h=3, n=13, prev=True, k=3):
+def _map_inputs(dtype, b=2, h=3, n=13, prev=True, k=3, device="cpu"):
     g = torch.Generator().manual_seed(n + h)
-    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).to(device)
     return make(b, h, n, n), (make(b, h, n, n) if prev else None), make(h, h, k, k) * 0.3, make(h)
 
 
@@ -122,7 +122,7 @@ def _map_inputs(dtype, b=2, h=3, n=13, prev=True, k=3):
 )
 def test_map_step_matches_reference(device, backend, dtype, activation, n, prev, mask_kind):
     _skip_large_under_interpreter(device, backend, n)
-    logits, prev_logits, weight, bias = _map_inputs(dtype, n=n, prev=prev)
+    logits, prev_logits, weight, bias = _map_inputs(dtype, n=n, prev=prev, device=device)
     mask = None
     if mask_kind == "causal":
         mask = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
@@ -131,6 +131,7 @@ def test_map_step_matches_reference(device, backend, dtype, activation, n, prev,
         mask[1, ..., n - 20 :] = True
     elif mask_kind == "float":
         mask = torch.randn(n, n, dtype=dtype)
+    mask = mask.to(device) if mask is not None else None
     leaves = [t.requires_grad_() for t in (logits, prev_logits, weight, bias) if t is not None]
     kwargs = dict(w_prev=0.3, w_conv=0.6, activation=activation, negative_slope=0.2, mask=mask)
     got = ops.evolve_attention_logits(logits, prev_logits, weight, bias, backend=backend, **kwargs)
@@ -161,7 +162,7 @@ def test_map_step_head_counts_and_kernel_sizes(device, backend, dtype, h, k, n):
     _skip_large_under_interpreter(device, backend, n)
     # K = 3 takes the Winograd path, other K the direct one; head counts that
     # do not fill the kernels' head groups (2 and 4) exercise their padding.
-    logits, prev_logits, weight, bias = _map_inputs(dtype, b=2, h=h, n=n, k=k)
+    logits, prev_logits, weight, bias = _map_inputs(dtype, b=2, h=h, n=n, k=k, device=device)
     kwargs = dict(w_prev=0.4, w_conv=0.7, activation="relu")
     leaves = [t.requires_grad_() for t in (logits, prev_logits, weight, bias)]
     got = ops.evolve_attention_logits(logits, prev_logits, weight, bias, backend=backend, **kwargs)
@@ -192,7 +193,7 @@ def _assert_grads_close(grads, ref_grads, exact_grads, dtype):
 @pytest.mark.parametrize("device,backend", MAP_CASES)
 def test_map_step_gradcheck(device, backend):
     for prev, with_bias, k, h in ((True, True, 3, 2), (False, False, 5, 2), (True, False, 3, 3)):
-        logits, prev_logits, weight, bias = _map_inputs(torch.float64, b=1, h=h, n=5, prev=prev, k=k)
+        logits, prev_logits, weight, bias = _map_inputs(torch.float64, b=1, h=h, n=5, prev=prev, k=k, device=device)
         bias = bias if with_bias else None
         inputs = [t.requires_grad_() for t in (logits, prev_logits, weight, bias) if t is not None]
 
@@ -318,12 +319,12 @@ def test_attention_does_not_mix_across_a_change_of_n():
 
 # ---- the whole attention step (dynkernels.ops.evolving_attention) ------------
 
-STEP_CASES = kernel_cases(("cpp", "triton"))
+STEP_CASES = kernel_cases(("cpp", "cuda", "triton"))
 
 
-def _step_inputs(dtype, b=2, h=3, n=11, d=4, prev=True):
+def _step_inputs(dtype, b=2, h=3, n=11, d=4, prev=True, device="cpu"):
     g = torch.Generator().manual_seed(n * h + d)
-    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).to(device)
     q, k, v = make(b, h, n, d), make(b, h, n, d), make(b, h, n, d + 1)
     return q, k, v, (make(b, h, n, n) if prev else None), make(h, h, 3, 3) * 0.3, make(h)
 
@@ -332,13 +333,14 @@ def _step_inputs(dtype, b=2, h=3, n=11, d=4, prev=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,prev,mask_kind", [(11, True, None), (50, False, "causal"), (20, True, "padding")])
 def test_attention_step_matches_reference(device, backend, dtype, n, prev, mask_kind):
-    q, k, v, prev_logits, weight, bias = _step_inputs(dtype, n=n, prev=prev)
+    q, k, v, prev_logits, weight, bias = _step_inputs(dtype, n=n, prev=prev, device=device)
     mask = None
     if mask_kind == "causal":
         mask = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
     elif mask_kind == "padding":
         mask = torch.zeros(2, 1, 1, n, dtype=torch.bool)
         mask[0, ..., n - 5 :] = True
+    mask = mask.to(device) if mask is not None else None
     leaves = [t.requires_grad_() for t in (q, k, v, prev_logits, weight, bias) if t is not None]
     kwargs = dict(w_prev=0.5, w_conv=1.0, activation="relu", mask=mask, scale=0.7)
     got = ops.evolving_attention(q, k, v, prev_logits, weight, bias, backend=backend, **kwargs)
@@ -359,9 +361,9 @@ def test_attention_step_matches_reference(device, backend, dtype, n, prev, mask_
 
 @pytest.mark.parametrize("device,backend", STEP_CASES)
 def test_attention_step_gradcheck(device, backend):
-    q, k, v, prev_logits, weight, bias = _step_inputs(torch.float64, b=1, h=2, n=5, d=2)
+    q, k, v, prev_logits, weight, bias = _step_inputs(torch.float64, b=1, h=2, n=5, d=2, device=device)
     inputs = [t.requires_grad_() for t in (q, k, v, prev_logits, weight, bias)]
-    mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)
+    mask = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1).to(device)
 
     def fn(*xs):
         return ops.evolving_attention(
@@ -412,7 +414,7 @@ def test_attention_step_bad_inputs():
 def test_attention_step_half_precision_on_gpu(device, backend, dtype):
     # Half inputs, float32 arithmetic: within twice the error of the reference
     # run in that half dtype, both against the float64 reference.
-    q, k, v, prev_logits, weight, bias = (t.to(device) for t in _step_inputs(torch.float64, b=2, h=12, n=197, d=64))
+    q, k, v, prev_logits, weight, bias = _step_inputs(torch.float64, b=2, h=12, n=197, d=64, device=device)
     kw = dict(w_prev=0.5, w_conv=1.0, activation="relu", scale=0.125)
     exact = reference.evolving_attention(q, k, v, prev_logits, weight, bias, **kw)
     half = [t.to(dtype) for t in (q, k, v, prev_logits, weight, bias)]

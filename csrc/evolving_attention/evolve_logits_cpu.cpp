@@ -34,6 +34,7 @@
 #include "common/checks.h"
 #include "common/cpu_isa.h"
 #include "common/cpu_math.h"
+#include "evolving_attention/evolving_checks.h"
 
 #if defined(__GNUC__)
 #define DK_INLINE inline __attribute__((always_inline))
@@ -91,7 +92,7 @@ struct Zip<double> {
 };
 
 // Largest kernel size (the row-pointer arrays below are this long).
-constexpr int64_t kMaxKernel = 31;
+using dynkernels::evolving::kMaxKernel;
 
 inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
@@ -660,30 +661,10 @@ void backward(Problem<T> p, T* d_logits, T* d_prev, T* d_weight, T* d_bias) {
 Shape check_args(const at::Tensor& logits, const c10::optional<at::Tensor>& prev, const at::Tensor& weight,
                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask) {
   DK_CHECK_CPU(logits);
-  DK_CHECK_DIM(logits, 4);
-  const int64_t b = logits.size(0), h = logits.size(1), n = logits.size(2);
-  TORCH_CHECK(logits.size(3) == n, "logits must be (B, H, N, N), got ", logits.sizes());
+  const auto dims = dynkernels::evolving::check_args(logits, prev, weight, bias, mask);
   TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
               "evolve_attention_logits on CPU takes float32 or float64, got ", logits.scalar_type());
-  DK_CHECK_DIM(weight, 4);
-  const int64_t k = weight.size(3);
-  TORCH_CHECK(weight.size(0) == h && weight.size(1) == h && weight.size(2) == k && k % 2 == 1,
-              "weight must be (H, H, K, K) with H = ", h, " and K odd, got ", weight.sizes());
-  TORCH_CHECK(k <= kMaxKernel, "kernel size must be at most ", kMaxKernel, ", got ", k);
-  TORCH_CHECK(weight.scalar_type() == logits.scalar_type(), "weight must have the logits' dtype");
-  if (prev.has_value()) {
-    TORCH_CHECK(prev->sizes() == logits.sizes() && prev->scalar_type() == logits.scalar_type(),
-                "prev_logits must match logits, got ", prev->sizes());
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == h && bias->scalar_type() == logits.scalar_type(),
-                "bias must be (H,) = (", h, ",) in the logits' dtype");
-  }
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->sizes() == logits.sizes() && mask->scalar_type() == logits.scalar_type(),
-                "mask must be expanded to the logits' shape and dtype");
-  }
-  return {b, h, n, k, k / 2};
+  return {dims[0], dims[1], dims[2], dims[3], dims[3] / 2};
 }
 
 MaskView mask_view(const c10::optional<at::Tensor>& mask) {

@@ -68,9 +68,11 @@ def evolve_attention_logits(
         mask: optional, broadcastable to ``(B, H, N, N)``: bool (True masks
             out) or additive float (0 or -inf). Added after the convolution,
             never convolved; no gradient flows to it.
-        backend: None (auto), "reference", "cpp" (CPU, float32/float64) or
-            "triton" (GPU: float16, bfloat16, float32, float64 with float32
-            or float64 arithmetic; CPU under TRITON_INTERPRET=1).
+        backend: None (auto), "reference", "cpp" (CPU, float32/float64),
+            "cuda" or "triton" (GPU: float16, bfloat16, float32, float64 with
+            float32 or float64 arithmetic; Triton also runs CPU tensors under
+            TRITON_INTERPRET=1). The CUDA kernel keeps a query row's band in
+            shared memory and refuses sizes beyond the device's limit.
 
     Returns:
         ``(evolved, probs)``: the evolved logits A_i ``(B, H, N, N)``,
@@ -111,7 +113,7 @@ def evolve_attention_logits(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     w_prev, w_conv = check_real("w_prev", w_prev), check_real("w_conv", w_conv)
     negative_slope = check_real("negative_slope", negative_slope)
-    chosen = resolve("evolve_attention_logits", logits.device, backend, ("reference", "cpp", "triton"))
+    chosen = resolve("evolve_attention_logits", logits.device, backend, ("reference", "cpp", "cuda", "triton"))
     if chosen == "reference":
         return reference.evolve_attention_logits(
             logits,
@@ -128,9 +130,9 @@ def evolve_attention_logits(
         op = torch.ops.dynkernels.evolve_attention_logits_triton
         logits, prev_logits = logits.contiguous(), None if prev_logits is None else prev_logits.contiguous()
     else:
-        if logits.dtype not in (torch.float32, torch.float64):
+        if chosen == "cpp" and logits.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"evolve_attention_logits on CPU takes float32 or float64, got {logits.dtype}")
-        op = torch.ops.dynkernels.evolve_attention_logits
+        op = torch.ops.dynkernels.evolve_attention_logits  # the C++ op; CPU and CUDA kernels by dispatch
     return op(
         logits,
         prev_logits,
