@@ -496,7 +496,10 @@ DK_INLINE void weight_grad_heads(const T* const* rows, int64_t head_stride, cons
     for (int64_t di = 0; di < s.k; ++di) {
       const T* src = rows[di] + hi * head_stride;
       for (int64_t dj0 = 0; dj0 < s.k; dj0 += KB) {
-        V acc[kHeads][KB] = {};
+        V acc[kHeads][KB];
+        for (int64_t q = 0; q < kHeads; ++q) {
+          for (int64_t e = 0; e < KB; ++e) acc[q][e] = V{};
+        }
         for (int64_t j = 0; j < used; j += L) {
           V x[KB];
           for (int64_t e = 0; e < KB; ++e) x[e] = vload(src + dj0 + e + j);
@@ -505,7 +508,8 @@ DK_INLINE void weight_grad_heads(const T* const* rows, int64_t head_stride, cons
             for (int64_t e = 0; e < KB; ++e) acc[q][e] += d * x[e];
           }
         }
-        for (int64_t q = 0; q < heads; ++q) {
+        for (int64_t q = 0; q < kHeads; ++q) {  // constant bounds keep acc in registers
+          if (q >= heads) break;
           for (int64_t e = 0; e < KB; ++e) {
             T* dst = lanes + ((h0 + q) * taps + (hi * s.k + di) * s.k + dj0 + e) * L;
             vstore(dst, vload(dst) + acc[q][e]);
