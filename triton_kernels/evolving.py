@@ -300,6 +300,17 @@ def _blocks(heads: int, k: int, n: int) -> tuple[int, int, int]:
     )
 
 
+def _common_args(logits, prev, weight, bias):
+    """The leading pointer arguments every kernel but the transpose takes (absent
+    tensors stand in as any valid pointer; the HAS_* flags keep them unread)."""
+    return (logits, prev if prev is not None else logits, weight.contiguous(), bias if bias is not None else weight)
+
+
+def _meta(logits, heads: int, k: int, n: int) -> dict:
+    block_h, block_t, block_j = _blocks(heads, k, n)
+    return dict(K=k, BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_J=block_j, COMPUTE=_compute_dtype(logits))
+
+
 def _compute_dtype(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
@@ -320,13 +331,9 @@ def evolve_logits_fwd(logits, prev, weight, bias, w_prev, w_conv, activation, sl
     probs = torch.empty_like(logits)
     if logits.numel() == 0:
         return evolved, probs
-    block_h, block_t, block_j = _blocks(h, k, n)
     strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     _evolve_fwd_kernel[(b * n,)](
-        logits,
-        prev if prev is not None else logits,
-        weight.contiguous(),
-        bias if bias is not None else weight,
+        *_common_args(logits, prev, weight, bias),
         mask if mask is not None else logits,
         evolved,
         probs,
@@ -334,15 +341,11 @@ def evolve_logits_fwd(logits, prev, weight, bias, w_prev, w_conv, activation, sl
         n,
         *strides,
         _params(logits, w_prev if prev is not None else 0.0, w_conv, slope),
-        K=k,
         ACT=activation,
         HAS_PREV=prev is not None,
         HAS_BIAS=bias is not None,
         HAS_MASK=mask is not None,
-        BLOCK_H=block_h,
-        BLOCK_T=block_t,
-        BLOCK_J=block_j,
-        COMPUTE=_compute_dtype(logits),
+        **_meta(logits, h, k, n),
     )
     return evolved, probs
 
@@ -366,19 +369,15 @@ def evolve_logits_bwd(grad_evolved, grad_probs, logits, prev, weight, bias, prob
             torch.zeros_like(weight),
             torch.zeros_like(bias) if bias is not None else logits.new_empty((0,)),
         )
-    block_h, block_t, block_j = _blocks(h, k, n)
+    meta = _meta(logits, h, k, n)
     scratch = _scratch_dtype(logits)
     dz = torch.empty(logits.shape, dtype=scratch, device=logits.device)
     dm = torch.empty(logits.shape, dtype=scratch, device=logits.device)
     programs = b * triton.cdiv(n, _ROWS)
-    dw_part = torch.empty((programs, block_h, block_t), dtype=scratch, device=logits.device)
-    db_part = torch.empty((programs, block_h), dtype=scratch, device=logits.device)
-    compute = _compute_dtype(logits)
+    dw_part = torch.empty((programs, meta["BLOCK_H"], meta["BLOCK_T"]), dtype=scratch, device=logits.device)
+    db_part = torch.empty((programs, meta["BLOCK_H"]), dtype=scratch, device=logits.device)
     _evolve_bwd_rows_kernel[(programs,)](
-        logits,
-        prev if prev is not None else logits,
-        weight.contiguous(),
-        bias if bias is not None else weight,
+        *_common_args(logits, prev, weight, bias),
         probs,
         grad_evolved if grad_evolved is not None else logits,
         grad_probs if grad_probs is not None else logits,
@@ -389,17 +388,13 @@ def evolve_logits_bwd(grad_evolved, grad_probs, logits, prev, weight, bias, prob
         h,
         n,
         _params(logits, w_prev if prev is not None else 0.0, w_conv, slope),
-        K=k,
         ACT=activation,
         HAS_PREV=prev is not None,
         HAS_BIAS=bias is not None,
         HAS_GA=grad_evolved is not None,
         HAS_GP=grad_probs is not None,
         ROWS=_ROWS,
-        BLOCK_H=block_h,
-        BLOCK_T=block_t,
-        BLOCK_J=block_j,
-        COMPUTE=compute,
+        **meta,
     )
     # conv^T as a convolution: W'[hi, ho, a, c] = W[ho, hi, K-1-a, K-1-c].
     flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
@@ -412,12 +407,8 @@ def evolve_logits_bwd(grad_evolved, grad_probs, logits, prev, weight, bias, prob
         h,
         n,
         _params(logits, w_prev if prev is not None else 0.0, 0.0, 0.0),
-        K=k,
         HAS_PREV=prev is not None,
-        BLOCK_H=block_h,
-        BLOCK_T=block_t,
-        BLOCK_J=block_j,
-        COMPUTE=compute,
+        **meta,
     )
     # Partials summed in program order: deterministic.
     d_weight = dw_part.sum(0)[:h, : h * k * k].reshape(weight.shape).to(weight.dtype)

@@ -9,6 +9,14 @@
 // baseline, picked once from the running CPU.
 #pragma once
 
+// Helpers of dispatched workers must inline into them: a helper left out of
+// line is compiled for the baseline only, and its vector code runs narrow.
+#if defined(__GNUC__)
+#define DK_INLINE inline __attribute__((always_inline))
+#else
+#define DK_INLINE inline
+#endif
+
 namespace dynkernels {
 
 enum class CpuIsa { kBase, kAvx2, kAvx512 };

@@ -36,12 +36,6 @@
 #include "common/cpu_math.h"
 #include "evolving_attention/evolving_checks.h"
 
-#if defined(__GNUC__)
-#define DK_INLINE inline __attribute__((always_inline))
-#else
-#define DK_INLINE inline
-#endif
-
 namespace {
 
 // GCC vector types: 32 bytes (8 floats or 4 doubles) per vector, compiled to
@@ -430,6 +424,17 @@ struct Problem {
   const T* bias_padded;  // padded_bias(bias)
 };
 
+// What every row worker keeps: the layout, its band ring, one head group's
+// conv outputs and the band's row pointers.
+template <typename T>
+struct RowScratch {
+  explicit RowScratch(const Shape& s) : lay(s), band(s, lay), z(lay.group * lay.zlen) {}
+  Layout<T> lay;
+  Band<T> band;
+  std::vector<T> z;
+  const T* rows[kMaxKernel];
+};
+
 // Z rows (group x zlen) of one query row for head group g.
 template <typename T, dynkernels::CpuIsa kIsa>
 DK_INLINE void conv_rows(const Problem<T>& p, const Layout<T>& lay, const T* const* rows, int64_t head_stride,
@@ -447,10 +452,11 @@ template <typename T, dynkernels::CpuIsa kIsa>
 DK_INLINE void forward_rows(const Problem<T>* pp, int64_t begin, int64_t end, T* evolved, T* probs) {
   const Problem<T>& p = *pp;
   const Shape& s = p.s;
-  const Layout<T> lay(s);
-  Band<T> band(s, lay);
-  std::vector<T> z(lay.group * lay.zlen);
-  const T* rows[kMaxKernel];
+  RowScratch<T> scratch(s);
+  const Layout<T>& lay = scratch.lay;
+  Band<T>& band = scratch.band;
+  std::vector<T>& z = scratch.z;
+  const T** rows = scratch.rows;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / s.n, i = task % s.n;
     band.load(p.logits, p.prev, p.w_prev, b, i, rows);
@@ -538,12 +544,14 @@ DK_INLINE void backward_chunks(const Problem<T>* pp, int64_t begin, int64_t end,
   const Problem<T>& p = *pp;
   constexpr int64_t L = Simd<T>::kLanes;
   const Shape& s = p.s;
-  const Layout<T> lay(s);
   const int64_t rows_total = s.b * s.n, wsize = s.h * s.h * s.k * s.k;
-  Band<T> band(s, lay);
+  RowScratch<T> scratch(s);
+  const Layout<T>& lay = scratch.lay;
+  Band<T>& band = scratch.band;
+  std::vector<T>& z = scratch.z;
+  const T** rows = scratch.rows;
   // dZ of every head for one query row, zero past N (padded to whole kHeads groups).
-  std::vector<T> z(lay.group * lay.zlen), dzl(groups_of(s.h, kHeads) * kHeads * lay.zlen, T(0)), da(s.n);
-  const T* rows[kMaxKernel];
+  std::vector<T> dzl(groups_of(s.h, kHeads) * kHeads * lay.zlen, T(0)), da(s.n);
   for (int64_t c = begin; c < end; ++c) {
     T* lanes = partial + c * (wsize + s.h) * L;
     for (int64_t task = c * kChunkRows; task < std::min(rows_total, (c + 1) * kChunkRows); ++task) {
@@ -587,10 +595,11 @@ template <typename T, dynkernels::CpuIsa kIsa>
 DK_INLINE void transpose_rows(const Problem<T>* pp, int64_t begin, int64_t end, const T* dz, T* d_logits, T* d_prev) {
   const Problem<T>& p = *pp;
   const Shape& s = p.s;
-  const Layout<T> lay(s);
-  Band<T> band(s, lay);
-  std::vector<T> z(lay.group * lay.zlen);
-  const T* rows[kMaxKernel];
+  RowScratch<T> scratch(s);
+  const Layout<T>& lay = scratch.lay;
+  Band<T>& band = scratch.band;
+  std::vector<T>& z = scratch.z;
+  const T** rows = scratch.rows;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / s.n, i = task % s.n;
     band.load(dz, static_cast<const T*>(nullptr), T(0), b, i, rows);

@@ -28,19 +28,13 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"  // DK_INLINE: helpers inline into each clone
 #include "common/cpu_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DK_MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define DK_MULTIVERSION
-#endif
-// The helpers must inline into each clone: a helper left out of line is
-// compiled for the baseline only, and its vector code runs at half width.
-#if defined(__GNUC__)
-#define DK_INLINE inline __attribute__((always_inline))
-#else
-#define DK_INLINE inline
 #endif
 
 namespace {
