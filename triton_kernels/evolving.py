@@ -55,6 +55,28 @@ def _activate_grad(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
+def _load_params(params_ptr):
+    """(w_prev, w_conv, slope), stored in the compute dtype: a scalar argument would arrive as float32."""
+    return tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2)
+
+
+@triton.jit
+def _load_weight(w_ptr, heads, taps, H, K: tl.constexpr, COMPUTE: tl.constexpr):
+    """The (H, H*K*K) weight matrix as a (BLOCK_H, BLOCK_T) tile, zero outside."""
+    ok = (heads[:, None] < H) & (taps[None, :] < H * K * K)
+    return tl.load(w_ptr + heads[:, None] * (H * K * K) + taps[None, :], mask=ok, other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def _load_bias(bias_ptr, heads, H, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, COMPUTE: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + heads, mask=heads < H, other=0.0).to(COMPUTE)
+    else:
+        bias = tl.zeros([BLOCK_H], COMPUTE)
+    return bias
+
+
+@triton.jit
 def _gather_taps(
     a_ptr, b_ptr, w_a, w_b, base, i, cols, taps, H, N, K: tl.constexpr, HAS_B: tl.constexpr, COMPUTE: tl.constexpr
 ):
@@ -112,24 +134,15 @@ def _evolve_fwd_kernel(
     BLOCK_J: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
-    w_prev = tl.load(params_ptr)  # (w_prev, w_conv, slope) in the compute dtype: a scalar
-    w_conv = tl.load(params_ptr + 1)  # argument would arrive as float32
-    slope = tl.load(params_ptr + 2)
+    w_prev, w_conv, slope = _load_params(params_ptr)
     pid = tl.program_id(0)
     b = pid // N
     i = pid % N
     base = b * H * N * N
     heads = tl.arange(0, BLOCK_H)
     taps = tl.arange(0, BLOCK_T)
-    w = tl.load(
-        w_ptr + heads[:, None] * (H * K * K) + taps[None, :],
-        mask=(heads[:, None] < H) & (taps[None, :] < H * K * K),
-        other=0.0,
-    ).to(COMPUTE)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + heads, mask=heads < H, other=0.0).to(COMPUTE)
-    else:
-        bias = tl.zeros([BLOCK_H], COMPUTE)
+    w = _load_weight(w_ptr, heads, taps, H, K, COMPUTE)
+    bias = _load_bias(bias_ptr, heads, H, HAS_BIAS, BLOCK_H, COMPUTE)
     keep = 1.0 - w_prev
     row_max = tl.full([BLOCK_H], float("-inf"), COMPUTE)
     row_sum = tl.zeros([BLOCK_H], COMPUTE)
@@ -196,9 +209,7 @@ def _evolve_bwd_rows_kernel(
     BLOCK_J: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
-    w_prev = tl.load(params_ptr)  # (w_prev, w_conv, slope) in the compute dtype: a scalar
-    w_conv = tl.load(params_ptr + 1)  # argument would arrive as float32
-    slope = tl.load(params_ptr + 2)
+    w_prev, w_conv, slope = _load_params(params_ptr)
     blocks = tl.cdiv(N, ROWS)
     pid = tl.program_id(0)
     b = pid // blocks
@@ -206,15 +217,8 @@ def _evolve_bwd_rows_kernel(
     base = b * H * N * N
     heads = tl.arange(0, BLOCK_H)
     taps = tl.arange(0, BLOCK_T)
-    w = tl.load(
-        w_ptr + heads[:, None] * (H * K * K) + taps[None, :],
-        mask=(heads[:, None] < H) & (taps[None, :] < H * K * K),
-        other=0.0,
-    ).to(COMPUTE)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + heads, mask=heads < H, other=0.0).to(COMPUTE)
-    else:
-        bias = tl.zeros([BLOCK_H], COMPUTE)
+    w = _load_weight(w_ptr, heads, taps, H, K, COMPUTE)
+    bias = _load_bias(bias_ptr, heads, H, HAS_BIAS, BLOCK_H, COMPUTE)
     keep = 1.0 - w_prev
     dw = tl.zeros([BLOCK_H, BLOCK_T], COMPUTE)
     db = tl.zeros([BLOCK_H], COMPUTE)
@@ -273,11 +277,7 @@ def _evolve_bwd_transpose_kernel(
     base = b * H * N * N
     heads = tl.arange(0, BLOCK_H)
     taps = tl.arange(0, BLOCK_T)
-    wf = tl.load(
-        wf_ptr + heads[:, None] * (H * K * K) + taps[None, :],
-        mask=(heads[:, None] < H) & (taps[None, :] < H * K * K),
-        other=0.0,
-    ).to(COMPUTE)
+    wf = _load_weight(wf_ptr, heads, taps, H, K, COMPUTE)
     out_off = base + (heads[:, None] * N + i) * N
     for j0 in range(0, N, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)

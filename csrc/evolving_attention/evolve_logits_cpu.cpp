@@ -452,19 +452,16 @@ template <typename T, dynkernels::CpuIsa kIsa>
 DK_INLINE void forward_rows(const Problem<T>* pp, int64_t begin, int64_t end, T* evolved, T* probs) {
   const Problem<T>& p = *pp;
   const Shape& s = p.s;
-  RowScratch<T> scratch(s);
-  const Layout<T>& lay = scratch.lay;
-  Band<T>& band = scratch.band;
-  std::vector<T>& z = scratch.z;
-  const T** rows = scratch.rows;
+  RowScratch<T> w(s);
+  const Layout<T>& lay = w.lay;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / s.n, i = task % s.n;
-    band.load(p.logits, p.prev, p.w_prev, b, i, rows);
+    w.band.load(p.logits, p.prev, p.w_prev, b, i, w.rows);
     for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
-      conv_rows<T, kIsa>(p, lay, rows, band.head_stride(), g, z.data());
+      conv_rows<T, kIsa>(p, lay, w.rows, w.band.head_stride(), g, w.z.data());
       for (int64_t ho = g * lay.group; ho < std::min(s.h, (g + 1) * lay.group); ++ho) {
-        const T* zr = z.data() + (ho - g * lay.group) * lay.zlen;
-        const T* m = rows[s.r] + ho * band.head_stride() + s.r;
+        const T* zr = w.z.data() + (ho - g * lay.group) * lay.zlen;
+        const T* m = w.rows[s.r] + ho * w.band.head_stride() + s.r;
         const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
         T* a = evolved + off;
         for (int64_t j = 0; j < s.n; ++j) a[j] = p.w_conv * activate(zr[j], p.act, p.slope) + (T(1) - p.w_conv) * m[j];
@@ -545,20 +542,17 @@ DK_INLINE void backward_chunks(const Problem<T>* pp, int64_t begin, int64_t end,
   constexpr int64_t L = Simd<T>::kLanes;
   const Shape& s = p.s;
   const int64_t rows_total = s.b * s.n, wsize = s.h * s.h * s.k * s.k;
-  RowScratch<T> scratch(s);
-  const Layout<T>& lay = scratch.lay;
-  Band<T>& band = scratch.band;
-  std::vector<T>& z = scratch.z;
-  const T** rows = scratch.rows;
+  RowScratch<T> w(s);
+  const Layout<T>& lay = w.lay;
   // dZ of every head for one query row, zero past N (padded to whole kHeads groups).
   std::vector<T> dzl(groups_of(s.h, kHeads) * kHeads * lay.zlen, T(0)), da(s.n);
   for (int64_t c = begin; c < end; ++c) {
     T* lanes = partial + c * (wsize + s.h) * L;
     for (int64_t task = c * kChunkRows; task < std::min(rows_total, (c + 1) * kChunkRows); ++task) {
       const int64_t b = task / s.n, i = task % s.n;
-      band.load(p.logits, p.prev, p.w_prev, b, i, rows);
+      w.band.load(p.logits, p.prev, p.w_prev, b, i, w.rows);
       for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
-        conv_rows<T, kIsa>(p, lay, rows, band.head_stride(), g, z.data());
+        conv_rows<T, kIsa>(p, lay, w.rows, w.band.head_stride(), g, w.z.data());
         for (int64_t ho = g * lay.group; ho < std::min(s.h, (g + 1) * lay.group); ++ho) {
           const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
           for (int64_t j = 0; j < s.n; ++j) da[j] = p.grad_evolved == nullptr ? T(0) : p.grad_evolved[off + j];
@@ -566,7 +560,7 @@ DK_INLINE void backward_chunks(const Problem<T>* pp, int64_t begin, int64_t end,
             const T dot = dot_lanes(p.grad_probs + off, p.probs + off, s.n);
             for (int64_t j = 0; j < s.n; ++j) da[j] += p.probs[off + j] * (p.grad_probs[off + j] - dot);
           }
-          const T* zr = z.data() + (ho - g * lay.group) * lay.zlen;
+          const T* zr = w.z.data() + (ho - g * lay.group) * lay.zlen;
           T* dzr = dzl.data() + ho * lay.zlen;
           T* dm = d_logits + off;
           for (int64_t j = 0; j < s.n; ++j) {
@@ -580,7 +574,9 @@ DK_INLINE void backward_chunks(const Problem<T>* pp, int64_t begin, int64_t end,
           vstore(lb, bias_lanes);
         }
       }
-      for (int64_t h0 = 0; h0 < s.h; h0 += kHeads) weight_grad_group(rows, band.head_stride(), dzl.data(), h0, s, lay, lanes);
+      for (int64_t h0 = 0; h0 < s.h; h0 += kHeads) {
+        weight_grad_group(w.rows, w.band.head_stride(), dzl.data(), h0, s, lay, lanes);
+      }
     }
   }
 }
@@ -595,18 +591,15 @@ template <typename T, dynkernels::CpuIsa kIsa>
 DK_INLINE void transpose_rows(const Problem<T>* pp, int64_t begin, int64_t end, const T* dz, T* d_logits, T* d_prev) {
   const Problem<T>& p = *pp;
   const Shape& s = p.s;
-  RowScratch<T> scratch(s);
-  const Layout<T>& lay = scratch.lay;
-  Band<T>& band = scratch.band;
-  std::vector<T>& z = scratch.z;
-  const T** rows = scratch.rows;
+  RowScratch<T> w(s);
+  const Layout<T>& lay = w.lay;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / s.n, i = task % s.n;
-    band.load(dz, static_cast<const T*>(nullptr), T(0), b, i, rows);
+    w.band.load(dz, static_cast<const T*>(nullptr), T(0), b, i, w.rows);
     for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
-      conv_rows<T, kIsa>(p, lay, rows, band.head_stride(), g, z.data());
+      conv_rows<T, kIsa>(p, lay, w.rows, w.band.head_stride(), g, w.z.data());
       for (int64_t hi = g * lay.group; hi < std::min(s.h, (g + 1) * lay.group); ++hi) {
-        const T* zr = z.data() + (hi - g * lay.group) * lay.zlen;
+        const T* zr = w.z.data() + (hi - g * lay.group) * lay.zlen;
         T* dm = d_logits + ((b * s.h + hi) * s.n + i) * s.n;
         for (int64_t j = 0; j < s.n; ++j) dm[j] += zr[j];
         if (d_prev != nullptr) {
