@@ -54,9 +54,10 @@ TORCH_LIBRARY(dynkernels, m) {
   // mask additive expanded to (B, H, N, N) -> (evolved (B, H, N, N), probs (B, H, N, N)).
   m.def("evolve_attention_logits(Tensor logits, Tensor? prev_logits, Tensor weight, Tensor? bias, float w_prev, "
         "float w_conv, int activation, float negative_slope, Tensor? mask) -> (Tensor, Tensor)");
-  // -> (d_logits, d_prev (empty without prev), d_weight, d_bias (empty without bias))
+  // evolved: the forward's A (the CPU kernel reads act'(Z) off it where that is exact, instead of
+  // recomputing the convolution) -> (d_logits, d_prev (empty without prev), d_weight, d_bias (empty without bias))
   m.def("evolve_attention_logits_backward(Tensor? grad_evolved, Tensor? grad_probs, Tensor logits, "
-        "Tensor? prev_logits, Tensor weight, Tensor? bias, Tensor probs, float w_prev, float w_conv, "
+        "Tensor? prev_logits, Tensor weight, Tensor? bias, Tensor probs, Tensor evolved, float w_prev, float w_conv, "
         "int activation, float negative_slope) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -192,17 +192,27 @@ def _assert_grads_close(grads, ref_grads, exact_grads, dtype):
 
 @pytest.mark.parametrize("device,backend", MAP_CASES)
 def test_map_step_gradcheck(device, backend):
-    for prev, with_bias, k, h in ((True, True, 3, 2), (False, False, 5, 2), (True, False, 3, 3)):
+    # w_conv = 1 with ReLU / LeakyReLU, and identity: the C++ backward reads act'(Z) off A;
+    # otherwise it recomputes Z.
+    cases = (
+        (True, True, 3, 2, 0.7, "leaky_relu"),
+        (False, False, 5, 2, 0.7, "leaky_relu"),
+        (True, False, 3, 3, 0.7, "leaky_relu"),
+        (True, True, 3, 2, 1.0, "relu"),
+        (True, True, 3, 2, 1.0, "leaky_relu"),
+        (False, True, 3, 2, 0.6, "identity"),
+    )
+    for prev, with_bias, k, h, w_conv, activation in cases:
         logits, prev_logits, weight, bias = _map_inputs(torch.float64, b=1, h=h, n=5, prev=prev, k=k, device=device)
         bias = bias if with_bias else None
         inputs = [t.requires_grad_() for t in (logits, prev_logits, weight, bias) if t is not None]
 
-        def fn(*xs, prev=prev, with_bias=with_bias):
+        def fn(*xs, prev=prev, with_bias=with_bias, w_conv=w_conv, activation=activation):
             it = iter(xs)
             s, p = next(it), next(it) if prev else None
             w, b = next(it), next(it) if with_bias else None
             return ops.evolve_attention_logits(
-                s, p, w, b, w_prev=0.4, w_conv=0.7, activation="leaky_relu", negative_slope=0.1, backend=backend
+                s, p, w, b, w_prev=0.4, w_conv=w_conv, activation=activation, negative_slope=0.1, backend=backend
             )
 
         # Under the Triton interpreter every launch costs ~0.1 s: the fast mode

@@ -150,6 +150,21 @@ struct Layout {
 
 inline int64_t groups_of(int64_t h, int64_t size) { return (h + size - 1) / size; }
 
+// The Winograd input transform of one raw band row (see Layout): four arrays
+// of `pairs` entries at raw + width.
+template <typename T>
+DK_INLINE void winograd_input(T* raw, const Layout<T>& lay) {
+  T* v = raw + lay.width;
+  const int64_t np = lay.pairs;
+  for (int64_t t = 0; t < np; ++t) {
+    const T d0 = raw[2 * t], d1 = raw[2 * t + 1], d2 = raw[2 * t + 2], d3 = raw[2 * t + 3];
+    v[t] = d0 - d2;
+    v[np + t] = d1 + d2;
+    v[2 * np + t] = d2 - d1;
+    v[3 * np + t] = d1 - d3;
+  }
+}
+
 // A ring of K rows per head of a (B, H, N, N) map m (mixed with prev when
 // given), zero-padded by r on both sides of the key axis; rows outside the map
 // are zeros. A worker walks its rows in order, so moving to the next query row
@@ -200,17 +215,7 @@ class Band {
           for (int64_t j = 0; j < s_.n; ++j) dst[j] = keep * src[j] + take * pv[j];
         }
       }
-      if (lay_.wino) {
-        T* v = raw + lay_.width;
-        const int64_t np = lay_.pairs;
-        for (int64_t t = 0; t < np; ++t) {
-          const T d0 = raw[2 * t], d1 = raw[2 * t + 1], d2 = raw[2 * t + 2], d3 = raw[2 * t + 3];
-          v[t] = d0 - d2;
-          v[np + t] = d1 + d2;
-          v[2 * np + t] = d2 - d1;
-          v[3 * np + t] = d1 - d3;
-        }
-      }
+      if (lay_.wino) winograd_input(raw, lay_);
     }
   }
   static constexpr int64_t kAhead = 2;
@@ -230,6 +235,51 @@ class Band {
   int64_t slot_size_;
   std::vector<T> data_;
   std::vector<int64_t> held_;  // which (image, row) each slot holds
+};
+
+// The backward's ring of computed dZ rows, in the band layout (zero-padded by
+// r, Winograd arrays alongside), keyed by the flat row index u = b * N + i so
+// that K consecutive rows never share a slot, even across images; one more
+// slot stays zero for rows outside the map.
+template <typename T>
+class DzRing {
+ public:
+  DzRing(const Shape& s, const Layout<T>& lay)
+      : s_(s),
+        lay_(lay),
+        slot_size_(lay.width + (lay.wino ? 4 * lay.pairs : 0)),
+        data_(groups_of(s.h, kHeads) * kHeads * (s.k + 1) * slot_size_, T(0)),
+        held_(s.k, -1) {}
+
+  // Head 0's dZ row u (head hi's at + hi * head_stride()), entries [0, N):
+  // write them, then call finish(u).
+  T* row(int64_t u) {
+    held_[u % s_.k] = u;
+    return data_.data() + (u % s_.k) * slot_size_ + s_.r;
+  }
+  void finish(int64_t u) {
+    if (!lay_.wino) return;
+    for (int64_t hi = 0; hi < s_.h; ++hi) winograd_input(data_.data() + (hi * (s_.k + 1) + u % s_.k) * slot_size_, lay_);
+  }
+  // Rows i - r .. i + r of image b, as Band::load gives them.
+  void rows_for(int64_t b, int64_t i, const T** rows) const {
+    for (int64_t di = 0; di < s_.k; ++di) {
+      const int64_t row = i + di - s_.r, u = b * s_.n + row;
+      const bool inside = row >= 0 && row < s_.n;
+      TORCH_INTERNAL_ASSERT(!inside || held_[u % s_.k] == u, "dZ ring: row ", u, " is not held");
+      rows[di] = data_.data() + (inside ? u % s_.k : s_.k) * slot_size_;
+    }
+  }
+  int64_t head_stride() const { return (s_.k + 1) * slot_size_; }
+
+ private:
+  Shape s_;
+  Layout<T> lay_;
+  int64_t slot_size_;
+  // (H rounded up to whole kHeads groups, K + 1 slots, slot_size): slot K and
+  // the padding heads stay zero (the weight gradient reads whole groups).
+  std::vector<T> data_;
+  std::vector<int64_t> held_;
 };
 
 // Weights regrouped for the register blocks, zero for heads past H.
@@ -422,6 +472,7 @@ struct Problem {
   Shape s;
   const T* packed;       // pack_weights(weight)
   const T* bias_padded;  // padded_bias(bias)
+  const T* evolved;      // backward: the forward's A
 };
 
 // What every row worker keeps: the layout, its band ring, one head group's
@@ -481,20 +532,20 @@ void forward(const Problem<T>& p, T* evolved, T* probs) {
 
 // Rows per chunk of the parameter-gradient reduction: fixed, so the sums do
 // not depend on the thread count.
-constexpr int64_t kChunkRows = 16;
+constexpr int64_t kChunkRows = 32;
 
 // lanes[(ho * taps + t) * L + u] += sum over j = u (mod L) of dz[ho][j] * row(t)[j + dj]
-// for the kHeads heads from h0 (dz rows zlen long, zero past N, so whole
+// for the kHeads heads from h0 (dz rows dz_stride apart, zero past N, so whole
 // vectors are summed). Register block: kHeads heads x KB taps along the row
 // (KB = K when K is the template's, else 1), so each source load feeds
 // kHeads FMAs and each dZ load KB.
 template <typename T, int64_t KB>
-DK_INLINE void weight_grad_heads(const T* const* rows, int64_t head_stride, const T* dz, int64_t h0, const Shape& s,
-                                 const Layout<T>& lay, T* lanes) {
+DK_INLINE void weight_grad_heads(const T* const* rows, int64_t head_stride, const T* dz, int64_t dz_stride, int64_t h0,
+                                 const Shape& s, const Layout<T>& lay, T* lanes) {
   typedef typename Simd<T>::V V;
   constexpr int64_t L = Simd<T>::kLanes;
   const int64_t taps = s.h * s.k * s.k, heads = std::min(kHeads, s.h - h0), used = round_up(s.n, L);
-  const T* dzg = dz + h0 * lay.zlen;
+  const T* dzg = dz + h0 * dz_stride;
   for (int64_t hi = 0; hi < s.h; ++hi) {
     for (int64_t di = 0; di < s.k; ++di) {
       const T* src = rows[di] + hi * head_stride;
@@ -507,7 +558,7 @@ DK_INLINE void weight_grad_heads(const T* const* rows, int64_t head_stride, cons
           V x[KB];
           for (int64_t e = 0; e < KB; ++e) x[e] = vload(src + dj0 + e + j);
           for (int64_t q = 0; q < kHeads; ++q) {
-            const V d = vload(dzg + q * lay.zlen + j);
+            const V d = vload(dzg + q * dz_stride + j);
             for (int64_t e = 0; e < KB; ++e) acc[q][e] += d * x[e];
           }
         }
@@ -524,110 +575,114 @@ DK_INLINE void weight_grad_heads(const T* const* rows, int64_t head_stride, cons
 }
 
 template <typename T>
-DK_INLINE void weight_grad_group(const T* const* rows, int64_t head_stride, const T* dz, int64_t h0, const Shape& s,
-                                 const Layout<T>& lay, T* lanes) {
+DK_INLINE void weight_grad_group(const T* const* rows, int64_t head_stride, const T* dz, int64_t dz_stride, int64_t h0,
+                                 const Shape& s, const Layout<T>& lay, T* lanes) {
   if (s.k == 3) {
-    weight_grad_heads<T, 3>(rows, head_stride, dz, h0, s, lay, lanes);
+    weight_grad_heads<T, 3>(rows, head_stride, dz, dz_stride, h0, s, lay, lanes);
   } else {
-    weight_grad_heads<T, 1>(rows, head_stride, dz, h0, s, lay, lanes);
+    weight_grad_heads<T, 1>(rows, head_stride, dz, dz_stride, h0, s, lay, lanes);
   }
 }
 
-// Backward pass 1 over chunks [begin, end): dA, dZ (kept for pass 2), the
-// (1 - w_conv) dA part of dM (into d_logits for now), and each chunk's dW and
-// dbias partial (partial: (wsize + H) * L lanes per chunk).
+// The backward, one sweep per fixed chunk of query rows [t0, t1):
+//   for u = t0 - r .. t1 + r - 1 (flat rows; the r rows on each side are a
+//   halo, recomputed by both neighbouring chunks):
+//     Z(u) recomputed from the M band; dA = gA + P (gP - <gP, P>);
+//     dZ(u) = w_conv dA act'(Z) into the dZ ring; for own rows also
+//     d_logits(u) = (1 - w_conv) dA and the chunk's dW / dbias partial.
+//   then, once dZ rows v - r .. v + r are in the ring, row v = u - r (own rows):
+//     dM(v) = d_logits(v) + conv(dZ, W')(v), W'[hi, ho, a, c] =
+//     W[ho, hi, K-1-a, K-1-c] (heads swapped, taps flipped: the transposed
+//     convolution as a forward one, in tp.packed); dS = (1 - w_prev) dM,
+//     dA_prev = w_prev dM.
+// No (B, H, N, N) scratch: dZ lives in a K-row ring. Partials: (wsize + H) * L
+// lanes per chunk, summed afterwards in chunk order (deterministic).
 template <typename T, dynkernels::CpuIsa kIsa>
-DK_INLINE void backward_chunks(const Problem<T>* pp, int64_t begin, int64_t end, T* dz, T* d_logits, T* partial) {
+DK_INLINE void backward_chunks(const Problem<T>* pp, const Problem<T>* tpp, int64_t begin, int64_t end, T* d_logits,
+                               T* d_prev, T* partial) {
   const Problem<T>& p = *pp;
+  const Problem<T>& tp = *tpp;
   constexpr int64_t L = Simd<T>::kLanes;
   const Shape& s = p.s;
   const int64_t rows_total = s.b * s.n, wsize = s.h * s.h * s.k * s.k;
   RowScratch<T> w(s);
   const Layout<T>& lay = w.lay;
-  // dZ of every head for one query row, zero past N (padded to whole kHeads groups).
-  std::vector<T> dzl(groups_of(s.h, kHeads) * kHeads * lay.zlen, T(0)), da(s.n);
+  DzRing<T> ring(s, lay);
+  std::vector<T> da(s.n);
+  const T* dz_rows[kMaxKernel];
+  // act'(Z) without recomputing Z: identity needs none; with w_conv = 1, A is
+  // act(Z) exactly, and ReLU / LeakyReLU (slope > 0) keep Z's sign.
+  const bool from_a = p.act == kIdentity || (p.w_conv == T(1) && (p.act == kRelu || (p.act == kLeakyRelu && p.slope > T(0))));
   for (int64_t c = begin; c < end; ++c) {
     T* lanes = partial + c * (wsize + s.h) * L;
-    for (int64_t task = c * kChunkRows; task < std::min(rows_total, (c + 1) * kChunkRows); ++task) {
-      const int64_t b = task / s.n, i = task % s.n;
-      w.band.load(p.logits, p.prev, p.w_prev, b, i, w.rows);
-      for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
-        conv_rows<T, kIsa>(p, lay, w.rows, w.band.head_stride(), g, w.z.data());
-        for (int64_t ho = g * lay.group; ho < std::min(s.h, (g + 1) * lay.group); ++ho) {
-          const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
-          for (int64_t j = 0; j < s.n; ++j) da[j] = p.grad_evolved == nullptr ? T(0) : p.grad_evolved[off + j];
-          if (p.grad_probs != nullptr) {
-            const T dot = dot_lanes(p.grad_probs + off, p.probs + off, s.n);
-            for (int64_t j = 0; j < s.n; ++j) da[j] += p.probs[off + j] * (p.grad_probs[off + j] - dot);
+    const int64_t t0 = c * kChunkRows, t1 = std::min(rows_total, t0 + kChunkRows);
+    for (int64_t u = std::max<int64_t>(0, t0 - s.r); u < t1 + s.r; ++u) {
+      const bool own = u >= t0 && u < t1;
+      if (u < rows_total) {
+        const int64_t b = u / s.n, i = u % s.n;
+        w.band.load(p.logits, p.prev, p.w_prev, b, i, w.rows);
+        T* dz = ring.row(u);
+        for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
+          if (!from_a) conv_rows<T, kIsa>(p, lay, w.rows, w.band.head_stride(), g, w.z.data());
+          for (int64_t ho = g * lay.group; ho < std::min(s.h, (g + 1) * lay.group); ++ho) {
+            const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
+            for (int64_t j = 0; j < s.n; ++j) da[j] = p.grad_evolved == nullptr ? T(0) : p.grad_evolved[off + j];
+            if (p.grad_probs != nullptr) {
+              const T dot = dot_lanes(p.grad_probs + off, p.probs + off, s.n);
+              for (int64_t j = 0; j < s.n; ++j) da[j] += p.probs[off + j] * (p.grad_probs[off + j] - dot);
+            }
+            const T* zr = from_a ? p.evolved + off : w.z.data() + (ho - g * lay.group) * lay.zlen;
+            T* dzr = dz + ho * ring.head_stride();
+            for (int64_t j = 0; j < s.n; ++j) dzr[j] = p.w_conv * da[j] * activate_grad(zr[j], p.act, p.slope);
+            if (!own) continue;
+            T* dm = d_logits + off;
+            for (int64_t j = 0; j < s.n; ++j) dm[j] = (T(1) - p.w_conv) * da[j];
+            typename Simd<T>::V bias_lanes = vload(lanes + (wsize + ho) * L);
+            for (int64_t j = 0; j < round_up(s.n, L); j += L) bias_lanes += vload(dzr + j);  // zero past N
+            vstore(lanes + (wsize + ho) * L, bias_lanes);
           }
-          const T* zr = w.z.data() + (ho - g * lay.group) * lay.zlen;
-          T* dzr = dzl.data() + ho * lay.zlen;
-          T* dm = d_logits + off;
-          for (int64_t j = 0; j < s.n; ++j) {
-            dzr[j] = p.w_conv * da[j] * activate_grad(zr[j], p.act, p.slope);
-            dm[j] = (T(1) - p.w_conv) * da[j];
+        }
+        ring.finish(u);
+        if (own) {
+          for (int64_t h0 = 0; h0 < s.h; h0 += kHeads) {
+            weight_grad_group(w.rows, w.band.head_stride(), dz, ring.head_stride(), h0, s, lay, lanes);
           }
-          std::copy(dzr, dzr + s.n, dz + off);
-          T* lb = lanes + (wsize + ho) * L;
-          typename Simd<T>::V bias_lanes = vload(lb);
-          for (int64_t j = 0; j < round_up(s.n, L); j += L) bias_lanes += vload(dzr + j);
-          vstore(lb, bias_lanes);
         }
       }
-      for (int64_t h0 = 0; h0 < s.h; h0 += kHeads) {
-        weight_grad_group(w.rows, w.band.head_stride(), dzl.data(), h0, s, lay, lanes);
+      const int64_t v = u - s.r;
+      if (v < t0 || v >= t1) continue;
+      const int64_t b = v / s.n, i = v % s.n;
+      ring.rows_for(b, i, dz_rows);
+      for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
+        conv_rows<T, kIsa>(tp, lay, dz_rows, ring.head_stride(), g, w.z.data());
+        for (int64_t hi = g * lay.group; hi < std::min(s.h, (g + 1) * lay.group); ++hi) {
+          const T* zr = w.z.data() + (hi - g * lay.group) * lay.zlen;
+          const int64_t off = ((b * s.h + hi) * s.n + i) * s.n;
+          T* dm = d_logits + off;
+          if (d_prev == nullptr) {
+            for (int64_t j = 0; j < s.n; ++j) dm[j] += zr[j];
+            continue;
+          }
+          T* dp = d_prev + off;
+          for (int64_t j = 0; j < s.n; ++j) {
+            const T total = dm[j] + zr[j];
+            dp[j] = p.w_prev * total;
+            dm[j] = (T(1) - p.w_prev) * total;
+          }
+        }
       }
     }
   }
 }
 DK_ISA_DISPATCH(backward_chunks)
 
-// Backward pass 2 over rows [begin, end): the transposed convolution
-// dM += conv(dZ, W') with W'[hi, ho, a, c] = W[ho, hi, K-1-a, K-1-c] (heads
-// swapped, taps flipped), so it reuses the forward's band and convolution
-// (p.packed holds W' here); then dM splits into the logits' and the previous
-// logits' gradients.
-template <typename T, dynkernels::CpuIsa kIsa>
-DK_INLINE void transpose_rows(const Problem<T>* pp, int64_t begin, int64_t end, const T* dz, T* d_logits, T* d_prev) {
-  const Problem<T>& p = *pp;
-  const Shape& s = p.s;
-  RowScratch<T> w(s);
-  const Layout<T>& lay = w.lay;
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / s.n, i = task % s.n;
-    w.band.load(dz, static_cast<const T*>(nullptr), T(0), b, i, w.rows);
-    for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
-      conv_rows<T, kIsa>(p, lay, w.rows, w.band.head_stride(), g, w.z.data());
-      for (int64_t hi = g * lay.group; hi < std::min(s.h, (g + 1) * lay.group); ++hi) {
-        const T* zr = w.z.data() + (hi - g * lay.group) * lay.zlen;
-        T* dm = d_logits + ((b * s.h + hi) * s.n + i) * s.n;
-        for (int64_t j = 0; j < s.n; ++j) dm[j] += zr[j];
-        if (d_prev != nullptr) {
-          T* dp = d_prev + ((b * s.h + hi) * s.n + i) * s.n;
-          for (int64_t j = 0; j < s.n; ++j) {
-            dp[j] = p.w_prev * dm[j];
-            dm[j] *= T(1) - p.w_prev;
-          }
-        }
-      }
-    }
-  }
-}
-DK_ISA_DISPATCH(transpose_rows)
-
 template <typename T>
-void backward(Problem<T> p, T* d_logits, T* d_prev, T* d_weight, T* d_bias) {
+void backward(const Problem<T>& p, T* d_logits, T* d_prev, T* d_weight, T* d_bias) {
   constexpr int64_t L = Simd<T>::kLanes;
   const Shape& s = p.s;
   const int64_t rows = s.b * s.n, wsize = s.h * s.h * s.k * s.k;
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
-  // dZ for pass 2; every entry is written by pass 1, so no zero fill.
-  const std::unique_ptr<T[]> dz_buffer(new T[static_cast<size_t>(s.b * s.h * s.n * s.n)]);
-  T* dz = dz_buffer.get();
   std::vector<T> partial(static_cast<size_t>(chunks * (wsize + s.h) * L), T(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    backward_chunks_isa<T>(&p, begin, end, dz, d_logits, partial.data());
-  });
   std::vector<T> flipped(static_cast<size_t>(wsize));
   for (int64_t ho = 0; ho < s.h; ++ho) {
     for (int64_t hi = 0; hi < s.h; ++hi) {
@@ -639,10 +694,11 @@ void backward(Problem<T> p, T* d_logits, T* d_prev, T* d_weight, T* d_bias) {
     }
   }
   const std::vector<T> packed_flipped = pack_weights(flipped.data(), s, Layout<T>(s)), zeros = padded_bias<T>(nullptr, s);
-  p.packed = packed_flipped.data();
-  p.bias_padded = zeros.data();
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    transpose_rows_isa<T>(&p, begin, end, dz, d_logits, d_prev);
+  Problem<T> tp = p;
+  tp.packed = packed_flipped.data();
+  tp.bias_padded = zeros.data();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    backward_chunks_isa<T>(&p, &tp, begin, end, d_logits, d_prev, partial.data());
   });
   // Lanes, then chunks, in a fixed order: deterministic for any thread count.
   std::fill(d_weight, d_weight + wsize, T(0));
@@ -710,7 +766,7 @@ std::tuple<at::Tensor, at::Tensor> evolve_attention_logits_cpu(const at::Tensor&
     Problem<scalar_t> p{logits.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(prev),
                               weight.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias), nullptr, nullptr,
                               nullptr, mv, static_cast<scalar_t>(w_prev), static_cast<scalar_t>(w_conv),
-                              static_cast<scalar_t>(negative_slope), activation, s, nullptr, nullptr};
+                              static_cast<scalar_t>(negative_slope), activation, s, nullptr, nullptr, nullptr};
     const std::vector<scalar_t> packed = pack_weights(p.weight, s, Layout<scalar_t>(s)), bias_pad = padded_bias(p.bias, s);
     p.packed = packed.data();
     p.bias_padded = bias_pad.data();
@@ -722,10 +778,13 @@ std::tuple<at::Tensor, at::Tensor> evolve_attention_logits_cpu(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evolve_attention_logits_backward_cpu(
     const c10::optional<at::Tensor>& grad_evolved, const c10::optional<at::Tensor>& grad_probs,
     const at::Tensor& logits_in, const c10::optional<at::Tensor>& prev_in, const at::Tensor& weight_in,
-    const c10::optional<at::Tensor>& bias_in, const at::Tensor& probs_in, double w_prev, double w_conv,
-    int64_t activation, double negative_slope) {
+    const c10::optional<at::Tensor>& bias_in, const at::Tensor& probs_in, const at::Tensor& evolved_in, double w_prev,
+    double w_conv, int64_t activation, double negative_slope) {
   const Shape s = check_args(logits_in, prev_in, weight_in, bias_in, c10::nullopt);
+  TORCH_CHECK(probs_in.sizes() == logits_in.sizes() && evolved_in.sizes() == logits_in.sizes(),
+              "probs and evolved must match logits");
   at::Tensor logits = logits_in.contiguous(), weight = weight_in.contiguous(), probs = probs_in.contiguous();
+  at::Tensor evolved = evolved_in.contiguous();
   c10::optional<at::Tensor> prev, bias, ge, gp;
   if (prev_in.has_value()) prev = prev_in->contiguous();
   if (bias_in.has_value()) bias = bias_in->contiguous();
@@ -746,10 +805,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evolve_attention_logi
                               weight.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias),
                               probs.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ge), ptr_or_null<scalar_t>(gp),
                               MaskView(), static_cast<scalar_t>(w_prev), static_cast<scalar_t>(w_conv),
-                              static_cast<scalar_t>(negative_slope), activation, s, nullptr, nullptr};
+                              static_cast<scalar_t>(negative_slope), activation, s, nullptr, nullptr, nullptr};
     const std::vector<scalar_t> packed = pack_weights(p.weight, s, Layout<scalar_t>(s)), bias_pad = padded_bias(p.bias, s);
     p.packed = packed.data();
     p.bias_padded = bias_pad.data();
+    p.evolved = evolved.const_data_ptr<scalar_t>();
     backward(p, d_logits.data_ptr<scalar_t>(), prev.has_value() ? d_prev.data_ptr<scalar_t>() : nullptr,
              d_weight.data_ptr<scalar_t>(), bias.has_value() ? d_bias.data_ptr<scalar_t>() : nullptr);
   });

@@ -67,8 +67,8 @@ std::tuple<at::Tensor, at::Tensor> evolve_attention_logits_cuda(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evolve_attention_logits_backward_cuda(
     const c10::optional<at::Tensor>& grad_evolved, const c10::optional<at::Tensor>& grad_probs,
     const at::Tensor& logits_in, const c10::optional<at::Tensor>& prev_in, const at::Tensor& weight_in,
-    const c10::optional<at::Tensor>& bias_in, const at::Tensor& probs_in, double w_prev, double w_conv,
-    int64_t activation, double negative_slope) {
+    const c10::optional<at::Tensor>& bias_in, const at::Tensor& probs_in, const at::Tensor& /*evolved: unused,
+    the kernel recomputes Z*/, double w_prev, double w_conv, int64_t activation, double negative_slope) {
   const EvolveShape s = checked_shape(logits_in, prev_in, weight_in, bias_in, c10::nullopt, true);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   at::Tensor logits = logits_in.contiguous(), weight = weight_in.contiguous(), probs = probs_in.contiguous();

@@ -219,7 +219,7 @@ def evolving_attention(
 
 def _setup_context(ctx, inputs, output):
     logits, prev, weight, bias, w_prev, w_conv, activation, slope, _mask = inputs
-    ctx.save_for_backward(logits, prev, weight, bias, output[1])
+    ctx.save_for_backward(logits, prev, weight, bias, output[1], output[0])
     ctx.params = (w_prev, w_conv, activation, slope)
     ctx.has_prev, ctx.has_bias = prev is not None, bias is not None
 
@@ -232,7 +232,7 @@ def _make_backward(backward_op):
 
 
 def _backward(backward_op, ctx, grad_evolved, grad_probs):
-    logits, prev, weight, bias, probs = ctx.saved_tensors
+    logits, prev, weight, bias, probs, evolved = ctx.saved_tensors
     d_logits, d_prev, d_weight, d_bias = backward_op(
         grad_evolved,
         grad_probs,
@@ -241,6 +241,7 @@ def _backward(backward_op, ctx, grad_evolved, grad_probs):
         weight,
         bias if ctx.has_bias else None,
         probs,
+        evolved,
         *ctx.params,
     )
     return (
@@ -260,7 +261,9 @@ def _fake_map(logits, prev, weight, bias, w_prev, w_conv, activation, slope, mas
     return torch.empty_like(logits), torch.empty_like(logits)
 
 
-def _fake_map_backward(grad_evolved, grad_probs, logits, prev, weight, bias, probs, w_prev, w_conv, activation, slope):
+def _fake_map_backward(
+    grad_evolved, grad_probs, logits, prev, weight, bias, probs, evolved, w_prev, w_conv, activation, slope
+):
     empty = logits.new_empty((0,))
     return (
         torch.empty_like(logits),
@@ -308,6 +311,7 @@ if _triton is not None:
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         probs: torch.Tensor,
+        evolved: torch.Tensor,  # unused: the Triton kernel recomputes Z
         w_prev: float,
         w_conv: float,
         activation: int,
