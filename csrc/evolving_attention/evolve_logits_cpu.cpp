@@ -384,15 +384,29 @@ DK_INLINE void wino_block(const T* const* rows, int64_t head_stride, const T* pa
   }
 }
 
+// Winograd convolution of every head group, block of pairs by block of pairs:
+// a block's transformed inputs (H x 3 x 4 x VB vectors) stay in L1 while
+// all head groups use them, instead of each group streaming the whole band.
 template <typename T, dynkernels::CpuIsa kIsa>
 DK_INLINE void conv_wino(const T* const* rows, int64_t head_stride, const T* packed, const T* bias, const Shape& s,
                          const Layout<T>& lay, T* z) {
   constexpr int64_t L = Simd<T>::kLanes;
   constexpr int64_t VB = kIsa == dynkernels::CpuIsa::kAvx512 ? 2 : 1;
   const int64_t used = round_up((s.n + 1) / 2, L);  // pairs that hold outputs
+  const int64_t groups = groups_of(s.h, kWinoHeads), group_weights = s.h * 3 * 4 * kWinoHeads;
   int64_t t0 = 0;
-  for (; t0 + VB * L <= used; t0 += VB * L) wino_block<T, VB>(rows, head_stride, packed, bias, s, lay, t0, z);
-  for (; t0 < used; t0 += L) wino_block<T, 1>(rows, head_stride, packed, bias, s, lay, t0, z);
+  for (; t0 + VB * L <= used; t0 += VB * L) {
+    for (int64_t g = 0; g < groups; ++g) {
+      wino_block<T, VB>(rows, head_stride, packed + g * group_weights, bias + g * kWinoHeads, s, lay, t0,
+                        z + g * kWinoHeads * lay.zlen);
+    }
+  }
+  for (; t0 < used; t0 += L) {
+    for (int64_t g = 0; g < groups; ++g) {
+      wino_block<T, 1>(rows, head_stride, packed + g * group_weights, bias + g * kWinoHeads, s, lay, t0,
+                       z + g * kWinoHeads * lay.zlen);
+    }
+  }
 }
 
 // sum_j x[j] * y[j] over explicit lanes (a plain float reduction would not vectorise).
@@ -410,43 +424,57 @@ DK_INLINE T dot_lanes(const T* x, const T* y, int64_t n) {
   return total;
 }
 
-// Softmax of a + mask over one row, into p (row length n). The maximum and
-// the sum run over explicit lanes and exp is branch-free, so all of it
-// vectorises. A fully masked row gives NaN, as torch.softmax does.
+// One output row: a = w_conv act(z) + (1 - w_conv) m (stored), then
+// p = softmax(a + mask) over the row, in three passes: (a, p = a + mask, lane
+// maxima), (exp and lane sums), (scale). Explicit lanes and a branch-free exp
+// let every pass vectorise. A fully masked row gives NaN, as torch.softmax
+// does; masked keys get exactly 0.
 template <typename T>
-DK_INLINE void masked_softmax_row(const T* a, const T* mask, int64_t mask_stride, int64_t n, T* p) {
+DK_INLINE void evolve_softmax_row(const T* z, const T* m, T w_conv, int64_t act, T slope, const T* mask,
+                                  int64_t mask_stride, int64_t n, T* a, T* p) {
   constexpr int64_t kLanes = 16;
-  if (mask == nullptr) {
-    std::copy(a, a + n, p);
-  } else if (mask_stride == 1) {
-    for (int64_t j = 0; j < n; ++j) p[j] = a[j] + mask[j];
-  } else {
-    for (int64_t j = 0; j < n; ++j) p[j] = a[j] + mask[j * mask_stride];
-  }
+  const T keep = T(1) - w_conv;
   T lane[kLanes];
   for (int64_t u = 0; u < kLanes; ++u) lane[u] = -std::numeric_limits<T>::infinity();
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t u = 0; u < kLanes; ++u) lane[u] = p[j + u] > lane[u] ? p[j + u] : lane[u];
+    for (int64_t u = 0; u < kLanes; ++u) {
+      const T x = w_conv * activate(z[j + u], act, slope) + keep * m[j + u];
+      a[j + u] = x;
+      const T y = mask == nullptr ? x : x + mask[(j + u) * mask_stride];
+      p[j + u] = y;
+      lane[u] = y > lane[u] ? y : lane[u];
+    }
   }
   T top = -std::numeric_limits<T>::infinity();
   for (int64_t u = 0; u < kLanes; ++u) top = lane[u] > top ? lane[u] : top;
-  for (; j < n; ++j) top = p[j] > top ? p[j] : top;
+  for (; j < n; ++j) {
+    const T x = w_conv * activate(z[j], act, slope) + keep * m[j];
+    a[j] = x;
+    const T y = mask == nullptr ? x : x + mask[j * mask_stride];
+    p[j] = y;
+    top = y > top ? y : top;
+  }
   if (top == -std::numeric_limits<T>::infinity()) {  // exp_approx clamps, so make the NaN explicit
     for (j = 0; j < n; ++j) p[j] = std::numeric_limits<T>::quiet_NaN();
     return;
   }
-  for (j = 0; j < n; ++j) {  // exactly 0 below exp's float range, so masked keys get no weight
-    const T x = p[j] - top;
-    p[j] = x < T(-87) ? T(0) : dynkernels::exp_approx(x);
-  }
   for (int64_t u = 0; u < kLanes; ++u) lane[u] = T(0);
   for (j = 0; j + kLanes <= n; j += kLanes) {
-    for (int64_t u = 0; u < kLanes; ++u) lane[u] += p[j + u];
+    for (int64_t u = 0; u < kLanes; ++u) {
+      const T x = p[j + u] - top;  // exactly 0 below exp's float range: masked keys get no weight
+      const T e = x < T(-87) ? T(0) : dynkernels::exp_approx(x);
+      p[j + u] = e;
+      lane[u] += e;
+    }
   }
   T total = T(0);
   for (int64_t u = 0; u < kLanes; ++u) total += lane[u];
-  for (; j < n; ++j) total += p[j];
+  for (; j < n; ++j) {
+    const T x = p[j] - top;
+    p[j] = x < T(-87) ? T(0) : dynkernels::exp_approx(x);
+    total += p[j];
+  }
   const T inv = T(1) / total;
   for (j = 0; j < n; ++j) p[j] *= inv;
 }
@@ -475,27 +503,28 @@ struct Problem {
   const T* evolved;      // backward: the forward's A
 };
 
-// What every row worker keeps: the layout, its band ring, one head group's
-// conv outputs and the band's row pointers.
+// What every row worker keeps: the layout, its band ring, the conv outputs of
+// every head (padded to whole groups) and the band's row pointers.
 template <typename T>
 struct RowScratch {
-  explicit RowScratch(const Shape& s) : lay(s), band(s, lay), z(lay.group * lay.zlen) {}
+  explicit RowScratch(const Shape& s) : lay(s), band(s, lay), z(groups_of(s.h, lay.group) * lay.group * lay.zlen) {}
   Layout<T> lay;
   Band<T> band;
   std::vector<T> z;
   const T* rows[kMaxKernel];
 };
 
-// Z rows (group x zlen) of one query row for head group g.
+// Z rows of one query row for every head: z[ho * zlen + j].
 template <typename T, dynkernels::CpuIsa kIsa>
-DK_INLINE void conv_rows(const Problem<T>& p, const Layout<T>& lay, const T* const* rows, int64_t head_stride,
-                         int64_t g, T* z) {
+DK_INLINE void conv_all(const Problem<T>& p, const Layout<T>& lay, const T* const* rows, int64_t head_stride, T* z) {
   const Shape& s = p.s;
   if (lay.wino) {
-    conv_wino<T, kIsa>(rows, head_stride, p.packed + g * s.h * 3 * 4 * kWinoHeads, p.bias_padded + g * kWinoHeads, s,
-                       lay, z);
-  } else {
-    conv_direct(rows, head_stride, p.packed + g * s.h * s.k * s.k * kHeads, p.bias_padded + g * kHeads, s, lay, z);
+    conv_wino<T, kIsa>(rows, head_stride, p.packed, p.bias_padded, s, lay, z);
+    return;
+  }
+  for (int64_t g = 0; g < groups_of(s.h, kHeads); ++g) {
+    conv_direct(rows, head_stride, p.packed + g * s.h * s.k * s.k * kHeads, p.bias_padded + g * kHeads, s, lay,
+                z + g * kHeads * lay.zlen);
   }
 }
 
@@ -508,16 +537,13 @@ DK_INLINE void forward_rows(const Problem<T>* pp, int64_t begin, int64_t end, T*
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / s.n, i = task % s.n;
     w.band.load(p.logits, p.prev, p.w_prev, b, i, w.rows);
-    for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
-      conv_rows<T, kIsa>(p, lay, w.rows, w.band.head_stride(), g, w.z.data());
-      for (int64_t ho = g * lay.group; ho < std::min(s.h, (g + 1) * lay.group); ++ho) {
-        const T* zr = w.z.data() + (ho - g * lay.group) * lay.zlen;
-        const T* m = w.rows[s.r] + ho * w.band.head_stride() + s.r;
-        const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
-        T* a = evolved + off;
-        for (int64_t j = 0; j < s.n; ++j) a[j] = p.w_conv * activate(zr[j], p.act, p.slope) + (T(1) - p.w_conv) * m[j];
-        masked_softmax_row(a, mask_row<T>(p.mask, b, ho, i), p.mask.sj, s.n, probs + off);
-      }
+    conv_all<T, kIsa>(p, lay, w.rows, w.band.head_stride(), w.z.data());
+    for (int64_t ho = 0; ho < s.h; ++ho) {
+      const T* zr = w.z.data() + ho * lay.zlen;
+      const T* m = w.rows[s.r] + ho * w.band.head_stride() + s.r;
+      const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
+      evolve_softmax_row(zr, m, p.w_conv, p.act, p.slope, mask_row<T>(p.mask, b, ho, i), p.mask.sj, s.n, evolved + off,
+                         probs + off);
     }
   }
 }
@@ -622,25 +648,23 @@ DK_INLINE void backward_chunks(const Problem<T>* pp, const Problem<T>* tpp, int6
         const int64_t b = u / s.n, i = u % s.n;
         w.band.load(p.logits, p.prev, p.w_prev, b, i, w.rows);
         T* dz = ring.row(u);
-        for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
-          if (!from_a) conv_rows<T, kIsa>(p, lay, w.rows, w.band.head_stride(), g, w.z.data());
-          for (int64_t ho = g * lay.group; ho < std::min(s.h, (g + 1) * lay.group); ++ho) {
-            const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
-            for (int64_t j = 0; j < s.n; ++j) da[j] = p.grad_evolved == nullptr ? T(0) : p.grad_evolved[off + j];
-            if (p.grad_probs != nullptr) {
-              const T dot = dot_lanes(p.grad_probs + off, p.probs + off, s.n);
-              for (int64_t j = 0; j < s.n; ++j) da[j] += p.probs[off + j] * (p.grad_probs[off + j] - dot);
-            }
-            const T* zr = from_a ? p.evolved + off : w.z.data() + (ho - g * lay.group) * lay.zlen;
-            T* dzr = dz + ho * ring.head_stride();
-            for (int64_t j = 0; j < s.n; ++j) dzr[j] = p.w_conv * da[j] * activate_grad(zr[j], p.act, p.slope);
-            if (!own) continue;
-            T* dm = d_logits + off;
-            for (int64_t j = 0; j < s.n; ++j) dm[j] = (T(1) - p.w_conv) * da[j];
-            typename Simd<T>::V bias_lanes = vload(lanes + (wsize + ho) * L);
-            for (int64_t j = 0; j < round_up(s.n, L); j += L) bias_lanes += vload(dzr + j);  // zero past N
-            vstore(lanes + (wsize + ho) * L, bias_lanes);
+        if (!from_a) conv_all<T, kIsa>(p, lay, w.rows, w.band.head_stride(), w.z.data());
+        for (int64_t ho = 0; ho < s.h; ++ho) {
+          const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
+          for (int64_t j = 0; j < s.n; ++j) da[j] = p.grad_evolved == nullptr ? T(0) : p.grad_evolved[off + j];
+          if (p.grad_probs != nullptr) {
+            const T dot = dot_lanes(p.grad_probs + off, p.probs + off, s.n);
+            for (int64_t j = 0; j < s.n; ++j) da[j] += p.probs[off + j] * (p.grad_probs[off + j] - dot);
           }
+          const T* zr = from_a ? p.evolved + off : w.z.data() + ho * lay.zlen;
+          T* dzr = dz + ho * ring.head_stride();
+          for (int64_t j = 0; j < s.n; ++j) dzr[j] = p.w_conv * da[j] * activate_grad(zr[j], p.act, p.slope);
+          if (!own) continue;
+          T* dm = d_logits + off;
+          for (int64_t j = 0; j < s.n; ++j) dm[j] = (T(1) - p.w_conv) * da[j];
+          typename Simd<T>::V bias_lanes = vload(lanes + (wsize + ho) * L);
+          for (int64_t j = 0; j < round_up(s.n, L); j += L) bias_lanes += vload(dzr + j);  // zero past N
+          vstore(lanes + (wsize + ho) * L, bias_lanes);
         }
         ring.finish(u);
         if (own) {
@@ -653,22 +677,20 @@ DK_INLINE void backward_chunks(const Problem<T>* pp, const Problem<T>* tpp, int6
       if (v < t0 || v >= t1) continue;
       const int64_t b = v / s.n, i = v % s.n;
       ring.rows_for(b, i, dz_rows);
-      for (int64_t g = 0; g < groups_of(s.h, lay.group); ++g) {
-        conv_rows<T, kIsa>(tp, lay, dz_rows, ring.head_stride(), g, w.z.data());
-        for (int64_t hi = g * lay.group; hi < std::min(s.h, (g + 1) * lay.group); ++hi) {
-          const T* zr = w.z.data() + (hi - g * lay.group) * lay.zlen;
-          const int64_t off = ((b * s.h + hi) * s.n + i) * s.n;
-          T* dm = d_logits + off;
-          if (d_prev == nullptr) {
-            for (int64_t j = 0; j < s.n; ++j) dm[j] += zr[j];
-            continue;
-          }
-          T* dp = d_prev + off;
-          for (int64_t j = 0; j < s.n; ++j) {
-            const T total = dm[j] + zr[j];
-            dp[j] = p.w_prev * total;
-            dm[j] = (T(1) - p.w_prev) * total;
-          }
+      conv_all<T, kIsa>(tp, lay, dz_rows, ring.head_stride(), w.z.data());
+      for (int64_t hi = 0; hi < s.h; ++hi) {
+        const T* zr = w.z.data() + hi * lay.zlen;
+        const int64_t off = ((b * s.h + hi) * s.n + i) * s.n;
+        T* dm = d_logits + off;
+        if (d_prev == nullptr) {
+          for (int64_t j = 0; j < s.n; ++j) dm[j] += zr[j];
+          continue;
+        }
+        T* dp = d_prev + off;
+        for (int64_t j = 0; j < s.n; ++j) {
+          const T total = dm[j] + zr[j];
+          dp[j] = p.w_prev * total;
+          dm[j] = (T(1) - p.w_prev) * total;
         }
       }
     }
