@@ -13,8 +13,10 @@
 //          w_prev dM; dW = sum over (b, i, j) of dZ x M (shifted), dbias = sum dZ.
 //          The parameter gradients are summed per fixed chunk of rows, then the
 //          chunks in order: deterministic for any thread count.
-// Threads: one task per (b, query row) in the forward; in the backward the
-//          chunks of rows, then the rows again for the transposed convolution.
+// Threads: one task per (b, query row) in the forward; fixed chunks of 32
+//          rows in the backward, each one sweep (see backward_chunks).
+// ISA:     the row workers are compiled for AVX-512VL + FMA, AVX2 + FMA and
+//          the baseline, picked at run time (common/cpu_isa.h).
 #include <ATen/Parallel.h>
 
 // The build turns FMA contraction off (-ffp-contract=off) so that the point
@@ -39,8 +41,8 @@
 namespace {
 
 // GCC vector types: 32 bytes (8 floats or 4 doubles) per vector, compiled to
-// AVX2 / AVX-512VL registers by the target clones. Loads and stores go
-// through memcpy (no alignment assumed).
+// AVX2 / AVX-512VL registers by the ISA variants. Loads and stores go through
+// memcpy (no alignment assumed).
 template <typename T>
 struct Simd {
   typedef T V __attribute__((vector_size(32)));
@@ -136,7 +138,7 @@ struct Layout {
   int64_t pairs;  // Winograd: pairs of outputs per row, whole vectors (plus one spare vector)
   int64_t zlen;   // conv outputs per row (>= N; whole blocks)
   int64_t width;  // raw band row stride (>= zlen + 2r + 2, zero past N)
-  int64_t group;  // output heads per conv call
+  int64_t group;  // output heads per register block (the z buffer is padded to whole groups)
 
   explicit Layout(const Shape& s) {
     constexpr int64_t L = Simd<T>::kLanes;
