@@ -1,0 +1,101 @@
+"""ISDA references: the plain per-class math against the official
+formulation, and both against ground truth (the running estimator equals the
+population moments of everything seen so far)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynkernels.reference import isda
+
+
+def _state(classes, dim, full, dtype=torch.float64):
+    cov = torch.zeros(classes, dim, dim, dtype=dtype) if full else torch.zeros(classes, dim, dtype=dtype)
+    return cov, torch.zeros(classes, dim, dtype=dtype), torch.zeros(classes, dtype=dtype)
+
+
+def _batches(classes, dim, g):
+    """Batches with absent classes, a class seen once, and one batch of a single class."""
+    sizes_labels = [
+        torch.tensor([0, 0, 1, 1, 1, 3]),  # class 2 and 4 absent
+        torch.tensor([2]),  # class 2 seen once
+        torch.tensor([4, 4, 4, 4, 4, 4, 4]),  # all one class
+        torch.randint(0, classes, (23,), generator=g),
+    ]
+    return [(torch.randn(len(t), dim, generator=g, dtype=torch.float64) * 3 + 5, t) for t in sizes_labels]
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_estimator_is_the_population_moments_of_all_seen(full):
+    g = torch.Generator().manual_seed(0)
+    classes, dim = 5, 6
+    mine, official = _state(classes, dim, full), _state(classes, dim, full)
+    seen_x, seen_t = [], []
+    for x, t in _batches(classes, dim, g):
+        mine = isda.update_estimator(x, t, *mine)
+        official = isda.update_estimator_official(x, t, *official)
+        for a, b in zip(mine, official, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        seen_x.append(x)
+        seen_t.append(t)
+    x, t = torch.cat(seen_x), torch.cat(seen_t)
+    cov, mean, amount = mine
+    for c in range(classes):
+        xc = x[t == c]
+        assert amount[c] == len(xc)
+        if len(xc) == 0:
+            assert (mean[c] == 0).all() and (cov[c] == 0).all()
+            continue
+        centred = xc - xc.mean(0)
+        want = centred.T @ centred / len(xc) if full else (centred * centred).mean(0)
+        torch.testing.assert_close(mean[c], xc.mean(0))
+        torch.testing.assert_close(cov[c], want)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_augmented_logits_and_gradients_match_the_official_formulation(full):
+    g = torch.Generator().manual_seed(1)
+    n, classes, dim = 9, 7, 5
+    logits = torch.randn(n, classes, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(classes, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 3, 3, 6, 1, 0, 3, 2, 6])
+    a = torch.randn(classes, dim, dim, generator=g, dtype=torch.float64)
+    cov = a @ a.transpose(1, 2) if full else torch.rand(classes, dim, generator=g, dtype=torch.float64)
+    lam = 0.7
+    got = isda.isda_logits(logits, weight, labels, cov, lam)
+    want = isda.isda_logits_official(logits, weight, labels, cov, lam)
+    torch.testing.assert_close(got, want)
+    # the true class is never shifted
+    torch.testing.assert_close(got.gather(1, labels[:, None]), logits.gather(1, labels[:, None]))
+    grads = torch.autograd.grad(isda.isda_loss(logits, weight, labels, cov, lam), (logits, weight))
+    ref = torch.autograd.grad(isda.isda_loss_official(logits, weight, labels, cov, lam), (logits, weight))
+    for x, y in zip(grads, ref, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_per_sample_variance_equals_the_per_class_form_when_gathered():
+    g = torch.Generator().manual_seed(2)
+    n, classes, dim = 6, 4, 3
+    logits = torch.randn(n, classes, generator=g, dtype=torch.float64)
+    weight = torch.randn(classes, dim, generator=g, dtype=torch.float64)
+    labels = torch.tensor([1, 1, 0, 3, 2, 1])
+    var = torch.rand(classes, dim, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(
+        isda.isda_logits_per_sample(logits, weight, labels, var[labels], 0.3),
+        isda.isda_logits(logits, weight, labels, var, 0.3),
+    )
+
+
+def test_estimator_bad_inputs():
+    cov, mean, amount = _state(3, 4, True)
+    with pytest.raises(ValueError, match="labels must lie"):
+        isda.update_estimator(torch.randn(2, 4, dtype=torch.float64), torch.tensor([0, 3]), cov, mean, amount)
+    with pytest.raises(ValueError, match="channels"):
+        isda.update_estimator(torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 1]), cov, mean, amount)
+    # an empty batch changes nothing
+    out = isda.update_estimator(
+        torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.long), cov, mean, amount
+    )
+    for a, b in zip(out, (cov, mean, amount), strict=True):
+        assert torch.equal(a, b)
