@@ -99,3 +99,54 @@ def test_estimator_bad_inputs():
     )
     for a, b in zip(out, (cov, mean, amount), strict=True):
         assert torch.equal(a, b)
+
+
+# ---- the per-class PyTorch ops (dynkernels.ops.isda_*) ---------------------
+
+from dynkernels import ops  # noqa: E402
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_update_op_matches_the_official_formulation(full):
+    g = torch.Generator().manual_seed(3)
+    classes, dim = 5, 6
+    mine, official = _state(classes, dim, full), _state(classes, dim, full)
+    for x, t in _batches(classes, dim, g):
+        mine = ops.isda_update(x, t, *mine)
+        official = isda.update_estimator_official(x, t, *official)
+        for a, b in zip(mine, official, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_loss_op_matches_the_official_formulation(full, symmetric):
+    g = torch.Generator().manual_seed(4)
+    n, classes, dim = 11, 6, 4
+    logits = torch.randn(n, classes, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(classes, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 5, 5, 2, 2, 2, 1, 0, 5, 3, 3])
+    a = torch.randn(classes, dim, dim, generator=g, dtype=torch.float64)
+    cov = (
+        (a @ a.transpose(1, 2) if symmetric else a)
+        if full
+        else torch.rand(classes, dim, generator=g, dtype=torch.float64)
+    )
+    got = ops.isda_cross_entropy(logits, weight, labels, cov, 0.9)
+    want = isda.isda_loss_official(logits, weight, labels, cov, 0.9)
+    torch.testing.assert_close(got, want)
+    for x, y in zip(
+        torch.autograd.grad(got, (logits, weight)), torch.autograd.grad(want, (logits, weight)), strict=True
+    ):
+        torch.testing.assert_close(x, y)
+    assert torch.autograd.gradcheck(lambda z, w: ops.isda_cross_entropy(z, w, labels, cov, 0.9), (logits, weight))
+
+
+def test_loss_op_bad_inputs():
+    z, w = torch.randn(3, 4), torch.randn(4, 2)
+    with pytest.raises(ValueError, match="labels must lie"):
+        ops.isda_cross_entropy(z, w, torch.tensor([0, 1, 4]), torch.rand(4, 2), 0.5)
+    with pytest.raises(ValueError, match="must agree"):
+        ops.isda_cross_entropy(z, torch.randn(5, 2), torch.tensor([0, 1, 2]), torch.rand(4, 2), 0.5)
+    with pytest.raises(ValueError, match="non-empty"):
+        ops.isda_cross_entropy(z[:0], w, torch.zeros(0, dtype=torch.long), torch.rand(4, 2), 0.5)
