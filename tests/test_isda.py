@@ -150,3 +150,51 @@ def test_loss_op_bad_inputs():
         ops.isda_cross_entropy(z, torch.randn(5, 2), torch.tensor([0, 1, 2]), torch.rand(4, 2), 0.5)
     with pytest.raises(ValueError, match="non-empty"):
         ops.isda_cross_entropy(z[:0], w, torch.zeros(0, dtype=torch.long), torch.rand(4, 2), 0.5)
+
+
+# ---- the criterion (dynkernels.nn.ISDALoss) ---------------------------------
+
+from dynkernels import nn as dnn  # noqa: E402
+
+
+@pytest.mark.parametrize("covariance", ["full", "diagonal"])
+def test_criterion_trains_like_the_official_pipeline(covariance):
+    torch.manual_seed(5)
+    classes, dim = 4, 6
+    fc = torch.nn.Linear(dim, classes).double()
+    crit = dnn.ISDALoss(dim, classes, 0.5, covariance=covariance).double()
+    state = _state(classes, dim, covariance == "full")
+    for step in range(3):
+        x = torch.randn(10, dim, dtype=torch.float64, requires_grad=True)
+        t = torch.randint(0, classes, (10,))
+        loss = crit(x, fc, t, progress=step / 3)
+        grads = torch.autograd.grad(loss, (x, fc.weight, fc.bias))
+        state = isda.update_estimator_official(x.detach(), t, *state)
+        want = isda.isda_loss_official(fc(x), fc.weight, t, state[0], 0.5 * step / 3)
+        torch.testing.assert_close(loss, want)
+        for a, b in zip(grads, torch.autograd.grad(want, (x, fc.weight, fc.bias)), strict=True):
+            torch.testing.assert_close(a, b)
+    torch.testing.assert_close(crit.covariance, state[0])
+    restored = dnn.ISDALoss(dim, classes, 0.5, covariance=covariance).double()
+    restored.load_state_dict(crit.state_dict())
+    assert torch.equal(restored.amount, crit.amount)
+
+
+def test_criterion_segmentation_ignores_pixels_in_the_loss_not_the_estimator():
+    torch.manual_seed(6)
+    classes, dim = 3, 4
+    conv = torch.nn.Conv2d(dim, classes, 1).double()
+    crit = dnn.ISDALoss(dim, classes, 1.0, covariance="diagonal", ignore_index=255).double()
+    feats = torch.randn(2, dim, 5, 5, dtype=torch.float64)
+    targets = torch.randint(0, classes, (2, 5, 5))
+    targets[0, :2] = 255
+    loss = crit(feats, conv, targets, progress=1.0)
+    pixels = feats.permute(0, 2, 3, 1).reshape(-1, dim)
+    flat = targets.reshape(-1)
+    est = torch.where(flat == 255, torch.full_like(flat, classes), flat)
+    state = isda.update_estimator_official(pixels, est, *_state(classes + 1, dim, False))
+    keep = flat != 255
+    logits = pixels @ conv.weight.view(classes, dim).T + conv.bias
+    want = isda.isda_loss_official(logits[keep], conv.weight.view(classes, dim), flat[keep], state[0][:classes], 1.0)
+    torch.testing.assert_close(loss, want)
+    assert crit.amount[classes] == (flat == 255).sum()

@@ -1,6 +1,7 @@
 """nn.Module wrappers: parameters and configuration only, the math lives in dynkernels.ops."""
 
 from .evolving import EvolvingAttention, EvolvingTransformerEncoder, EvolvingTransformerEncoderLayer
+from .isda import ISDALoss
 from .pointformer import (
     CONFIGS,
     CoordinateRefinement,
@@ -21,6 +22,7 @@ __all__ = [
     "EvolvingTransformerEncoder",
     "EvolvingTransformerEncoderLayer",
     "GlobalTransformer",
+    "ISDALoss",
     "LocalGlobalTransformer",
     "LocalTransformer",
     "PointFPModule",

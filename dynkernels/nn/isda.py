@@ -1,0 +1,103 @@
+"""ISDA as a drop-in criterion (Wang et al., arXiv 2007.10538). Work in
+progress (issue 5): single process, PyTorch ops; kernels and distributed
+synchronisation to come."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+
+class ISDALoss(nn.Module):
+    """Implicit semantic data augmentation loss.
+
+    ``forward(features, fc, targets, progress)`` updates the per-class feature
+    estimator with the (detached) features, then returns the mean
+    cross-entropy of the augmented logits with lambda = lambda0 * progress
+    (the official schedule: progress = epoch / epochs, or iteration / steps in
+    segmentation). ``fc`` is the final ``nn.Linear`` (or a 1x1 ``nn.Conv2d``),
+    or a ``(weight, bias)`` pair.
+
+    Segmentation: features (N, A, H, W) and targets (N, H, W) are flattened to
+    pixels. With ``ignore_index`` set, ignored pixels enter the estimator as
+    an extra class (row C of the buffers, as the official code keeps them)
+    and are left out of the loss.
+
+    Args:
+        num_features: A, the feature dimension.
+        num_classes: C.
+        lambda0: the augmentation strength at progress 1 (CIFAR 0.5,
+            ImageNet 7.5 in the paper).
+        covariance: "full" (C, A, A) or "diagonal" (C, A).
+        ignore_index: a target value to leave out of the loss (segmentation).
+
+    The estimator lives in buffers (``covariance``, ``mean``, ``amount``), so
+    it follows ``.to(device)`` and ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        lambda0: float,
+        *,
+        covariance: str = "full",
+        ignore_index: int | None = None,
+    ) -> None:
+        super().__init__()
+        if covariance not in ("full", "diagonal"):
+            raise ValueError(f"covariance must be 'full' or 'diagonal', got {covariance!r}")
+        self.num_features, self.num_classes, self.lambda0 = num_features, num_classes, float(lambda0)
+        self.covariance_kind, self.ignore_index = covariance, ignore_index
+        rows = num_classes + (1 if ignore_index is not None else 0)
+        shape = (rows, num_features, num_features) if covariance == "full" else (rows, num_features)
+        self.register_buffer("covariance", torch.zeros(shape))
+        self.register_buffer("mean", torch.zeros(rows, num_features))
+        self.register_buffer("amount", torch.zeros(rows))
+
+    @staticmethod
+    def _weight_bias(fc):
+        if isinstance(fc, tuple):
+            weight, bias = fc
+        else:
+            weight, bias = fc.weight, fc.bias
+        return weight.reshape(weight.shape[0], -1), bias
+
+    def forward(self, features: torch.Tensor, fc, targets: torch.Tensor, progress: float) -> torch.Tensor:
+        weight, bias = self._weight_bias(fc)
+        if features.dim() == 4:  # segmentation: pixels as samples
+            features = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+            targets = targets.reshape(-1)
+        if features.dim() != 2 or features.shape[1] != self.num_features:
+            raise ValueError(f"features must be (N, {self.num_features}) or (N, {self.num_features}, H, W)")
+        if weight.shape != (self.num_classes, self.num_features):
+            raise ValueError(
+                f"the final layer's weight must be ({self.num_classes}, {self.num_features}), got {tuple(weight.shape)}"
+            )
+        estimator_targets = targets
+        keep = None
+        if self.ignore_index is not None:
+            ignored = targets == self.ignore_index
+            estimator_targets = torch.where(ignored, torch.full_like(targets, self.num_classes), targets)
+            keep = ~ignored
+        with torch.no_grad():
+            cov, mean, amount = ops.isda_update(
+                features.detach(), estimator_targets, self.covariance, self.mean, self.amount
+            )
+            self.covariance.copy_(cov)
+            self.mean.copy_(mean)
+            self.amount.copy_(amount)
+        logits = F.linear(features, weight, bias)
+        if keep is not None:
+            logits, targets = logits[keep], targets[keep]
+        lam = self.lambda0 * float(progress)
+        return ops.isda_cross_entropy(logits, weight, targets, self.covariance[: self.num_classes], lam)
+
+    def extra_repr(self) -> str:
+        return (
+            f"features={self.num_features}, classes={self.num_classes}, lambda0={self.lambda0}, "
+            f"covariance={self.covariance_kind!r}, ignore_index={self.ignore_index}"
+        )
