@@ -83,13 +83,7 @@ class ISDALoss(nn.Module):
             ignored = targets == self.ignore_index
             estimator_targets = torch.where(ignored, torch.full_like(targets, self.num_classes), targets)
             keep = ~ignored
-        with torch.no_grad():
-            cov, mean, amount = ops.isda_update(
-                features.detach(), estimator_targets, self.covariance, self.mean, self.amount
-            )
-            self.covariance.copy_(cov)
-            self.mean.copy_(mean)
-            self.amount.copy_(amount)
+        ops.isda_update_(features.detach(), estimator_targets, self.covariance, self.mean, self.amount)
         logits = F.linear(features, weight, bias)
         if keep is not None:
             logits, targets = logits[keep], targets[keep]

@@ -20,19 +20,30 @@ import torch
 
 from ..reference.isda import _check_estimator
 
-__all__ = ["isda_update", "isda_cross_entropy"]
+__all__ = ["isda_cross_entropy", "isda_update", "isda_update_"]
 
 
 def isda_update(
     features: torch.Tensor, labels: torch.Tensor, cov: torch.Tensor, mean: torch.Tensor, amount: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One estimator update (exact merge of population moments); returns new
-    (cov, mean, amount). cov (C, A, A) full or (C, A) diagonal."""
+    (cov, mean, amount) and leaves the inputs alone. cov (C, A, A) full or
+    (C, A) diagonal. :func:`isda_update_` updates in place."""
+    cov, mean, amount = cov.clone(), mean.clone(), amount.clone()
+    isda_update_(features, labels, cov, mean, amount)
+    return cov, mean, amount
+
+
+@torch.no_grad()
+def isda_update_(
+    features: torch.Tensor, labels: torch.Tensor, cov: torch.Tensor, mean: torch.Tensor, amount: torch.Tensor
+) -> None:
+    """In place: only the rows of classes present in the batch are read and
+    written, one class at a time for the full covariance (no K x A x A gather)."""
     _check_estimator(features, labels, cov, mean, amount)
     x = features.detach().to(mean.dtype)
-    cov, mean, amount = cov.clone(), mean.clone(), amount.clone()
     if x.shape[0] == 0:
-        return cov, mean, amount
+        return
     present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     n_b = counts.to(mean.dtype)
     mu_b = torch.zeros(len(present), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
@@ -43,58 +54,83 @@ def isda_update(
     if cov.dim() == 3:
         order = torch.argsort(inverse, stable=True)
         blocks = torch.split(centred[order], counts.tolist())
-        s_b = torch.stack([blk.T @ blk for blk in blocks]) / n_b[:, None, None]
-        spread = delta[:, :, None] * delta[:, None, :]
-        wv = w[:, None, None]
+        for k, c in enumerate(present.tolist()):
+            wk = w[k].item()
+            s_b = blocks[k].T @ blocks[k]
+            cov[c].mul_(1 - wk).add_(s_b, alpha=wk / counts[k].item()).addr_(delta[k], delta[k], alpha=wk * (1 - wk))
     else:
         s_b = torch.zeros_like(mu_b).index_add_(0, inverse, centred * centred) / n_b[:, None]
-        spread = delta * delta
         wv = w[:, None]
-    cov[present] = (1 - wv) * cov[present] + wv * s_b + wv * (1 - wv) * spread
+        cov[present] = (1 - wv) * cov[present] + wv * s_b + wv * (1 - wv) * delta * delta
     mean[present] = (1 - w[:, None]) * mean[present] + w[:, None] * mu_b
     amount[present] += n_b
-    return cov, mean, amount
 
 
-def _quad_table(weight: torch.Tensor, present: torch.Tensor, cov: torch.Tensor):
+def _quad_table_full(weight: torch.Tensor, present: torch.Tensor, cov: torch.Tensor):
     """q[k, c] = (w_c - w_{p_k})^T Sigma_{p_k} (w_c - w_{p_k}) for the present labels
-    p; also D Sigma (K, C, A) for the backward (full) or Sigma rows (diagonal)."""
+    p, and D sym(Sigma) (K, C, A) for the backward."""
     d = weight.unsqueeze(0) - weight[present].unsqueeze(1)  # (K, C, A)
-    if cov.dim() == 3:
-        sigma = cov[present].to(weight.dtype)
+    ds = torch.empty_like(d)
+    for k, c in enumerate(present.tolist()):  # Sigma_c read in place: no K x A x A gather
+        sigma = cov[c].to(weight.dtype)
         # d^T S d = d^T sym(S) d, and sym(S) d is the gradient's direction for
-        # any S, as autograd of the official form gives (equal to S d for a
-        # covariance, which is symmetric).
-        ds = torch.bmm(d, 0.5 * (sigma + sigma.transpose(1, 2)))  # (K, C, A)
-    else:
-        ds = d * cov[present].to(weight.dtype).unsqueeze(1)
+        # any S, as autograd of the official form gives (S d for a covariance).
+        torch.matmul(d[k], 0.5 * (sigma + sigma.T), out=ds[k])
     return (ds * d).sum(2), ds
+
+
+def _quad_table_diagonal(weight: torch.Tensor, present: torch.Tensor, var: torch.Tensor):
+    """The same for a diagonal Sigma, as three products (no K x C x A tensor):
+    q = V (W∘W)^T - 2 (V∘W_P) W^T + rowsum(V∘W_P∘W_P), V = var[p], W_P = W[p].
+    Expanding the square trades O(K C A) memory for cancellation when the
+    rows of W are close: an absolute error of about eps |W|^2 |V|."""
+    v = var[present].to(weight.dtype)
+    wp = weight[present]
+    vwp = v * wp
+    q = v @ (weight * weight).T - 2.0 * (vwp @ weight.T) + (vwp * wp).sum(1, keepdim=True)
+    return q, v, wp
 
 
 class _ISDACrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, weight, labels, cov, lam):
         present, inverse = torch.unique(labels, return_inverse=True)
-        q, ds = _quad_table(weight, present, cov.detach())
+        cov = cov.detach()
+        ctx.full = cov.dim() == 3
+        if ctx.full:
+            q, ds = _quad_table_full(weight, present, cov)
+            saved = (ds,)
+        else:
+            q, v, wp = _quad_table_diagonal(weight, present, cov)
+            saved = (v, wp)
         aug = logits + (0.5 * lam) * q[inverse].to(logits.dtype)
         lse = torch.logsumexp(aug, dim=1)
         loss = (lse - aug.gather(1, labels[:, None]).squeeze(1)).mean()
-        ctx.save_for_backward(aug, labels, present, inverse, ds)
+        ctx.save_for_backward(aug, labels, present, inverse, weight, *saved)
         ctx.lam = lam
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        aug, labels, present, inverse, ds = ctx.saved_tensors
+        aug, labels, present, inverse, weight, *saved = ctx.saved_tensors
         n = aug.shape[0]
         dz = torch.softmax(aug, dim=1)
         dz[torch.arange(n, device=aug.device), labels] -= 1
         dz *= grad / n
-        # d/dW of (lam / 2) q_k[c]: lam Sigma_k (w_c - w_k) into row c, minus its sum over c into row k.
-        g = torch.zeros(len(present), aug.shape[1], dtype=dz.dtype, device=dz.device).index_add_(0, inverse, dz)
-        contrib = ctx.lam * g.unsqueeze(2).to(ds.dtype) * ds  # (K, C, A)
-        d_weight = contrib.sum(0)
-        d_weight.index_add_(0, present, -contrib.sum(1))
+        # gq = dL/dq: (lam / 2) times the logit gradients summed per label.
+        gq = torch.zeros(len(present), aug.shape[1], dtype=dz.dtype, device=dz.device).index_add_(0, inverse, dz)
+        gq = (0.5 * ctx.lam) * gq.to(weight.dtype)
+        if ctx.full:
+            # dq_k[c]/dw_c = 2 sym(S_k) d_kc; dq_k[c]/dw_k = -2 sym(S_k) d_kc.
+            (ds,) = saved
+            contrib = 2.0 * gq.unsqueeze(2) * ds  # (K, C, A)
+            d_weight = contrib.sum(0)
+            d_weight.index_add_(0, present, -contrib.sum(1))
+        else:
+            v, wp = saved
+            d_weight = 2.0 * ((gq.T @ v) * weight - gq.T @ (v * wp))
+            d_wp = -2.0 * (v * (gq @ weight) - gq.sum(1, keepdim=True) * (v * wp))
+            d_weight.index_add_(0, present, d_wp)
         return dz, d_weight, None, None, None
 
 
