@@ -198,3 +198,50 @@ def test_criterion_segmentation_ignores_pixels_in_the_loss_not_the_estimator():
     want = isda.isda_loss_official(logits[keep], conv.weight.view(classes, dim), flat[keep], state[0][:classes], 1.0)
     torch.testing.assert_close(loss, want)
     assert crit.amount[classes] == (flat == 255).sum()
+
+
+# ---- distributed synchronisation (2 processes, gloo, CPU) --------------------
+
+
+def _synced_rank(rank, world, port, covariance, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        classes, dim = 4, 5
+        fc = torch.nn.Linear(dim, classes).double()
+        crit = dnn.ISDALoss(dim, classes, 0.5, covariance=covariance, sync=True).double()
+        g = torch.Generator().manual_seed(10)
+        for step in range(3):
+            # every rank draws all shards (same generator) and keeps its own; shard sizes differ
+            shards = [torch.randn(5 + r + step, dim, generator=g, dtype=torch.float64) for r in range(world)]
+            labels = [torch.randint(0, classes, (len(s),), generator=g) for s in shards]
+            crit(shards[rank], fc, labels[rank], progress=0.5).backward()
+        torch.save({k: v for k, v in crit.state_dict().items()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("covariance", ["full", "diagonal"])
+def test_synced_estimators_equal_one_estimator_on_the_global_batch(covariance, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = 2
+    mp.spawn(_synced_rank, args=(world, port, covariance, str(tmp_path)), nprocs=world, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    classes, dim = 4, 5
+    alone = _state(classes, dim, covariance == "full")
+    g = torch.Generator().manual_seed(10)
+    for step in range(3):
+        shards = [torch.randn(5 + r + step, dim, generator=g, dtype=torch.float64) for r in range(world)]
+        labels = [torch.randint(0, classes, (len(s),), generator=g) for s in shards]
+        alone = isda.update_estimator(torch.cat(shards), torch.cat(labels), *alone)
+    for state in states:
+        for name, want in zip(("covariance", "mean", "amount"), alone, strict=True):
+            torch.testing.assert_close(state[name], want, rtol=1e-12, atol=1e-12)

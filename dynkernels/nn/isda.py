@@ -1,6 +1,5 @@
 """ISDA as a drop-in criterion (Wang et al., arXiv 2007.10538). Work in
-progress (issue 5): single process, PyTorch ops; kernels and distributed
-synchronisation to come."""
+progress (issue 5): PyTorch ops; the kernels are to come."""
 
 from __future__ import annotations
 
@@ -33,6 +32,10 @@ class ISDALoss(nn.Module):
             ImageNet 7.5 in the paper).
         covariance: "full" (C, A, A) or "diagonal" (C, A).
         ignore_index: a target value to leave out of the loss (segmentation).
+        sync: under torch.distributed, every rank's estimator sees the global
+            batch (see :func:`dynkernels.ops.isda_update_`), so all ranks hold
+            the same estimator. The official DDP code never synchronises: each
+            rank estimates from its own shard and the ranks drift apart.
 
     The estimator lives in buffers (``covariance``, ``mean``, ``amount``), so
     it follows ``.to(device)`` and ``state_dict``.
@@ -46,12 +49,13 @@ class ISDALoss(nn.Module):
         *,
         covariance: str = "full",
         ignore_index: int | None = None,
+        sync: bool = False,
     ) -> None:
         super().__init__()
         if covariance not in ("full", "diagonal"):
             raise ValueError(f"covariance must be 'full' or 'diagonal', got {covariance!r}")
         self.num_features, self.num_classes, self.lambda0 = num_features, num_classes, float(lambda0)
-        self.covariance_kind, self.ignore_index = covariance, ignore_index
+        self.covariance_kind, self.ignore_index, self.sync = covariance, ignore_index, sync
         rows = num_classes + (1 if ignore_index is not None else 0)
         shape = (rows, num_features, num_features) if covariance == "full" else (rows, num_features)
         self.register_buffer("covariance", torch.zeros(shape))
@@ -83,7 +87,7 @@ class ISDALoss(nn.Module):
             ignored = targets == self.ignore_index
             estimator_targets = torch.where(ignored, torch.full_like(targets, self.num_classes), targets)
             keep = ~ignored
-        ops.isda_update_(features.detach(), estimator_targets, self.covariance, self.mean, self.amount)
+        ops.isda_update_(features.detach(), estimator_targets, self.covariance, self.mean, self.amount, sync=self.sync)
         logits = F.linear(features, weight, bias)
         if keep is not None:
             logits, targets = logits[keep], targets[keep]
@@ -93,5 +97,5 @@ class ISDALoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"features={self.num_features}, classes={self.num_classes}, lambda0={self.lambda0}, "
-            f"covariance={self.covariance_kind!r}, ignore_index={self.ignore_index}"
+            f"covariance={self.covariance_kind!r}, ignore_index={self.ignore_index}, sync={self.sync}"
         )

@@ -17,6 +17,7 @@ See :mod:`dynkernels.reference.isda` for the formulas.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..reference.isda import _check_estimator
 
@@ -34,14 +35,69 @@ def isda_update(
     return cov, mean, amount
 
 
+def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's rows of x (any count per rank), concatenated in rank order."""
+    world = dist.get_world_size(group)
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    most = int(max(c.item() for c in counts))
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts, strict=True)])
+
+
+def _merge_(cov, mean, amount, present, n_b, mu_b, s_b) -> None:
+    """The exact merge of a batch's diagonal population moments (rows
+    `present`) into the running ones."""
+    w = n_b / (n_b + amount[present])
+    delta = mean[present] - mu_b
+    wv = w[:, None]
+    cov[present] = (1 - wv) * cov[present] + wv * s_b + wv * (1 - wv) * delta * delta
+    mean[present] = (1 - wv) * mean[present] + wv * mu_b
+    amount[present] += n_b
+
+
 @torch.no_grad()
 def isda_update_(
-    features: torch.Tensor, labels: torch.Tensor, cov: torch.Tensor, mean: torch.Tensor, amount: torch.Tensor
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    cov: torch.Tensor,
+    mean: torch.Tensor,
+    amount: torch.Tensor,
+    *,
+    sync: bool = False,
+    group=None,
 ) -> None:
     """In place: only the rows of classes present in the batch are read and
-    written, one class at a time for the full covariance (no K x A x A gather)."""
+    written, one class at a time for the full covariance (no K x A x A gather).
+
+    sync=True (under torch.distributed) makes every rank's estimator see the
+    global batch: the full covariance all-gathers the features and labels
+    (N_global x A is small; C x A x A is not); the diagonal all-reduces the
+    per-class counts and sums, then the centred squares (exact two-pass).
+    Every rank then holds the estimator one process would hold after the
+    concatenated batch (rank order)."""
     _check_estimator(features, labels, cov, mean, amount)
     x = features.detach().to(mean.dtype)
+    syncing = sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    if syncing and cov.dim() == 3:
+        x, labels = _all_gather_rows(x, group), _all_gather_rows(labels, group)
+    elif syncing:
+        classes = mean.shape[0]
+        counts = torch.zeros(classes, dtype=x.dtype, device=x.device).index_add_(0, labels, torch.ones_like(x[:, 0]))
+        sums = torch.zeros_like(mean).index_add_(0, labels, x)
+        dist.all_reduce(counts, group=group)
+        dist.all_reduce(sums, group=group)
+        present = torch.nonzero(counts).squeeze(1)
+        mu = sums / counts.clamp(min=1)[:, None]
+        squares = torch.zeros_like(mean).index_add_(0, labels, (x - mu[labels]) ** 2)
+        dist.all_reduce(squares, group=group)
+        n_b = counts[present]
+        _merge_(cov, mean, amount, present, n_b, mu[present], squares[present] / n_b[:, None])
+        return
     if x.shape[0] == 0:
         return
     present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
@@ -49,19 +105,18 @@ def isda_update_(
     mu_b = torch.zeros(len(present), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
     mu_b /= n_b[:, None]
     centred = x - mu_b[inverse]  # two-pass: centred before squaring (stable in fp32)
+    if cov.dim() == 2:
+        s_b = torch.zeros_like(mu_b).index_add_(0, inverse, centred * centred) / n_b[:, None]
+        _merge_(cov, mean, amount, present, n_b, mu_b, s_b)
+        return
     w = n_b / (n_b + amount[present])
     delta = mean[present] - mu_b
-    if cov.dim() == 3:
-        order = torch.argsort(inverse, stable=True)
-        blocks = torch.split(centred[order], counts.tolist())
-        for k, c in enumerate(present.tolist()):
-            wk = w[k].item()
-            s_b = blocks[k].T @ blocks[k]
-            cov[c].mul_(1 - wk).add_(s_b, alpha=wk / counts[k].item()).addr_(delta[k], delta[k], alpha=wk * (1 - wk))
-    else:
-        s_b = torch.zeros_like(mu_b).index_add_(0, inverse, centred * centred) / n_b[:, None]
-        wv = w[:, None]
-        cov[present] = (1 - wv) * cov[present] + wv * s_b + wv * (1 - wv) * delta * delta
+    order = torch.argsort(inverse, stable=True)
+    blocks = torch.split(centred[order], counts.tolist())
+    for k, c in enumerate(present.tolist()):
+        wk = w[k].item()
+        s_b = blocks[k].T @ blocks[k]
+        cov[c].mul_(1 - wk).add_(s_b, alpha=wk / counts[k].item()).addr_(delta[k], delta[k], alpha=wk * (1 - wk))
     mean[present] = (1 - w[:, None]) * mean[present] + w[:, None] * mu_b
     amount[present] += n_b
 
