@@ -76,3 +76,13 @@ def test_io_roundtrip(tmp_path):
         io.read_points(tmp_path / "missing.ply")
     with pytest.raises(ValueError, match=r"\(N, 3\)"):
         io.to_open3d(torch.rand(4, 2))
+
+
+def test_isda_synthetic_example():
+    cmd = [sys.executable, str(ROOT / "examples" / "isda_synthetic.py"), "--epochs", "3", "--classes", "5"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "test accuracy" in line]
+    assert [line.split()[0] for line in lines] == ["cross-entropy", "ISDA"]
+    for line in lines:
+        assert 0.0 <= float(line.split("accuracy")[1].split()[0]) <= 1.0
