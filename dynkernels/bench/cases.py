@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import evolving_cases, pointformer_cases, pointops_cases
+from . import evolving_cases, isda_cases, pointformer_cases, pointops_cases
 from .base import Case, Impl
 
 __all__ = ["FAMILIES", "Case", "Impl", "cases_for"]
@@ -14,6 +14,7 @@ FAMILIES: dict[str, Callable[[bool, str], list[Case]]] = {
     "pointops": pointops_cases.cases,
     "pointformer": pointformer_cases.cases,
     "evolving_attention": evolving_cases.cases,
+    "isda": isda_cases.cases,
 }
 
 
