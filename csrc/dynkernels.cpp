@@ -59,6 +59,10 @@ TORCH_LIBRARY(dynkernels, m) {
   m.def("evolve_attention_logits_backward(Tensor? grad_evolved, Tensor? grad_probs, Tensor logits, "
         "Tensor? prev_logits, Tensor weight, Tensor? bias, Tensor probs, Tensor evolved, float w_prev, float w_conv, "
         "int activation, float negative_slope) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ---- ISDA ----
+  // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
+  // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.
+  m.def("isda_update_full_(Tensor(a!) cov, Tensor(b!) mean, Tensor(c!) amount, Tensor features, Tensor labels) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -245,3 +245,25 @@ def test_synced_estimators_equal_one_estimator_on_the_global_batch(covariance, t
     for state in states:
         for name, want in zip(("covariance", "mean", "amount"), alone, strict=True):
             torch.testing.assert_close(state[name], want, rtol=1e-12, atol=1e-12)
+
+
+def test_cpp_full_update_keeps_the_covariance_exactly_symmetric_and_passes_opcheck():
+    from dynkernels._extension import has_extension
+
+    if not has_extension():
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(7)
+    classes, dim = 4, 70  # 70: tiles of 32 that do not divide A
+    state = _state(classes, dim, True, torch.float32)
+    official = _state(classes, dim, True, torch.float32)
+    for labels in ([0, 0, 1, 1, 1, 3], [2], [1] * 7, torch.randint(0, classes, (23,), generator=g).tolist()):
+        t = torch.tensor(labels)
+        x = torch.randn(len(t), dim, generator=g) * 3 + 5
+        ops.isda_update_(x, t, *state)
+        official = isda.update_estimator_official(x, t, *official)
+        assert torch.equal(state[0], state[0].transpose(1, 2))
+    for a, b in zip(state, official, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    x = torch.randn(6, dim, generator=g)
+    args = (state[0].clone(), state[1].clone(), state[2].clone(), x, torch.tensor([0, 1, 1, 3, 3, 3]))
+    torch.library.opcheck(torch.ops.dynkernels.isda_update_full_.default, args)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .._extension import has_extension
 from ..reference.isda import _check_estimator
 
 __all__ = ["isda_cross_entropy", "isda_update", "isda_update_"]
@@ -47,6 +48,19 @@ def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
     return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts, strict=True)])
+
+
+def _cpp_update_ok(x, cov, mean, amount) -> bool:
+    """The C++ full-covariance update (one fused, exactly symmetric merge pass
+    per present class) takes contiguous CPU float32/float64 buffers."""
+    return (
+        has_extension()
+        and cov.device.type == "cpu"
+        and cov.dtype in (torch.float32, torch.float64)
+        and all(t.dtype == cov.dtype for t in (x, mean, amount))
+        and cov.is_contiguous()
+        and mean.is_contiguous()
+    )
 
 
 def _merge_(cov, mean, amount, present, n_b, mu_b, s_b) -> None:
@@ -99,6 +113,9 @@ def isda_update_(
         _merge_(cov, mean, amount, present, n_b, mu[present], squares[present] / n_b[:, None])
         return
     if x.shape[0] == 0:
+        return
+    if cov.dim() == 3 and _cpp_update_ok(x, cov, mean, amount):
+        torch.ops.dynkernels.isda_update_full_(cov, mean, amount, x, labels.long())
         return
     present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     n_b = counts.to(mean.dtype)
@@ -211,3 +228,10 @@ def isda_cross_entropy(
     if labels.numel() == 0:
         raise ValueError("isda_cross_entropy needs a non-empty batch")
     return _ISDACrossEntropy.apply(logits, weight, labels, cov, float(lam))
+
+
+if has_extension():
+
+    @torch.library.register_fake("dynkernels::isda_update_full_")
+    def _(cov, mean, amount, features, labels):
+        return None

@@ -1,0 +1,116 @@
+// isda_update_full_, CPU: ISDA's estimator update for a full covariance, in
+// place, one present class at a time (see dynkernels/reference/isda.py).
+//
+// Per class c with batch rows X_c (n_b of them): mu_b = mean(X_c);
+// S_b = (X_c - mu_b)^T (X_c - mu_b) / n_b (one BLAS product, centred first:
+// stable in float32); w = n_b / (n_b + n[c]); delta = mu[c] - mu_b; then one
+// pass over Sigma_c, tile pair by tile pair ((I, J) with (J, I)), writing
+//   Sigma_c[i, j] = Sigma_c[j, i] = (1 - w) sym(Sigma_c)[i, j] + w sym(S_b)[i, j]
+//                                 + w (1 - w) delta_i delta_j,
+// so that Sigma stays exactly symmetric (the loss can then use Sigma d as its
+// gradient direction); the official three-pass blend differs from this by
+// rounding only. mu[c] and n[c] follow. Classes absent from the batch are not
+// touched. Threads: the tile rows of one class's merge.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace {
+
+constexpr int64_t kTile = 32;
+
+// One tile pair (I, J), I <= J: the transposed halves go through small
+// buffers (L1), so the row loops run over contiguous j and vectorise.
+template <typename T>
+void merge_tile_pair(T* cov, const T* s, const T* delta, T w, int64_t a, int64_t ti, int64_t tj) {
+  const int64_t i0 = ti * kTile, j0 = tj * kTile;
+  const int64_t ni = std::min(kTile, a - i0), nj = std::min(kTile, a - j0);
+  T cov_t[kTile][kTile], s_t[kTile][kTile], out[kTile][kTile];  // [i][j] views of the (J, I) tiles
+  for (int64_t j = 0; j < nj; ++j) {
+    for (int64_t i = 0; i < ni; ++i) {
+      cov_t[i][j] = cov[(j0 + j) * a + i0 + i];
+      s_t[i][j] = s[(j0 + j) * a + i0 + i];
+    }
+  }
+  const T keep = T(0.5) * (T(1) - w), take = T(0.5) * w, cross = w * (T(1) - w);
+  for (int64_t i = 0; i < ni; ++i) {
+    const T* c_row = cov + (i0 + i) * a + j0;
+    const T* s_row = s + (i0 + i) * a + j0;
+    const T di = cross * delta[i0 + i];
+    for (int64_t j = 0; j < nj; ++j) {
+      out[i][j] = keep * (c_row[j] + cov_t[i][j]) + take * (s_row[j] + s_t[i][j]) + di * delta[j0 + j];
+    }
+  }
+  // On a diagonal tile out[i][j] and out[j][i] round differently (delta_i
+  // delta_j associates the other way), so the upper half is mirrored.
+  for (int64_t i = 0; i < ni; ++i) {
+    for (int64_t j = (ti == tj ? i : 0); j < nj; ++j) cov[(i0 + i) * a + j0 + j] = out[i][j];
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    for (int64_t i = 0; i < (ti == tj ? j + 1 : ni); ++i) cov[(j0 + j) * a + i0 + i] = out[i][j];
+  }
+}
+
+template <typename T>
+void merge_symmetric(T* cov, const T* s, const T* delta, T w, int64_t a) {
+  const int64_t tiles = (a + kTile - 1) / kTile, pairs = tiles * (tiles + 1) / 2;
+  at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      // p -> (ti, tj), ti <= tj, row-major over the upper triangle of tiles
+      int64_t ti = 0, left = p;
+      while (left >= tiles - ti) {
+        left -= tiles - ti;
+        ++ti;
+      }
+      merge_tile_pair(cov, s, delta, w, a, ti, ti + left);
+    }
+  });
+}
+
+void isda_update_full_cpu(at::Tensor& cov, at::Tensor& mean, at::Tensor& amount, const at::Tensor& features,
+                          const at::Tensor& labels) {
+  DK_CHECK_CPU(cov);
+  DK_CHECK_DIM(cov, 3);
+  const int64_t classes = cov.size(0), a = cov.size(1);
+  TORCH_CHECK(cov.size(2) == a && cov.is_contiguous(), "cov must be a contiguous (C, A, A) tensor");
+  TORCH_CHECK(mean.sizes() == at::IntArrayRef({classes, a}) && mean.is_contiguous(), "mean must be contiguous (C, A)");
+  TORCH_CHECK(amount.sizes() == at::IntArrayRef({classes}), "amount must be (C,)");
+  TORCH_CHECK(features.dim() == 2 && features.size(1) == a, "features must be (N, A) with A = ", a);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) && labels.scalar_type() == at::kLong,
+              "labels must be int64 (N,)");
+  TORCH_CHECK(cov.scalar_type() == at::kFloat || cov.scalar_type() == at::kDouble, "float32 or float64");
+  TORCH_CHECK(mean.scalar_type() == cov.scalar_type() && amount.scalar_type() == cov.scalar_type() &&
+                  features.scalar_type() == cov.scalar_type(),
+              "cov, mean, amount and features must share a dtype");
+  if (features.size(0) == 0) return;
+  const at::Tensor x = features.contiguous();
+  const auto lab = labels.contiguous();
+  TORCH_CHECK(lab.min().item<int64_t>() >= 0 && lab.max().item<int64_t>() < classes, "labels must lie in [0, ", classes,
+              ")");
+  const at::Tensor present = std::get<0>(at::_unique(lab, /*sorted=*/true));
+  AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "isda_update_full_cpu", [&] {
+    for (int64_t c : std::vector<int64_t>(present.data_ptr<int64_t>(), present.data_ptr<int64_t>() + present.numel())) {
+      const at::Tensor rows = x.index_select(0, (lab == c).nonzero().squeeze(1));
+      const int64_t n_b = rows.size(0);
+      const at::Tensor mu_b = rows.mean(0);
+      const at::Tensor centred = rows - mu_b;
+      const at::Tensor s = at::mm(centred.t(), centred).div_(static_cast<double>(n_b)).contiguous();
+      scalar_t* n = amount.data_ptr<scalar_t>() + c;
+      const scalar_t w = static_cast<scalar_t>(n_b) / (static_cast<scalar_t>(n_b) + *n);
+      scalar_t* mu = mean.data_ptr<scalar_t>() + c * a;
+      const scalar_t* mub = mu_b.const_data_ptr<scalar_t>();
+      std::vector<scalar_t> delta(a);
+      for (int64_t i = 0; i < a; ++i) delta[i] = mu[i] - mub[i];
+      merge_symmetric(cov.data_ptr<scalar_t>() + c * a * a, s.const_data_ptr<scalar_t>(), delta.data(), w, a);
+      for (int64_t i = 0; i < a; ++i) mu[i] = (scalar_t(1) - w) * mu[i] + w * mub[i];
+      *n += static_cast<scalar_t>(n_b);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dynkernels, CPU, m) { m.impl("isda_update_full_", &isda_update_full_cpu); }
