@@ -45,9 +45,9 @@ def step_setup(n: int, classes: int, dim: int, covariance: str, device: str):
 
     running = [t.clone() for t in state]  # the criterion's buffers, updated in place each call
 
-    def ours():
-        ops.isda_update_(features, labels, *running)
-        loss = ops.isda_cross_entropy(logits, weight, labels, running[0], LAMBDA)
+    def ours():  # as nn.ISDALoss runs it
+        symmetric = ops.isda_update_(features, labels, *running)
+        loss = ops.isda_cross_entropy(logits, weight, labels, running[0], LAMBDA, assume_symmetric=symmetric)
         return torch.autograd.grad(loss, (logits, weight))
 
     def official():

@@ -61,6 +61,14 @@ class ISDALoss(nn.Module):
         self.register_buffer("covariance", torch.zeros(shape))
         self.register_buffer("mean", torch.zeros(rows, num_features))
         self.register_buffer("amount", torch.zeros(rows))
+        # Whether every row of the covariance is exactly symmetric (all updates so
+        # far said so); lets the loss skip symmetrising it. Re-checked on load.
+        self._symmetric = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        cov = self.covariance
+        self._symmetric = cov.dim() == 2 or torch.equal(cov, cov.transpose(1, 2))
 
     @staticmethod
     def _weight_bias(fc):
@@ -92,7 +100,9 @@ class ISDALoss(nn.Module):
         if keep is not None:
             logits, targets = logits[keep], targets[keep]
         lam = self.lambda0 * float(progress)
-        return ops.isda_cross_entropy(logits, weight, targets, self.covariance[: self.num_classes], lam)
+        return ops.isda_cross_entropy(
+            logits, weight, targets, self.covariance[: self.num_classes], lam, assume_symmetric=self._symmetric
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -84,9 +84,11 @@ def isda_update_(
     *,
     sync: bool = False,
     group=None,
-) -> None:
+) -> bool:
     """In place: only the rows of classes present in the batch are read and
     written, one class at a time for the full covariance (no K x A x A gather).
+    Returns True when the rows written are exactly symmetric (the C++
+    full-covariance path, or a diagonal covariance), else False.
 
     sync=True (under torch.distributed) makes every rank's estimator see the
     global batch: the full covariance all-gathers the features and labels
@@ -111,12 +113,12 @@ def isda_update_(
         dist.all_reduce(squares, group=group)
         n_b = counts[present]
         _merge_(cov, mean, amount, present, n_b, mu[present], squares[present] / n_b[:, None])
-        return
+        return True
     if x.shape[0] == 0:
-        return
+        return True
     if cov.dim() == 3 and _cpp_update_ok(x, cov, mean, amount):
         torch.ops.dynkernels.isda_update_full_(cov, mean, amount, x, labels.long())
-        return
+        return True
     present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     n_b = counts.to(mean.dtype)
     mu_b = torch.zeros(len(present), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
@@ -125,7 +127,7 @@ def isda_update_(
     if cov.dim() == 2:
         s_b = torch.zeros_like(mu_b).index_add_(0, inverse, centred * centred) / n_b[:, None]
         _merge_(cov, mean, amount, present, n_b, mu_b, s_b)
-        return
+        return True
     w = n_b / (n_b + amount[present])
     delta = mean[present] - mu_b
     order = torch.argsort(inverse, stable=True)
@@ -136,18 +138,20 @@ def isda_update_(
         cov[c].mul_(1 - wk).add_(s_b, alpha=wk / counts[k].item()).addr_(delta[k], delta[k], alpha=wk * (1 - wk))
     mean[present] = (1 - w[:, None]) * mean[present] + w[:, None] * mu_b
     amount[present] += n_b
+    return False
 
 
-def _quad_table_full(weight: torch.Tensor, present: torch.Tensor, cov: torch.Tensor):
+def _quad_table_full(weight: torch.Tensor, present: torch.Tensor, cov: torch.Tensor, symmetric: bool):
     """q[k, c] = (w_c - w_{p_k})^T Sigma_{p_k} (w_c - w_{p_k}) for the present labels
-    p, and D sym(Sigma) (K, C, A) for the backward."""
+    p, and D sym(Sigma) (K, C, A) for the backward (D Sigma when Sigma is
+    known to be exactly symmetric)."""
     d = weight.unsqueeze(0) - weight[present].unsqueeze(1)  # (K, C, A)
     ds = torch.empty_like(d)
     for k, c in enumerate(present.tolist()):  # Sigma_c read in place: no K x A x A gather
         sigma = cov[c].to(weight.dtype)
         # d^T S d = d^T sym(S) d, and sym(S) d is the gradient's direction for
         # any S, as autograd of the official form gives (S d for a covariance).
-        torch.matmul(d[k], 0.5 * (sigma + sigma.T), out=ds[k])
+        torch.matmul(d[k], sigma if symmetric else 0.5 * (sigma + sigma.T), out=ds[k])
     return (ds * d).sum(2), ds
 
 
@@ -165,12 +169,12 @@ def _quad_table_diagonal(weight: torch.Tensor, present: torch.Tensor, var: torch
 
 class _ISDACrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, weight, labels, cov, lam):
+    def forward(ctx, logits, weight, labels, cov, lam, symmetric):
         present, inverse = torch.unique(labels, return_inverse=True)
         cov = cov.detach()
         ctx.full = cov.dim() == 3
         if ctx.full:
-            q, ds = _quad_table_full(weight, present, cov)
+            q, ds = _quad_table_full(weight, present, cov, symmetric)
             saved = (ds,)
         else:
             q, v, wp = _quad_table_diagonal(weight, present, cov)
@@ -203,15 +207,24 @@ class _ISDACrossEntropy(torch.autograd.Function):
             d_weight = 2.0 * ((gq.T @ v) * weight - gq.T @ (v * wp))
             d_wp = -2.0 * (v * (gq @ weight) - gq.sum(1, keepdim=True) * (v * wp))
             d_weight.index_add_(0, present, d_wp)
-        return dz, d_weight, None, None, None
+        return dz, d_weight, None, None, None, None
 
 
 def isda_cross_entropy(
-    logits: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cov: torch.Tensor, lam: float
+    logits: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    cov: torch.Tensor,
+    lam: float,
+    *,
+    assume_symmetric: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of the ISDA-augmented logits (Sigma detached, W not;
     the bias does not enter). logits (N, C), weight (C, A), labels (N,),
-    cov (C, A, A) or (C, A). Gradients to logits and weight."""
+    cov (C, A, A) or (C, A). Gradients to logits and weight, as autograd of
+    the official form gives them for any Sigma. assume_symmetric=True skips
+    symmetrising each full Sigma_k for the weight gradient: pass it only for
+    an exactly symmetric Sigma (what :func:`isda_update_` reports)."""
     if logits.dim() != 2 or weight.dim() != 2 or logits.shape[1] != weight.shape[0]:
         raise ValueError(
             f"logits (N, C) and weight (C, A) must agree, got {tuple(logits.shape)}, {tuple(weight.shape)}"
@@ -227,7 +240,7 @@ def isda_cross_entropy(
         )
     if labels.numel() == 0:
         raise ValueError("isda_cross_entropy needs a non-empty batch")
-    return _ISDACrossEntropy.apply(logits, weight, labels, cov, float(lam))
+    return _ISDACrossEntropy.apply(logits, weight, labels, cov, float(lam), bool(assume_symmetric))
 
 
 if has_extension():
