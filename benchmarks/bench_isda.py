@@ -4,21 +4,9 @@ CIFAR (full covariance), ImageNet and Cityscapes (diagonal) sizes. Groups are
 "<op> <size>"; the peak memory of one call is stored in extra_info."""
 
 import pytest
-from conftest import DEVICE, QUICK, impls_of, timed
-
-from dynkernels.bench import cases_for
-from dynkernels.bench.runner import peak_bytes
-
-CASES = cases_for(["isda"], None, QUICK, DEVICE)
-PARAMS = [pytest.param(case, name, id=f"{case.op}|{case.size}|{name}") for case in CASES for name in case.impl_names]
+from conftest import case_params, run_case
 
 
-@pytest.mark.parametrize("case,impl_name", PARAMS)
+@pytest.mark.parametrize("case,impl_name", case_params("isda"))
 def test_isda(benchmark, case, impl_name):
-    impl = impls_of(case)[impl_name]  # setup asserted dynkernels == official
-    benchmark.group = f"{case.op} {case.size}"
-    benchmark.extra_info.update(case.params, kind=impl.kind, agrees=impl.agrees, device=DEVICE)
-    if impl.measure_memory:
-        benchmark.extra_info["peak_mb"] = peak_bytes(impl.fn, DEVICE) / 2**20
-    result = timed(benchmark, impl.fn)
-    assert result is not None
+    assert run_case(benchmark, case, impl_name) is not None

@@ -5,23 +5,9 @@ are "<op> <size>"; peak memory and the per-stage breakdown are stored in
 extra_info."""
 
 import pytest
-from conftest import DEVICE, QUICK, impls_of, timed
-
-from dynkernels.bench import cases_for
-from dynkernels.bench.runner import peak_bytes
-
-CASES = cases_for(["pointformer"], None, QUICK, DEVICE)
-PARAMS = [pytest.param(case, name, id=f"{case.op}|{case.size}|{name}") for case in CASES for name in case.impl_names]
+from conftest import case_params, run_case
 
 
-@pytest.mark.parametrize("case,impl_name", PARAMS)
+@pytest.mark.parametrize("case,impl_name", case_params("pointformer"))
 def test_pointformer(benchmark, case, impl_name):
-    impl = impls_of(case)[impl_name]  # setup asserted dynkernels == reference
-    benchmark.group = f"{case.op} {case.size}"
-    benchmark.extra_info.update(case.params, kind=impl.kind, agrees=impl.agrees, device=DEVICE, note=impl.note)
-    if impl.measure_memory:
-        benchmark.extra_info["peak_mb"] = peak_bytes(impl.fn, DEVICE) / 2**20
-    if impl.stages:
-        benchmark.extra_info["stages_ms"] = {k: v * 1e3 for k, v in impl.stages.items()}
-    result = timed(benchmark, impl.fn)
-    assert result is not None
+    assert run_case(benchmark, case, impl_name) is not None

@@ -10,6 +10,9 @@ import os
 import pytest
 import torch
 
+from dynkernels.bench import cases_for
+from dynkernels.bench.runner import peak_bytes
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUICK = os.environ.get("DYNKERNELS_BENCH_QUICK", "0") == "1"
 
@@ -39,3 +42,25 @@ def timed(benchmark, fn):
 @pytest.fixture
 def bench_device():
     return DEVICE
+
+
+def case_params(family: str) -> list:
+    """pytest params (case, implementation name) for one family's cases."""
+    return [
+        pytest.param(case, name, id=f"{case.op}|{case.size}|{name}")
+        for case in cases_for([family], None, QUICK, DEVICE)
+        for name in case.impl_names
+    ]
+
+
+def run_case(benchmark, case, impl_name):
+    """Times one implementation of a case (whose setup checked it against the
+    reference), with its parameters, peak memory and stages in extra_info."""
+    impl = impls_of(case)[impl_name]
+    benchmark.group = f"{case.op} {case.size}"
+    benchmark.extra_info.update(case.params, kind=impl.kind, agrees=impl.agrees, device=DEVICE, note=impl.note)
+    if impl.measure_memory:
+        benchmark.extra_info["peak_mb"] = peak_bytes(impl.fn, DEVICE) / 2**20
+    if impl.stages:
+        benchmark.extra_info["stages_ms"] = {k: v * 1e3 for k, v in impl.stages.items()}
+    return timed(benchmark, impl.fn)
