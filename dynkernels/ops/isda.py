@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .._backends import resolve
 from .._extension import has_extension
 from ..reference.isda import _check_estimator
+from ._triton_registry import isda_kernels as _triton
 
 __all__ = ["isda_cross_entropy", "isda_update", "isda_update_"]
 
@@ -84,11 +86,15 @@ def isda_update_(
     *,
     sync: bool = False,
     group=None,
+    backend: str | None = None,
 ) -> bool:
     """In place: only the rows of classes present in the batch are read and
     written, one class at a time for the full covariance (no K x A x A gather).
-    Returns True when the rows written are exactly symmetric (the C++
-    full-covariance path, or a diagonal covariance), else False.
+    Returns True when the rows written are exactly symmetric (the C++ and
+    Triton full-covariance paths, or a diagonal covariance), else False.
+    backend (full covariance): None (auto: "cpp" on CPU, "triton" on GPU),
+    "cpp", "triton" (CPU under TRITON_INTERPRET=1) or "reference" (the same
+    algorithm in PyTorch).
 
     sync=True (under torch.distributed) makes every rank's estimator see the
     global batch: the full covariance all-gathers the features and labels
@@ -116,7 +122,8 @@ def isda_update_(
         return True
     if x.shape[0] == 0:
         return True
-    if cov.dim() == 3 and _cpp_update_ok(x, cov, mean, amount):
+    chosen = resolve("isda_update_", cov.device, backend, ("reference", "cpp", "triton")) if cov.dim() == 3 else None
+    if chosen == "cpp" and _cpp_update_ok(x, cov, mean, amount):
         torch.ops.dynkernels.isda_update_full_(cov, mean, amount, x, labels.long())
         return True
     present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
@@ -131,6 +138,13 @@ def isda_update_(
     w = n_b / (n_b + amount[present])
     delta = mean[present] - mu_b
     order = torch.argsort(inverse, stable=True)
+    if chosen == "triton" and cov.is_contiguous():
+        segments = torch.zeros(len(present) + 1, dtype=torch.int64, device=x.device)
+        segments[1:] = torch.cumsum(counts, 0)
+        _triton.isda_update_full(cov, centred[order], segments, present, w, delta)
+        mean[present] = (1 - w[:, None]) * mean[present] + w[:, None] * mu_b
+        amount[present] += n_b
+        return True
     blocks = torch.split(centred[order], counts.tolist())
     for k, c in enumerate(present.tolist()):
         wk = w[k].item()
