@@ -75,6 +75,62 @@ def _isda_update_full_kernel(
         )
 
 
+@triton.jit
+def _segment_moments_kernel(
+    x_ptr,  # (N, A) rows sorted by class
+    seg_ptr,  # (K + 1,) segment starts
+    mean_ptr,  # (K, A) out: per-class batch mean
+    sq_ptr,  # (K, A) out: per-class sum of centred squares
+    A,
+    BA: tl.constexpr,
+    BR: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    """Per present class and block of columns, in row order (deterministic,
+    no atomics): the mean, then the sum of squares about it (two passes)."""
+    k = tl.program_id(0)
+    cols = tl.program_id(1) * BA + tl.arange(0, BA)
+    start = tl.load(seg_ptr + k)
+    end = tl.load(seg_ptr + k + 1)
+    total = tl.zeros([BA], COMPUTE)
+    for r0 in range(start, end, BR):
+        rows = r0 + tl.arange(0, BR)
+        x = tl.load(
+            x_ptr + rows[:, None] * A + cols[None, :], mask=(rows[:, None] < end) & (cols[None, :] < A), other=0.0
+        )
+        total += tl.sum(x.to(COMPUTE), axis=0)
+    mu = total / (end - start).to(COMPUTE)
+    sq = tl.zeros([BA], COMPUTE)
+    for r0 in range(start, end, BR):
+        rows = r0 + tl.arange(0, BR)
+        ok = (rows[:, None] < end) & (cols[None, :] < A)
+        x = tl.load(x_ptr + rows[:, None] * A + cols[None, :], mask=ok, other=0.0).to(COMPUTE)
+        d = tl.where(ok, x - mu[None, :], 0.0)
+        sq += tl.sum(d * d, axis=0)
+    tl.store(mean_ptr + k * A + cols, mu, mask=cols < A)
+    tl.store(sq_ptr + k * A + cols, sq, mask=cols < A)
+
+
+def segment_moments(x_sorted, segments, compute_dtype, block: int = 64):
+    """(mean (K, A), sum of centred squares (K, A)) per segment of sorted rows."""
+    k = segments.numel() - 1
+    a = x_sorted.shape[1]
+    mean = torch.empty(k, a, dtype=compute_dtype, device=x_sorted.device)
+    sq = torch.empty_like(mean)
+    if k > 0:
+        _segment_moments_kernel[(k, triton.cdiv(a, block))](
+            x_sorted.contiguous(),
+            segments,
+            mean,
+            sq,
+            a,
+            BA=block,
+            BR=16,
+            COMPUTE=tl.float64 if compute_dtype == torch.float64 else tl.float32,
+        )
+    return mean, sq
+
+
 def isda_update_full(cov, x_sorted, segments, classes, w, delta, block: int = 32) -> None:
     """In place on cov (C, A, A) contiguous: see the module docstring."""
     k = classes.numel()

@@ -92,9 +92,11 @@ def isda_update_(
     written, one class at a time for the full covariance (no K x A x A gather).
     Returns True when the rows written are exactly symmetric (the C++ and
     Triton full-covariance paths, or a diagonal covariance), else False.
-    backend (full covariance): None (auto: "cpp" on CPU, "triton" on GPU),
-    "cpp", "triton" (CPU under TRITON_INTERPRET=1) or "reference" (the same
-    algorithm in PyTorch).
+    backend: None (auto: "cpp" on CPU, "triton" on GPU), "cpp" (the full
+    covariance's fused C++ update; the diagonal runs in PyTorch), "triton"
+    (segment moments in row order, so deterministic on GPUs, and the tiled
+    full-covariance merge; CPU under TRITON_INTERPRET=1) or "reference" (the
+    same algorithm in PyTorch).
 
     sync=True (under torch.distributed) makes every rank's estimator see the
     global batch: the full covariance all-gathers the features and labels
@@ -122,12 +124,29 @@ def isda_update_(
         return True
     if x.shape[0] == 0:
         return True
-    chosen = resolve("isda_update_", cov.device, backend, ("reference", "cpp", "triton")) if cov.dim() == 3 else None
-    if chosen == "cpp" and _cpp_update_ok(x, cov, mean, amount):
+    chosen = resolve("isda_update_", cov.device, backend, ("reference", "cpp", "triton"))
+    if chosen == "cpp" and cov.dim() == 3 and _cpp_update_ok(x, cov, mean, amount):
         torch.ops.dynkernels.isda_update_full_(cov, mean, amount, x, labels.long())
         return True
     present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     n_b = counts.to(mean.dtype)
+    order = torch.argsort(inverse, stable=True)
+    if chosen == "triton":
+        # segment sums in row order: deterministic (index_add would use atomics on GPUs)
+        segments = torch.zeros(len(present) + 1, dtype=torch.int64, device=x.device)
+        segments[1:] = torch.cumsum(counts, 0)
+        x_sorted = x[order]
+        mu_b, squares = _triton.segment_moments(x_sorted, segments, mean.dtype)
+        if cov.dim() == 2:
+            _merge_(cov, mean, amount, present, n_b, mu_b, squares / n_b[:, None])
+            return True
+        w = n_b / (n_b + amount[present])
+        _triton.isda_update_full(
+            cov, x_sorted - mu_b.repeat_interleave(counts, 0), segments, present, w, mean[present] - mu_b
+        )
+        mean[present] = (1 - w[:, None]) * mean[present] + w[:, None] * mu_b
+        amount[present] += n_b
+        return True
     mu_b = torch.zeros(len(present), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
     mu_b /= n_b[:, None]
     centred = x - mu_b[inverse]  # two-pass: centred before squaring (stable in fp32)
@@ -137,14 +156,6 @@ def isda_update_(
         return True
     w = n_b / (n_b + amount[present])
     delta = mean[present] - mu_b
-    order = torch.argsort(inverse, stable=True)
-    if chosen == "triton" and cov.is_contiguous():
-        segments = torch.zeros(len(present) + 1, dtype=torch.int64, device=x.device)
-        segments[1:] = torch.cumsum(counts, 0)
-        _triton.isda_update_full(cov, centred[order], segments, present, w, delta)
-        mean[present] = (1 - w[:, None]) * mean[present] + w[:, None] * mu_b
-        amount[present] += n_b
-        return True
     blocks = torch.split(centred[order], counts.tolist())
     for k, c in enumerate(present.tolist()):
         wk = w[k].item()
