@@ -298,3 +298,20 @@ def test_triton_update_matches_the_official_formulation(full):
         tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
         for a, b in zip(state, official, strict=True):
             torch.testing.assert_close(a, b, **tol)
+
+
+def test_criterion_bad_inputs_and_symmetry_after_load():
+    fc = torch.nn.Linear(6, 4)
+    crit = dnn.ISDALoss(6, 4, 0.5)
+    with pytest.raises(ValueError, match="features must be"):
+        crit(torch.randn(3, 5), fc, torch.tensor([0, 1, 2]), progress=0.5)
+    with pytest.raises(ValueError, match="weight must be"):
+        crit(torch.randn(3, 6), torch.nn.Linear(6, 5), torch.tensor([0, 1, 2]), progress=0.5)
+    with pytest.raises(ValueError, match="labels must lie"):
+        crit(torch.randn(3, 6), fc, torch.tensor([0, 1, 7]), progress=0.5)
+    with pytest.raises(ValueError, match="covariance must be"):
+        dnn.ISDALoss(6, 4, 0.5, covariance="low-rank")
+    state = crit.state_dict()
+    state["covariance"][1, 0, 2] += 1.0  # no longer symmetric
+    crit.load_state_dict(state)
+    assert crit._symmetric is False
