@@ -315,3 +315,19 @@ def test_criterion_bad_inputs_and_symmetry_after_load():
     state["covariance"][1, 0, 2] += 1.0  # no longer symmetric
     crit.load_state_dict(state)
     assert crit._symmetric is False
+
+
+def test_loss_op_under_torch_compile():
+    # The per-label table has a data-dependent size (the distinct labels), so
+    # compiled code breaks its graph there; values and gradients are unchanged.
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(8, 5, generator=g, requires_grad=True)
+    w = torch.randn(5, 4, generator=g, requires_grad=True)
+    t = torch.tensor([0, 1, 1, 2, 3, 4, 0, 2])
+    a = torch.rand(5, 4, 4, generator=g)
+    cov = a @ a.transpose(1, 2)
+    fn = lambda z, w: ops.isda_cross_entropy(z, w, t, cov, 0.5)  # noqa: E731
+    eager, compiled = fn(z, w), torch.compile(fn, backend="aot_eager")(z, w)
+    torch.testing.assert_close(compiled, eager)
+    for x, y in zip(torch.autograd.grad(compiled, (z, w)), torch.autograd.grad(eager, (z, w)), strict=True):
+        torch.testing.assert_close(x, y)
