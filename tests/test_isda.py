@@ -331,3 +331,21 @@ def test_loss_op_under_torch_compile():
     torch.testing.assert_close(compiled, eager)
     for x, y in zip(torch.autograd.grad(compiled, (z, w)), torch.autograd.grad(eager, (z, w)), strict=True):
         torch.testing.assert_close(x, y)
+
+
+def test_diagonal_loss_stays_accurate_when_the_rows_of_w_share_an_offset():
+    # The diagonal table expands (W_c - W_k)^2; centring W's rows first keeps
+    # a shared offset out of the cancellation.
+    g = torch.Generator().manual_seed(11)
+    n, classes, dim = 32, 200, 512
+    w = (torch.randn(classes, dim, generator=g) * 0.02 + 0.5).requires_grad_()
+    z = torch.randn(n, classes, generator=g).requires_grad_()
+    t = torch.randint(0, classes, (n,), generator=g)
+    var = torch.rand(classes, dim, generator=g)
+    got = ops.isda_cross_entropy(z, w, t, var, 7.5)
+    z64, w64 = z.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    truth = isda.isda_loss(z64, w64, t, var.double(), 7.5)
+    torch32 = isda.isda_loss_official(z, w, t, var, 7.5)  # float32 official: the error to match
+    assert abs(got.item() - truth.item()) <= 2 * abs(torch32.item() - truth.item()) + 1e-6
+    for ours, exact in zip(torch.autograd.grad(got, (z, w)), torch.autograd.grad(truth, (z64, w64)), strict=True):
+        torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-6)

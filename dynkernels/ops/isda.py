@@ -183,8 +183,9 @@ def _quad_table_full(weight: torch.Tensor, present: torch.Tensor, cov: torch.Ten
 def _quad_table_diagonal(weight: torch.Tensor, present: torch.Tensor, var: torch.Tensor):
     """The same for a diagonal Sigma, as three products (no K x C x A tensor):
     q = V (W∘W)^T - 2 (V∘W_P) W^T + rowsum(V∘W_P∘W_P), V = var[p], W_P = W[p].
-    Expanding the square trades O(K C A) memory for cancellation when the
-    rows of W are close: an absolute error of about eps |W|^2 |V|."""
+    Expanding the square trades O(K C A) memory for cancellation: an absolute
+    error of about eps |W|^2 |V|, so the caller centres W's rows first (the
+    row differences, all that q depends on, do not change)."""
     v = var[present].to(weight.dtype)
     wp = weight[present]
     vwp = v * wp
@@ -202,6 +203,10 @@ class _ISDACrossEntropy(torch.autograd.Function):
             q, ds = _quad_table_full(weight, present, cov, symmetric)
             saved = (ds,)
         else:
+            # q depends on W only through row differences: shifting every row by
+            # the column mean changes nothing exactly, and removes a shared offset
+            # from the expanded square's cancellation.
+            weight = weight - weight.mean(0, keepdim=True)
             q, v, wp = _quad_table_diagonal(weight, present, cov)
             saved = (v, wp)
         aug = logits + (0.5 * lam) * q[inverse].to(logits.dtype)
