@@ -349,3 +349,49 @@ def test_diagonal_loss_stays_accurate_when_the_rows_of_w_share_an_offset():
     assert abs(got.item() - truth.item()) <= 2 * abs(torch32.item() - truth.item()) + 1e-6
     for ours, exact in zip(torch.autograd.grad(got, (z, w)), torch.autograd.grad(truth, (z64, w64)), strict=True):
         torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_consistency_bound_lies_above_a_monte_carlo_estimate_of_the_kl(full):
+    # The bound's derivation (Jensen and the Gaussian MGF), checked by sampling.
+    g = torch.Generator().manual_seed(12)
+    n, classes, dim, lam = 3, 4, 5, 0.8
+    feats = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    weight = torch.randn(classes, dim, generator=g, dtype=torch.float64) * 0.7
+    bias = torch.randn(classes, generator=g, dtype=torch.float64)
+    a = torch.randn(classes, dim, dim, generator=g, dtype=torch.float64) * 0.5
+    cov = a @ a.transpose(1, 2) if full else torch.rand(classes, dim, generator=g, dtype=torch.float64)
+    logits = feats @ weight.T + bias
+    bound = isda.isda_consistency_loss(logits, weight, cov, lam)
+    p = torch.softmax(logits, 1)
+    k = logits.argmax(1)
+    samples = 20000
+    kl = 0.0
+    for i in range(n):
+        sigma = lam * (cov[k[i]] if full else torch.diag(cov[k[i]]))
+        dist = torch.distributions.MultivariateNormal(feats[i], covariance_matrix=sigma)
+        aug = dist.sample((samples,)) @ weight.T + bias
+        kl += (p[i] * (torch.log(p[i]) - torch.log_softmax(aug, 1))).sum(1).mean()
+    kl = kl / n
+    assert kl <= bound + 1e-3
+    assert bound >= 0
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_consistency_op_matches_its_reference(full):
+    g = torch.Generator().manual_seed(13)
+    n, classes, dim = 9, 5, 4
+    logits = torch.randn(n, classes, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(classes, dim, generator=g, dtype=torch.float64) + 0.3).requires_grad_()
+    a = torch.randn(classes, dim, dim, generator=g, dtype=torch.float64)
+    cov = a @ a.transpose(1, 2) if full else torch.rand(classes, dim, generator=g, dtype=torch.float64)
+    for detach in (True, False):
+        got = ops.isda_consistency_loss(logits, weight, cov, 0.6, detach_target=detach)
+        want = isda.isda_consistency_loss(logits, weight, cov, 0.6, detach_target=detach)
+        torch.testing.assert_close(got, want)
+        for x, y in zip(
+            torch.autograd.grad(got, (logits, weight)), torch.autograd.grad(want, (logits, weight)), strict=True
+        ):
+            torch.testing.assert_close(x, y)
+    zero = ops.isda_consistency_loss(logits, weight, cov, 0.0)
+    torch.testing.assert_close(zero, torch.zeros((), dtype=torch.float64), atol=1e-12, rtol=0)

@@ -24,7 +24,7 @@ from .._extension import has_extension
 from ..reference.isda import _check_estimator
 from ._triton_registry import isda_kernels as _triton
 
-__all__ = ["isda_cross_entropy", "isda_update", "isda_update_"]
+__all__ = ["isda_consistency_loss", "isda_cross_entropy", "isda_update", "isda_update_"]
 
 
 def isda_update(
@@ -278,3 +278,37 @@ if has_extension():
     @torch.library.register_fake("dynkernels::isda_update_full_")
     def _(cov, mean, amount, features, labels):
         return None
+
+
+def isda_consistency_loss(
+    logits: torch.Tensor, weight: torch.Tensor, cov: torch.Tensor, lam: float, *, detach_target: bool = True
+) -> torch.Tensor:
+    """Semi-supervised ISDA's consistency bound (derivation in
+    :func:`dynkernels.reference.isda.isda_consistency_loss`), per predicted
+    class: Q_k[c, j] = (w_j - w_c)^T Sigma_k (w_j - w_c) = s_jj + s_cc - 2 s_cj
+    with S = W Sigma_k W^T (full) or (W∘v_k) W^T (diagonal), a C x C table per
+    distinct predicted class instead of a (C, C, A) difference tensor per
+    sample. W's rows are centred first (Q depends only on their differences),
+    which keeps a shared offset out of the expansion's cancellation.
+    Autograd gives the gradients (Sigma detached, W not)."""
+    if logits.dim() != 2 or weight.dim() != 2 or logits.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"logits (N, C) and weight (C, A) must agree, got {tuple(logits.shape)}, {tuple(weight.shape)}"
+        )
+    cov = cov.detach()
+    probs = torch.softmax(logits, dim=1)
+    target = probs.detach() if detach_target else probs
+    predicted = logits.detach().argmax(1)
+    wc = weight - weight.mean(0, keepdim=True).detach()
+    loss = logits.new_zeros(())
+    for k in torch.unique(predicted).tolist():
+        rows = predicted == k
+        sigma = cov[k].to(weight.dtype)
+        s = wc @ sigma @ wc.T if cov.dim() == 3 else (wc * sigma) @ wc.T
+        diag = torch.diagonal(s)
+        q = diag.unsqueeze(0) + diag.unsqueeze(1) - s - s.T  # q[c, j]; s + s^T keeps it exact for any Sigma
+        aug = logits[rows].unsqueeze(1) + (0.5 * lam) * q.unsqueeze(0)  # (n_k, C "label" c, C j)
+        ce = torch.logsumexp(aug, dim=2) - logits[rows]
+        t = target[rows]
+        loss = loss + (t * ce).sum() + (t * torch.log(t.clamp_min(1e-30))).sum()
+    return loss / logits.shape[0]

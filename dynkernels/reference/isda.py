@@ -170,3 +170,43 @@ def isda_loss_official(
     logits: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cov: torch.Tensor, lam: float
 ) -> torch.Tensor:
     return F.cross_entropy(isda_logits_official(logits, weight, labels, cov, lam), labels)
+
+
+def isda_consistency_loss(
+    logits: torch.Tensor, weight: torch.Tensor, cov: torch.Tensor, lam: float, *, detach_target: bool = True
+) -> torch.Tensor:
+    """Semi-supervised ISDA: an upper bound of the expected KL divergence between
+    the prediction on a feature a and on its augmentation, for unlabeled samples.
+
+    Derivation. Augment a ~ N(a, lam Sigma_y^) with y^ = argmax of the model's own
+    prediction p = softmax(z), z = W a + b. Then z(a~) = z + W (a~ - a) and
+        E KL(p || softmax(z(a~))) = sum_c p_c log p_c + sum_c p_c E[-log softmax(z(a~))_c],
+        E[-log softmax(z(a~))_c] = E log sum_j exp(z_j(a~) - z_c(a~))
+                                 <= log sum_j E exp(z_j(a~) - z_c(a~))        (Jensen)
+                                 =  log sum_j exp(z_j - z_c + (lam / 2) Q[c, j])
+    by the Gaussian moment-generating function, with
+        Q[c, j] = (w_j - w_c)^T Sigma_y^ (w_j - w_c).
+    So the bound is sum_c p_c (logsumexp_j(z_j + (lam / 2) Q[c, j]) - z_c) + sum_c p_c log p_c:
+    ISDA's supervised bound with the label replaced by the soft prediction and
+    the covariance of the predicted class. Averaged over the batch.
+
+    detach_target: treat p (and y^) as a fixed target, as consistency training
+    usually does; the entropy term is then a constant, kept so that the value
+    bounds the KL itself. cov: (C, A, A) or (C, A); detached."""
+    cov = cov.detach()
+    probs = torch.softmax(logits, dim=1)
+    target = probs.detach() if detach_target else probs
+    predicted = logits.detach().argmax(1)
+    total = logits.new_zeros(())
+    for i in range(logits.shape[0]):
+        k = int(predicted[i])
+        d = weight.unsqueeze(0) - weight.unsqueeze(1)  # d[c, j] = w_j - w_c
+        if cov.dim() == 3:
+            q = torch.einsum("cja,ab,cjb->cj", d, cov[k].to(weight.dtype), d)
+        else:
+            q = (d * d * cov[k].to(weight.dtype)).sum(2)
+        aug = logits[i].unsqueeze(0) + 0.5 * lam * q  # row c: the logits for "label" c
+        ce = torch.logsumexp(aug, dim=1) - logits[i]
+        entropy = (target[i] * torch.log(target[i].clamp_min(1e-30))).sum()
+        total = total + (target[i] * ce).sum() + entropy
+    return total / logits.shape[0]
