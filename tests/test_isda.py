@@ -395,3 +395,18 @@ def test_consistency_op_matches_its_reference(full):
             torch.testing.assert_close(x, y)
     zero = ops.isda_consistency_loss(logits, weight, cov, 0.0)
     torch.testing.assert_close(zero, torch.zeros((), dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_consistency_module_uses_the_shared_estimator():
+    torch.manual_seed(14)
+    fc = torch.nn.Linear(6, 4).double()
+    supervised = dnn.ISDALoss(6, 4, 0.5).double()
+    supervised(torch.randn(20, 6, dtype=torch.float64), fc, torch.randint(0, 4, (20,)), progress=1.0)
+    consistency = dnn.ISDAConsistencyLoss(supervised, 0.5)
+    unlabeled = torch.randn(7, 6, dtype=torch.float64)
+    got = consistency(unlabeled, fc, progress=0.5)
+    want = isda.isda_consistency_loss(fc(unlabeled), fc.weight, supervised.covariance, 0.25)
+    torch.testing.assert_close(got, want)
+    amount = supervised.amount.clone()
+    consistency(unlabeled, fc, progress=0.5)
+    assert torch.equal(supervised.amount, amount)  # not updated by unlabeled data

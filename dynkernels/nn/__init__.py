@@ -1,7 +1,7 @@
 """nn.Module wrappers: parameters and configuration only, the math lives in dynkernels.ops."""
 
 from .evolving import EvolvingAttention, EvolvingTransformerEncoder, EvolvingTransformerEncoderLayer
-from .isda import ISDALoss
+from .isda import ISDAConsistencyLoss, ISDALoss
 from .pointformer import (
     CONFIGS,
     CoordinateRefinement,
@@ -22,6 +22,7 @@ __all__ = [
     "EvolvingTransformerEncoder",
     "EvolvingTransformerEncoderLayer",
     "GlobalTransformer",
+    "ISDAConsistencyLoss",
     "ISDALoss",
     "LocalGlobalTransformer",
     "LocalTransformer",

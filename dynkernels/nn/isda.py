@@ -109,3 +109,31 @@ class ISDALoss(nn.Module):
             f"features={self.num_features}, classes={self.num_classes}, lambda0={self.lambda0}, "
             f"covariance={self.covariance_kind!r}, ignore_index={self.ignore_index}, sync={self.sync}"
         )
+
+
+class ISDAConsistencyLoss(nn.Module):
+    """Semi-supervised ISDA: the consistency term for unlabeled samples, an
+    upper bound of the expected KL divergence between the prediction on a
+    feature and on its semantic augmentation, using the covariance of the
+    class the model itself predicts (derivation:
+    :func:`dynkernels.reference.isda.isda_consistency_loss`).
+
+    ``forward(features, fc, progress)`` with lambda = lambda0 * progress. The
+    covariance comes from ``estimator``, the :class:`ISDALoss` trained on the
+    labeled samples (shared, not updated here). detach_target: the prediction
+    on the original feature is the fixed target (the usual choice)."""
+
+    def __init__(self, estimator: ISDALoss, lambda0: float, *, detach_target: bool = True) -> None:
+        super().__init__()
+        self.estimator = estimator
+        self.lambda0, self.detach_target = float(lambda0), detach_target
+
+    def forward(self, features: torch.Tensor, fc, progress: float) -> torch.Tensor:
+        weight, bias = ISDALoss._weight_bias(fc)
+        if features.dim() == 4:
+            features = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        logits = F.linear(features, weight, bias)
+        cov = self.estimator.covariance[: self.estimator.num_classes]
+        return ops.isda_consistency_loss(
+            logits, weight, cov, self.lambda0 * float(progress), detach_target=self.detach_target
+        )
