@@ -410,3 +410,21 @@ def test_consistency_module_uses_the_shared_estimator():
     amount = supervised.amount.clone()
     consistency(unlabeled, fc, progress=0.5)
     assert torch.equal(supervised.amount, amount)  # not updated by unlabeled data
+
+
+def test_per_sample_variance_loss_matches_its_reference_with_gradients():
+    g = torch.Generator().manual_seed(15)
+    n, classes, dim = 7, 5, 6
+    logits = torch.randn(n, classes, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(classes, dim, generator=g, dtype=torch.float64) + 0.4).requires_grad_()
+    variance = torch.rand(n, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 4, 4, 2, 1, 0, 3])
+    got = ops.isda_cross_entropy_per_sample(logits, weight, labels, variance, 0.7)
+    want = torch.nn.functional.cross_entropy(isda.isda_logits_per_sample(logits, weight, labels, variance, 0.7), labels)
+    torch.testing.assert_close(got, want)
+    leaves = (logits, weight, variance)
+    for x, y in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves), strict=True):
+        torch.testing.assert_close(x, y)
+    assert torch.autograd.gradcheck(lambda z, w, v: ops.isda_cross_entropy_per_sample(z, w, labels, v, 0.7), leaves)
+    with pytest.raises(ValueError, match="variance must be"):
+        ops.isda_cross_entropy_per_sample(logits, weight, labels, variance[:, :3], 0.7)

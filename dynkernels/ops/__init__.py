@@ -1,7 +1,13 @@
 """Public functional API, one module per op family."""
 
 from .evolving import evolve_attention_logits, evolving_attention
-from .isda import isda_consistency_loss, isda_cross_entropy, isda_update, isda_update_
+from .isda import (
+    isda_consistency_loss,
+    isda_cross_entropy,
+    isda_cross_entropy_per_sample,
+    isda_update,
+    isda_update_,
+)
 from .neighbors import knn, three_interpolate, three_nn
 from .pointformer import centroid_row_index, coordinate_refinement, local_attention, local_attention_packed
 from .pointops import ball_query, furthest_point_sample, gather_points, grouping_operation
@@ -17,6 +23,7 @@ __all__ = [
     "grouping_operation",
     "isda_consistency_loss",
     "isda_cross_entropy",
+    "isda_cross_entropy_per_sample",
     "isda_update",
     "isda_update_",
     "knn",

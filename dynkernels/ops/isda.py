@@ -24,7 +24,13 @@ from .._extension import has_extension
 from ..reference.isda import _check_estimator
 from ._triton_registry import isda_kernels as _triton
 
-__all__ = ["isda_consistency_loss", "isda_cross_entropy", "isda_update", "isda_update_"]
+__all__ = [
+    "isda_consistency_loss",
+    "isda_cross_entropy",
+    "isda_cross_entropy_per_sample",
+    "isda_update",
+    "isda_update_",
+]
 
 
 def isda_update(
@@ -212,15 +218,18 @@ class _ISDACrossEntropy(torch.autograd.Function):
         aug = logits + (0.5 * lam) * q[inverse].to(logits.dtype)
         lse = torch.logsumexp(aug, dim=1)
         loss = (lse - aug.gather(1, labels[:, None]).squeeze(1)).mean()
-        ctx.save_for_backward(aug, labels, present, inverse, weight, *saved)
+        # Saved: the (K, C) table and the row log-sum-exps, not the (N, C)
+        # augmented logits (rebuilt in the backward from the logits).
+        ctx.save_for_backward(logits, q, lse, labels, present, inverse, weight, *saved)
         ctx.lam = lam
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        aug, labels, present, inverse, weight, *saved = ctx.saved_tensors
-        n = aug.shape[0]
-        dz = torch.softmax(aug, dim=1)
+        logits, q, lse, labels, present, inverse, weight, *saved = ctx.saved_tensors
+        n = logits.shape[0]
+        aug = logits + (0.5 * ctx.lam) * q[inverse].to(logits.dtype)
+        dz = torch.exp(aug - lse[:, None])
         dz[torch.arange(n, device=aug.device), labels] -= 1
         dz *= grad / n
         # gq = dL/dq: (lam / 2) times the logit gradients summed per label.
@@ -312,3 +321,27 @@ def isda_consistency_loss(
         t = target[rows]
         loss = loss + (t * ce).sum() + (t * torch.log(t.clamp_min(1e-30))).sum()
     return loss / logits.shape[0]
+
+
+def isda_cross_entropy_per_sample(
+    logits: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, variance: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """Mean cross-entropy of ISDA-augmented logits with a per-sample diagonal
+    variance (N, A), as LearnableISDA feeds from a meta-network: differentiable
+    in logits, weight and variance. The term as three GEMMs,
+    q = v (W∘W)^T - 2 (v∘W_y) W^T + rowsum(v∘W_y∘W_y), O(N C A) work and
+    O(N C) memory instead of an (N, C, A) difference tensor; W's rows are
+    centred first (q depends only on their differences)."""
+    if logits.dim() != 2 or weight.dim() != 2 or logits.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"logits (N, C) and weight (C, A) must agree, got {tuple(logits.shape)}, {tuple(weight.shape)}"
+        )
+    if variance.shape != (logits.shape[0], weight.shape[1]):
+        raise ValueError(f"variance must be (N, A) = {(logits.shape[0], weight.shape[1])}, got {tuple(variance.shape)}")
+    if labels.shape != (logits.shape[0],) or (labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[1])):
+        raise ValueError(f"labels must be (N,) in [0, {logits.shape[1]})")
+    wc = weight - weight.mean(0, keepdim=True).detach()
+    wy = wc[labels]
+    vwy = variance * wy
+    q = variance @ (wc * wc).T - 2.0 * (vwy @ wc.T) + (vwy * wy).sum(1, keepdim=True)
+    return torch.nn.functional.cross_entropy(logits + (0.5 * lam) * q, labels)
