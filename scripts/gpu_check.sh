@@ -49,6 +49,15 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         mask = torch.ones(197, 197, dtype=torch.bool, device="cuda").triu(1)
         a, pr = ops.evolve_attention_logits(s, p, wt, bs, w_prev=0.5, w_conv=1.0, mask=mask, backend=backend)
         (a.float().sum() + pr.float().square().sum()).backward()
+# ISDA's full-covariance update: CUDA merge kernel and Triton kernels
+for backend in ("cuda", "triton"):
+    for dtype in (torch.float32, torch.float64):
+        cov = torch.zeros(10, 70, 70, device="cuda", dtype=dtype)
+        mean = torch.zeros(10, 70, device="cuda", dtype=dtype)
+        amount = torch.zeros(10, device="cuda", dtype=dtype)
+        for _ in range(2):
+            feats = torch.randn(50, 70, device="cuda", dtype=dtype)
+            ops.isda_update_(feats, torch.randint(0, 10, (50,), device="cuda"), cov, mean, amount, backend=backend)
 torch.cuda.synchronize()
 print("sanitize run ok")
 PY

@@ -428,3 +428,20 @@ def test_per_sample_variance_loss_matches_its_reference_with_gradients():
     assert torch.autograd.gradcheck(lambda z, w, v: ops.isda_cross_entropy_per_sample(z, w, labels, v, 0.7), leaves)
     with pytest.raises(ValueError, match="variance must be"):
         ops.isda_cross_entropy_per_sample(logits, weight, labels, variance[:, :3], 0.7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_full_update_matches_the_official_formulation(backend):
+    g = torch.Generator().manual_seed(16)
+    classes, dim = 6, 100
+    state = [t.cuda() for t in _state(classes, dim, True)]
+    official = _state(classes, dim, True)
+    for labels in ([0, 0, 1, 1, 1, 3], [2], [5] * 40, torch.randint(0, classes, (64,), generator=g).tolist()):
+        t = torch.tensor(labels)
+        x = torch.randn(len(t), dim, generator=g, dtype=torch.float64) * 3 + 5
+        assert ops.isda_update_(x.cuda(), t.cuda(), *state, backend=backend)
+        official = isda.update_estimator_official(x, t, *official)
+        assert torch.equal(state[0], state[0].transpose(1, 2))
+    for a, b in zip(state, official, strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)

@@ -58,12 +58,11 @@ def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts, strict=True)])
 
 
-def _cpp_update_ok(x, cov, mean, amount) -> bool:
-    """The C++ full-covariance update (one fused, exactly symmetric merge pass
-    per present class) takes contiguous CPU float32/float64 buffers."""
+def _native_update_ok(x, cov, mean, amount) -> bool:
+    """The C++/CUDA full-covariance update (one fused, exactly symmetric merge
+    pass per present class) takes contiguous float32/float64 buffers."""
     return (
         has_extension()
-        and cov.device.type == "cpu"
         and cov.dtype in (torch.float32, torch.float64)
         and all(t.dtype == cov.dtype for t in (x, mean, amount))
         and cov.is_contiguous()
@@ -98,8 +97,9 @@ def isda_update_(
     written, one class at a time for the full covariance (no K x A x A gather).
     Returns True when the rows written are exactly symmetric (the C++ and
     Triton full-covariance paths, or a diagonal covariance), else False.
-    backend: None (auto: "cpp" on CPU, "triton" on GPU), "cpp" (the full
-    covariance's fused C++ update; the diagonal runs in PyTorch), "triton"
+    backend: None (auto: "cpp" on CPU, "cuda" then "triton" on GPU), "cpp"
+    and "cuda" (the full covariance's fused update: a BLAS product and one
+    symmetric merge pass per present class; the diagonal runs in PyTorch), "triton"
     (segment moments in row order, so deterministic on GPUs, and the tiled
     full-covariance merge; CPU under TRITON_INTERPRET=1) or "reference" (the
     same algorithm in PyTorch).
@@ -130,8 +130,8 @@ def isda_update_(
         return True
     if x.shape[0] == 0:
         return True
-    chosen = resolve("isda_update_", cov.device, backend, ("reference", "cpp", "triton"))
-    if chosen == "cpp" and cov.dim() == 3 and _cpp_update_ok(x, cov, mean, amount):
+    chosen = resolve("isda_update_", cov.device, backend, ("reference", "cpp", "cuda", "triton"))
+    if chosen in ("cpp", "cuda") and cov.dim() == 3 and _native_update_ok(x, cov, mean, amount):
         torch.ops.dynkernels.isda_update_full_(cov, mean, amount, x, labels.long())
         return True
     present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
