@@ -63,6 +63,8 @@ TORCH_LIBRARY(dynkernels, m) {
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.
   m.def("isda_update_full_(Tensor(a!) cov, Tensor(b!) mean, Tensor(c!) amount, Tensor features, Tensor labels) -> ()");
+  // The same for a diagonal covariance var (C, A): per-class sums in row order (deterministic).
+  m.def("isda_update_diagonal_(Tensor(a!) var, Tensor(b!) mean, Tensor(c!) amount, Tensor features, Tensor labels) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

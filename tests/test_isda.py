@@ -445,3 +445,25 @@ def test_gpu_full_update_matches_the_official_formulation(backend):
         assert torch.equal(state[0], state[0].transpose(1, 2))
     for a, b in zip(state, official, strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
+
+
+def test_cpp_diagonal_update_opcheck_and_row_order_determinism():
+    from dynkernels._extension import has_extension
+
+    if not has_extension():
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(17)
+    classes, dim = 5, 130  # 130: more than one column block
+    x = torch.randn(40, dim, generator=g)
+    t = torch.randint(0, classes, (40,), generator=g)
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        state = _state(classes, dim, False, torch.float32)
+        ops.isda_update_(x, t, *state, backend="cpp")
+        runs.append(state)
+    torch.set_num_threads(2)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    args = (*(s.clone() for s in runs[0]), x, t)
+    torch.library.opcheck(torch.ops.dynkernels.isda_update_diagonal_.default, args)

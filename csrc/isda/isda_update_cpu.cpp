@@ -111,6 +111,78 @@ void isda_update_full_cpu(at::Tensor& cov, at::Tensor& mean, at::Tensor& amount,
   });
 }
 
+// The diagonal update: per class, sums then centred squares in row order (two
+// passes, deterministic), then the merge, all on (C, A) rows. Threads: blocks
+// of columns (every class's sums for those columns).
+template <typename T>
+void update_diagonal(T* var, T* mean, T* amount, const T* x, const int64_t* labels, int64_t n, int64_t classes,
+                     int64_t a) {
+  std::vector<int64_t> count(classes, 0);
+  for (int64_t i = 0; i < n; ++i) ++count[labels[i]];
+  at::parallel_for(0, a, 64, [&](int64_t begin, int64_t end) {
+    const int64_t width = end - begin;
+    std::vector<T> sum(classes * width, T(0)), sq(classes * width, T(0));
+    for (int64_t i = 0; i < n; ++i) {
+      T* row = sum.data() + labels[i] * width;
+      const T* xi = x + i * a + begin;
+      for (int64_t j = 0; j < width; ++j) row[j] += xi[j];
+    }
+    for (int64_t c = 0; c < classes; ++c) {
+      if (count[c] == 0) continue;
+      for (int64_t j = 0; j < width; ++j) sum[c * width + j] /= static_cast<T>(count[c]);  // now the batch mean
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const T* mu = sum.data() + labels[i] * width;
+      T* row = sq.data() + labels[i] * width;
+      const T* xi = x + i * a + begin;
+      for (int64_t j = 0; j < width; ++j) {
+        const T d = xi[j] - mu[j];
+        row[j] += d * d;
+      }
+    }
+    for (int64_t c = 0; c < classes; ++c) {
+      if (count[c] == 0) continue;
+      const T nb = static_cast<T>(count[c]), w = nb / (nb + amount[c]);
+      for (int64_t j = 0; j < width; ++j) {
+        T& v = var[c * a + begin + j];
+        T& m = mean[c * a + begin + j];
+        const T mu = sum[c * width + j], delta = m - mu;
+        v = (T(1) - w) * v + w * (sq[c * width + j] / nb) + w * (T(1) - w) * delta * delta;
+        m = (T(1) - w) * m + w * mu;
+      }
+    }
+  });
+  for (int64_t c = 0; c < classes; ++c) amount[c] += static_cast<T>(count[c]);
+}
+
+void isda_update_diagonal_cpu(at::Tensor& var, at::Tensor& mean, at::Tensor& amount, const at::Tensor& features,
+                              const at::Tensor& labels) {
+  DK_CHECK_CPU(var);
+  DK_CHECK_DIM(var, 2);
+  const int64_t classes = var.size(0), a = var.size(1);
+  TORCH_CHECK(var.is_contiguous() && mean.sizes() == var.sizes() && mean.is_contiguous(),
+              "var and mean must be contiguous (C, A)");
+  TORCH_CHECK(amount.sizes() == at::IntArrayRef({classes}) && amount.is_contiguous(), "amount must be (C,)");
+  TORCH_CHECK(features.dim() == 2 && features.size(1) == a, "features must be (N, A) with A = ", a);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) && labels.scalar_type() == at::kLong,
+              "labels must be int64 (N,)");
+  TORCH_CHECK(var.scalar_type() == at::kFloat || var.scalar_type() == at::kDouble, "float32 or float64");
+  TORCH_CHECK(mean.scalar_type() == var.scalar_type() && amount.scalar_type() == var.scalar_type() &&
+                  features.scalar_type() == var.scalar_type(),
+              "var, mean, amount and features must share a dtype");
+  if (features.size(0) == 0) return;
+  const at::Tensor x = features.contiguous(), lab = labels.contiguous();
+  TORCH_CHECK(lab.min().item<int64_t>() >= 0 && lab.max().item<int64_t>() < classes, "labels must lie in [0, ", classes,
+              ")");
+  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "isda_update_diagonal_cpu", [&] {
+    update_diagonal(var.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), amount.data_ptr<scalar_t>(),
+                    x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), x.size(0), classes, a);
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dynkernels, CPU, m) { m.impl("isda_update_full_", &isda_update_full_cpu); }
+TORCH_LIBRARY_IMPL(dynkernels, CPU, m) {
+  m.impl("isda_update_full_", &isda_update_full_cpu);
+  m.impl("isda_update_diagonal_", &isda_update_diagonal_cpu);
+}

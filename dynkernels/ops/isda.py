@@ -98,8 +98,9 @@ def isda_update_(
     Returns True when the rows written are exactly symmetric (the C++ and
     Triton full-covariance paths, or a diagonal covariance), else False.
     backend: None (auto: "cpp" on CPU, "cuda" then "triton" on GPU), "cpp"
-    and "cuda" (the full covariance's fused update: a BLAS product and one
-    symmetric merge pass per present class; the diagonal runs in PyTorch), "triton"
+    (full: a BLAS product and one symmetric merge pass per present class;
+    diagonal: per-class sums in row order, then the merge, over column blocks),
+    "cuda" (full as cpp; the diagonal runs in PyTorch), "triton"
     (segment moments in row order, so deterministic on GPUs, and the tiled
     full-covariance merge; CPU under TRITON_INTERPRET=1) or "reference" (the
     same algorithm in PyTorch).
@@ -133,6 +134,9 @@ def isda_update_(
     chosen = resolve("isda_update_", cov.device, backend, ("reference", "cpp", "cuda", "triton"))
     if chosen in ("cpp", "cuda") and cov.dim() == 3 and _native_update_ok(x, cov, mean, amount):
         torch.ops.dynkernels.isda_update_full_(cov, mean, amount, x, labels.long())
+        return True
+    if chosen == "cpp" and cov.dim() == 2 and _native_update_ok(x, cov, mean, amount) and amount.is_contiguous():
+        torch.ops.dynkernels.isda_update_diagonal_(cov, mean, amount, x, labels.long())
         return True
     present, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     n_b = counts.to(mean.dtype)
@@ -286,6 +290,10 @@ if has_extension():
 
     @torch.library.register_fake("dynkernels::isda_update_full_")
     def _(cov, mean, amount, features, labels):
+        return None
+
+    @torch.library.register_fake("dynkernels::isda_update_diagonal_")
+    def _(var, mean, amount, features, labels):
         return None
 
 
