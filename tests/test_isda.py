@@ -456,13 +456,15 @@ def test_cpp_diagonal_update_opcheck_and_row_order_determinism():
     classes, dim = 5, 130  # 130: more than one column block
     x = torch.randn(40, dim, generator=g)
     t = torch.randint(0, classes, (40,), generator=g)
-    runs = []
-    for threads in (1, 2):
+    runs, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            state = _state(classes, dim, False, torch.float32)
+            ops.isda_update_(x, t, *state, backend="cpp")
+            runs.append(state)
+    finally:
         torch.set_num_threads(threads)
-        state = _state(classes, dim, False, torch.float32)
-        ops.isda_update_(x, t, *state, backend="cpp")
-        runs.append(state)
-    torch.set_num_threads(2)
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
     args = (*(s.clone() for s in runs[0]), x, t)
