@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "isda/isda_checks.h"
 
 namespace {
 
@@ -73,23 +74,10 @@ void merge_symmetric(T* cov, const T* s, const T* delta, T w, int64_t a) {
 void isda_update_full_cpu(at::Tensor& cov, at::Tensor& mean, at::Tensor& amount, const at::Tensor& features,
                           const at::Tensor& labels) {
   DK_CHECK_CPU(cov);
-  DK_CHECK_DIM(cov, 3);
-  const int64_t classes = cov.size(0), a = cov.size(1);
-  TORCH_CHECK(cov.size(2) == a && cov.is_contiguous(), "cov must be a contiguous (C, A, A) tensor");
-  TORCH_CHECK(mean.sizes() == at::IntArrayRef({classes, a}) && mean.is_contiguous(), "mean must be contiguous (C, A)");
-  TORCH_CHECK(amount.sizes() == at::IntArrayRef({classes}), "amount must be (C,)");
-  TORCH_CHECK(features.dim() == 2 && features.size(1) == a, "features must be (N, A) with A = ", a);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) && labels.scalar_type() == at::kLong,
-              "labels must be int64 (N,)");
-  TORCH_CHECK(cov.scalar_type() == at::kFloat || cov.scalar_type() == at::kDouble, "float32 or float64");
-  TORCH_CHECK(mean.scalar_type() == cov.scalar_type() && amount.scalar_type() == cov.scalar_type() &&
-                  features.scalar_type() == cov.scalar_type(),
-              "cov, mean, amount and features must share a dtype");
+  const int64_t a = dynkernels::isda::check_update_args(cov, mean, amount, features, labels, /*full=*/true);
   if (features.size(0) == 0) return;
   const at::Tensor x = features.contiguous();
   const auto lab = labels.contiguous();
-  TORCH_CHECK(lab.min().item<int64_t>() >= 0 && lab.max().item<int64_t>() < classes, "labels must lie in [0, ", classes,
-              ")");
   const at::Tensor present = std::get<0>(at::_unique(lab, /*sorted=*/true));
   AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "isda_update_full_cpu", [&] {
     for (int64_t c : std::vector<int64_t>(present.data_ptr<int64_t>(), present.data_ptr<int64_t>() + present.numel())) {
@@ -158,22 +146,10 @@ void update_diagonal(T* var, T* mean, T* amount, const T* x, const int64_t* labe
 void isda_update_diagonal_cpu(at::Tensor& var, at::Tensor& mean, at::Tensor& amount, const at::Tensor& features,
                               const at::Tensor& labels) {
   DK_CHECK_CPU(var);
-  DK_CHECK_DIM(var, 2);
-  const int64_t classes = var.size(0), a = var.size(1);
-  TORCH_CHECK(var.is_contiguous() && mean.sizes() == var.sizes() && mean.is_contiguous(),
-              "var and mean must be contiguous (C, A)");
-  TORCH_CHECK(amount.sizes() == at::IntArrayRef({classes}) && amount.is_contiguous(), "amount must be (C,)");
-  TORCH_CHECK(features.dim() == 2 && features.size(1) == a, "features must be (N, A) with A = ", a);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) && labels.scalar_type() == at::kLong,
-              "labels must be int64 (N,)");
-  TORCH_CHECK(var.scalar_type() == at::kFloat || var.scalar_type() == at::kDouble, "float32 or float64");
-  TORCH_CHECK(mean.scalar_type() == var.scalar_type() && amount.scalar_type() == var.scalar_type() &&
-                  features.scalar_type() == var.scalar_type(),
-              "var, mean, amount and features must share a dtype");
+  const int64_t a = dynkernels::isda::check_update_args(var, mean, amount, features, labels, /*full=*/false);
+  const int64_t classes = var.size(0);
   if (features.size(0) == 0) return;
   const at::Tensor x = features.contiguous(), lab = labels.contiguous();
-  TORCH_CHECK(lab.min().item<int64_t>() >= 0 && lab.max().item<int64_t>() < classes, "labels must lie in [0, ", classes,
-              ")");
   AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "isda_update_diagonal_cpu", [&] {
     update_diagonal(var.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), amount.data_ptr<scalar_t>(),
                     x.const_data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), x.size(0), classes, a);
