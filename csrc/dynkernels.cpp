@@ -55,10 +55,11 @@ TORCH_LIBRARY(dynkernels, m) {
   m.def("evolve_attention_logits(Tensor logits, Tensor? prev_logits, Tensor weight, Tensor? bias, float w_prev, "
         "float w_conv, int activation, float negative_slope, Tensor? mask) -> (Tensor, Tensor)");
   // evolved: the forward's A (the CPU kernel reads act'(Z) off it where that is exact, instead of
-  // recomputing the convolution) -> (d_logits, d_prev (empty without prev), d_weight, d_bias (empty without bias))
+  // recomputing the convolution); mask: the forward's (keys it sets to -inf pass no gradient)
+  // -> (d_logits, d_prev (empty without prev), d_weight, d_bias (empty without bias))
   m.def("evolve_attention_logits_backward(Tensor? grad_evolved, Tensor? grad_probs, Tensor logits, "
         "Tensor? prev_logits, Tensor weight, Tensor? bias, Tensor probs, Tensor evolved, float w_prev, float w_conv, "
-        "int activation, float negative_slope) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int activation, float negative_slope, Tensor? mask) -> (Tensor, Tensor, Tensor, Tensor)");
   // ---- ISDA ----
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.

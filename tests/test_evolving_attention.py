@@ -41,7 +41,7 @@ def test_reference_matches_the_formula(activation, with_prev):
     weight = torch.randn(h, h, 3, 3, dtype=torch.float64)
     bias = torch.randn(h, dtype=torch.float64)
     evolved, probs = reference.evolve_attention_logits(
-        logits, prev, weight, bias, w_prev=0.3, w_conv=0.5, activation=activation
+        logits, prev, weight, bias, w_prev=0.3, w_conv=0.5, activation=activation, convolve_without_prev=True
     )
     want = _direct(logits, prev, weight, bias, 0.3, 0.5, activation)
     torch.testing.assert_close(evolved, want)
@@ -52,7 +52,9 @@ def test_no_mix_equals_zero_prev_weight():
     torch.manual_seed(1)
     logits, prev = torch.randn(2, 2, 2, 9, 9, dtype=torch.float64)
     weight, bias = torch.randn(2, 2, 3, 3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
-    alone, _ = reference.evolve_attention_logits(logits, None, weight, bias, w_prev=0.7, w_conv=1.0)
+    alone, _ = reference.evolve_attention_logits(
+        logits, None, weight, bias, w_prev=0.7, w_conv=1.0, convolve_without_prev=True
+    )
     ignored, _ = reference.evolve_attention_logits(logits, prev, weight, bias, w_prev=0.0, w_conv=1.0)
     torch.testing.assert_close(alone, ignored)
 
@@ -63,12 +65,13 @@ def test_mask_is_added_after_the_convolution():
     logits = torch.randn(b, h, n, n, dtype=torch.float64)
     weight, bias = torch.randn(h, h, 3, 3, dtype=torch.float64), torch.zeros(h, dtype=torch.float64)
     causal = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
-    plain, _ = reference.evolve_attention_logits(logits, None, weight, bias, w_prev=0.0, w_conv=0.5)
-    evolved, probs = reference.evolve_attention_logits(logits, None, weight, bias, w_prev=0.0, w_conv=0.5, mask=causal)
+    kw = dict(w_prev=0.0, w_conv=0.5, convolve_without_prev=True)
+    plain, _ = reference.evolve_attention_logits(logits, None, weight, bias, **kw)
+    evolved, probs = reference.evolve_attention_logits(logits, None, weight, bias, mask=causal, **kw)
     torch.testing.assert_close(evolved, plain)  # the stored logits never see the mask
     assert (probs[..., causal] == 0).all()
     additive = torch.zeros(n, n, dtype=torch.float64).masked_fill(causal, float("-inf"))
-    _, probs_add = reference.evolve_attention_logits(logits, None, weight, bias, w_prev=0.0, w_conv=0.5, mask=additive)
+    _, probs_add = reference.evolve_attention_logits(logits, None, weight, bias, mask=additive, **kw)
     torch.testing.assert_close(probs, probs_add)
 
 
@@ -133,7 +136,9 @@ def test_map_step_matches_reference(device, backend, dtype, activation, n, prev,
         mask = torch.randn(n, n, dtype=dtype)
     mask = mask.to(device) if mask is not None else None
     leaves = [t.requires_grad_() for t in (logits, prev_logits, weight, bias) if t is not None]
-    kwargs = dict(w_prev=0.3, w_conv=0.6, activation=activation, negative_slope=0.2, mask=mask)
+    kwargs = dict(
+        w_prev=0.3, w_conv=0.6, activation=activation, negative_slope=0.2, mask=mask, convolve_without_prev=True
+    )
     got = ops.evolve_attention_logits(logits, prev_logits, weight, bias, backend=backend, **kwargs)
     want = reference.evolve_attention_logits(logits, prev_logits, weight, bias, **kwargs)
     tol = TOLERANCES[dtype]
@@ -212,7 +217,16 @@ def test_map_step_gradcheck(device, backend):
             s, p = next(it), next(it) if prev else None
             w, b = next(it), next(it) if with_bias else None
             return ops.evolve_attention_logits(
-                s, p, w, b, w_prev=0.4, w_conv=w_conv, activation=activation, negative_slope=0.1, backend=backend
+                s,
+                p,
+                w,
+                b,
+                w_prev=0.4,
+                w_conv=w_conv,
+                activation=activation,
+                negative_slope=0.1,
+                convolve_without_prev=True,
+                backend=backend,
             )
 
         # Under the Triton interpreter every launch costs ~0.1 s: the fast mode
@@ -390,9 +404,10 @@ def test_attention_step_compiles_and_first_layer_does_not_mix():
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, None)
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b)
-    # No prev: the map is conv(S) alone, whatever w_prev says.
+    # No prev: plain attention (the logits are S), whatever w_prev says.
     again = ops.evolving_attention(q, k, v, None, weight, bias, w_prev=0.9, w_conv=1.0)
     torch.testing.assert_close(again[0], eager[0])
+    torch.testing.assert_close(again[1], q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5)
     # Mixing with zeros at w_prev = 0.5 halves S instead: a different map.
     mixed = ops.evolving_attention(q, k, v, torch.zeros_like(eager[1]), weight, bias, w_prev=0.5, w_conv=1.0)
     assert not torch.allclose(mixed[1], eager[1])

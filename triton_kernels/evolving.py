@@ -36,8 +36,9 @@ _ACT_IDENTITY, _ACT_RELU, _ACT_LEAKY = 0, 1, 2
 
 @triton.jit
 def _activate(z, ACT: tl.constexpr, slope):
+    # NaN propagates as in torch: relu(NaN) = NaN, and its gradient passes.
     if ACT == 1:
-        z = tl.where(z > 0, z, 0.0)
+        z = tl.where(z < 0, 0.0, z)
     elif ACT == 2:
         z = tl.where(z > 0, z, z * slope)
     return z
@@ -46,7 +47,7 @@ def _activate(z, ACT: tl.constexpr, slope):
 @triton.jit
 def _activate_grad(z, ACT: tl.constexpr, slope):
     if ACT == 1:
-        g = tl.where(z > 0, 1.0, 0.0)
+        g = tl.where(z <= 0, 0.0, 1.0)
     elif ACT == 2:
         g = tl.where(z > 0, 1.0, slope)
     else:
@@ -182,12 +183,20 @@ def _evolve_fwd_kernel(
 
 
 @triton.jit
+def _kept(mask_ptr, b, heads, i, cols, msb, msh, msi, msj, ok):
+    """Where the additive mask does not set the key to -inf."""
+    m = tl.load(mask_ptr + b * msb + heads[:, None] * msh + i * msi + cols[None, :] * msj, mask=ok, other=0.0)
+    return m != float("-inf")
+
+
+@triton.jit
 def _evolve_bwd_rows_kernel(
     s_ptr,
     prev_ptr,
     w_ptr,
     bias_ptr,
     p_ptr,
+    mask_ptr,
     ga_ptr,
     gp_ptr,
     dz_ptr,
@@ -196,11 +205,16 @@ def _evolve_bwd_rows_kernel(
     db_ptr,
     H,
     N,
+    msb,
+    msh,
+    msi,
+    msj,
     params_ptr,
     K: tl.constexpr,
     ACT: tl.constexpr,
     HAS_PREV: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     HAS_GA: tl.constexpr,
     HAS_GP: tl.constexpr,
     ROWS: tl.constexpr,
@@ -229,6 +243,8 @@ def _evolve_bwd_rows_kernel(
             for j0 in range(0, N, BLOCK_J):
                 cols = j0 + tl.arange(0, BLOCK_J)
                 ok = (heads[:, None] < H) & (cols[None, :] < N)
+                if HAS_MASK:  # keys masked by -inf pass no gradient and add nothing to the dot
+                    ok = ok & _kept(mask_ptr, b, heads, i, cols, msb, msh, msi, msj, ok)
                 gp = tl.load(gp_ptr + out_off + cols[None, :], mask=ok, other=0.0).to(COMPUTE)
                 p = tl.load(p_ptr + out_off + cols[None, :], mask=ok, other=0.0).to(COMPUTE)
                 dot += tl.sum(gp * p, axis=1)
@@ -239,9 +255,12 @@ def _evolve_bwd_rows_kernel(
             if HAS_GA:
                 da += tl.load(ga_ptr + out_off + cols[None, :], mask=ok, other=0.0).to(COMPUTE)
             if HAS_GP:
-                gp = tl.load(gp_ptr + out_off + cols[None, :], mask=ok, other=0.0).to(COMPUTE)
-                p = tl.load(p_ptr + out_off + cols[None, :], mask=ok, other=0.0).to(COMPUTE)
-                da += p * (gp - dot[:, None])
+                kept = ok
+                if HAS_MASK:
+                    kept = ok & _kept(mask_ptr, b, heads, i, cols, msb, msh, msi, msj, ok)
+                gp = tl.load(gp_ptr + out_off + cols[None, :], mask=kept, other=0.0).to(COMPUTE)
+                p = tl.load(p_ptr + out_off + cols[None, :], mask=kept, other=0.0).to(COMPUTE)
+                da += tl.where(kept, p * (gp - dot[:, None]), 0.0)
             x = _gather_taps(s_ptr, prev_ptr, keep, w_prev, base, i, cols, taps, H, N, K, HAS_PREV, COMPUTE)
             z = tl.dot(w, x, input_precision="ieee", out_dtype=COMPUTE) + bias[:, None]
             dz = tl.where(ok, w_conv * da * _activate_grad(z, ACT, slope).to(COMPUTE), 0.0)
@@ -319,6 +338,10 @@ def _params(x: torch.Tensor, w_prev: float, w_conv: float, slope: float) -> torc
     return torch.tensor([w_prev, w_conv, slope], dtype=_scratch_dtype(x), device=x.device)
 
 
+def _mask_strides(mask: torch.Tensor | None) -> tuple[int, int, int, int]:
+    return mask.stride() if mask is not None else (0, 0, 0, 0)
+
+
 def _scratch_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -327,11 +350,10 @@ def evolve_logits_fwd(logits, prev, weight, bias, w_prev, w_conv, activation, sl
     """(A, P) for contiguous logits (B, H, N, N); mask additive, expanded, or None."""
     b, h, n, _ = logits.shape
     k = weight.shape[-1]
-    evolved = torch.empty_like(logits)
-    probs = torch.empty_like(logits)
+    evolved = logits.new_empty(logits.shape)
+    probs = logits.new_empty(logits.shape)
     if logits.numel() == 0:
         return evolved, probs
-    strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     _evolve_fwd_kernel[(b * n,)](
         *_common_args(logits, prev, weight, bias),
         mask if mask is not None else logits,
@@ -339,7 +361,7 @@ def evolve_logits_fwd(logits, prev, weight, bias, w_prev, w_conv, activation, sl
         probs,
         h,
         n,
-        *strides,
+        *_mask_strides(mask),
         _params(logits, w_prev if prev is not None else 0.0, w_conv, slope),
         ACT=activation,
         HAS_PREV=prev is not None,
@@ -355,13 +377,16 @@ def evolve_logits_fwd(logits, prev, weight, bias, w_prev, w_conv, activation, sl
 _ROWS = 16
 
 
-def evolve_logits_bwd(grad_evolved, grad_probs, logits, prev, weight, bias, probs, w_prev, w_conv, activation, slope):
-    """(d_logits, d_prev or (0,), d_weight, d_bias or (0,)), as the C++ op."""
+def evolve_logits_bwd(
+    grad_evolved, grad_probs, logits, prev, weight, bias, probs, w_prev, w_conv, activation, slope, mask
+):
+    """(d_logits, d_prev or (0,), d_weight, d_bias or (0,)), as the C++ op; keys
+    the mask sets to -inf pass no gradient."""
     b, h, n, _ = logits.shape
     k = weight.shape[-1]
-    d_logits = torch.empty_like(logits)
+    d_logits = logits.new_empty(logits.shape)
     # Absent inputs get empty (0,) gradients, distinct tensors (outputs must not alias).
-    d_prev = torch.empty_like(logits) if prev is not None else logits.new_empty((0,))
+    d_prev = logits.new_empty(logits.shape) if prev is not None else logits.new_empty((0,))
     if logits.numel() == 0:
         return (
             d_logits,
@@ -379,6 +404,7 @@ def evolve_logits_bwd(grad_evolved, grad_probs, logits, prev, weight, bias, prob
     _evolve_bwd_rows_kernel[(programs,)](
         *_common_args(logits, prev, weight, bias),
         probs,
+        mask if mask is not None else logits,
         grad_evolved if grad_evolved is not None else logits,
         grad_probs if grad_probs is not None else logits,
         dz,
@@ -387,10 +413,12 @@ def evolve_logits_bwd(grad_evolved, grad_probs, logits, prev, weight, bias, prob
         db_part,
         h,
         n,
+        *_mask_strides(mask),
         _params(logits, w_prev if prev is not None else 0.0, w_conv, slope),
         ACT=activation,
         HAS_PREV=prev is not None,
         HAS_BIAS=bias is not None,
+        HAS_MASK=mask is not None,
         HAS_GA=grad_evolved is not None,
         HAS_GP=grad_probs is not None,
         ROWS=_ROWS,

@@ -94,18 +94,36 @@ inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; 
 
 enum Activation : int64_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2 };
 
+// NaN propagates as in torch: relu(NaN) = NaN, and its gradient passes
+// (torch's threshold_backward zeroes only where the output is <= 0).
 template <typename T>
 DK_INLINE T activate(T z, int64_t act, T slope) {
-  if (act == kRelu) return z > T(0) ? z : T(0);
+  if (act == kRelu) return z < T(0) ? T(0) : z;
   if (act == kLeakyRelu) return z > T(0) ? z : slope * z;
   return z;
 }
 
 template <typename T>
 DK_INLINE T activate_grad(T z, int64_t act, T slope) {
-  if (act == kRelu) return z > T(0) ? T(1) : T(0);
+  if (act == kRelu) return z <= T(0) ? T(0) : T(1);
   if (act == kLeakyRelu) return z > T(0) ? T(1) : slope;
   return T(1);
+}
+
+// Whether x[0, n) is all finite: x - x is 0 for finite x and NaN for Inf and
+// NaN, summed over explicit lanes so that the loop vectorises.
+template <typename T>
+DK_INLINE bool all_finite(const T* x, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  T lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t u = 0; u < kLanes; ++u) lane[u] += x[j + u] - x[j + u];
+  }
+  T total = T(0);
+  for (int64_t u = 0; u < kLanes; ++u) total += lane[u];
+  for (; j < n; ++j) total += x[j] - x[j];
+  return total == T(0);
 }
 
 struct Shape {
@@ -180,27 +198,34 @@ class Band {
         lay_(lay),
         slot_size_(lay.width + (lay.wino ? 4 * lay.pairs : 0)),
         data_(s.h * s.k * slot_size_, T(0)),
-        held_(s.k, -1) {}
+        held_(s.k, -1),
+        finite_(s.k, 1) {}
 
   // Makes rows i - r .. i + r of image b present; rows[di] is the slot of
   // kernel row di for head 0 (head hi's is at rows[di] + hi * head_stride()):
-  // the raw row, then (Winograd) its transformed arrays at + width.
-  void load(const T* m, const T* prev, T w_prev, int64_t b, int64_t i, const T** rows) {
+  // the raw row, then (Winograd) its transformed arrays at + width. Returns
+  // whether every value in those rows is finite.
+  bool load(const T* m, const T* prev, T w_prev, int64_t b, int64_t i, const T** rows) {
+    bool finite = true;
     for (int64_t di = 0; di < s_.k; ++di) {
       const int64_t row = i + di - s_.r, slot = (row + s_.k) % s_.k, key = b * (s_.n + 2 * s_.k) + row + s_.k;
       if (held_[slot] != key) {
-        fill(m, prev, w_prev, b, row, slot);
+        finite_[slot] = fill(m, prev, w_prev, b, row, slot);
         held_[slot] = key;
       }
+      finite = finite && finite_[slot];
       rows[di] = data_.data() + slot * slot_size_;
     }
     prefetch(m, b, i + s_.r + kAhead);
     if (prev != nullptr) prefetch(prev, b, i + s_.r + kAhead);
+    return finite;
   }
   int64_t head_stride() const { return s_.k * slot_size_; }
 
  private:
-  void fill(const T* m, const T* prev, T w_prev, int64_t b, int64_t row, int64_t slot) {
+  // Fills one slot for every head; returns whether it is all finite.
+  bool fill(const T* m, const T* prev, T w_prev, int64_t b, int64_t row, int64_t slot) {
+    bool finite = true;
     for (int64_t hi = 0; hi < s_.h; ++hi) {
       T* raw = data_.data() + (hi * s_.k + slot) * slot_size_;
       T* dst = raw + s_.r;
@@ -216,9 +241,11 @@ class Band {
           const T keep = T(1) - w_prev, take = w_prev;
           for (int64_t j = 0; j < s_.n; ++j) dst[j] = keep * src[j] + take * pv[j];
         }
+        finite = finite && all_finite(dst, s_.n);
       }
       if (lay_.wino) winograd_input(raw, lay_);
     }
+    return finite;
   }
   static constexpr int64_t kAhead = 2;
   // Asks for the row that the query row kAhead on will fill: H short rows N * N
@@ -237,6 +264,7 @@ class Band {
   int64_t slot_size_;
   std::vector<T> data_;
   std::vector<int64_t> held_;  // which (image, row) each slot holds
+  std::vector<char> finite_;   // whether that row is all finite
 };
 
 // The backward's ring of computed dZ rows, in the band layout (zero-padded by
@@ -426,6 +454,21 @@ DK_INLINE T dot_lanes(const T* x, const T* y, int64_t n) {
   return total;
 }
 
+// da += P (gP - <gP, P>) over the keys the mask keeps: a key masked by -inf
+// passes no gradient and adds nothing to the dot, so a fully masked row (P all
+// NaN) contributes nothing, as the reference's masked_fill / where give.
+template <typename T>
+DK_INLINE void softmax_grad_masked(const T* gp, const T* p, const T* mask, int64_t mask_stride, int64_t n, T* da) {
+  constexpr T kMasked = -std::numeric_limits<T>::infinity();
+  T dot = T(0);
+  for (int64_t j = 0; j < n; ++j) {
+    if (mask[j * mask_stride] != kMasked) dot += gp[j] * p[j];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (mask[j * mask_stride] != kMasked) da[j] += p[j] * (gp[j] - dot);
+  }
+}
+
 // One output row: a = w_conv act(z) + (1 - w_conv) m (stored), then
 // p = softmax(a + mask) over the row, in three passes: (a, p = a + mask, lane
 // maxima), (exp and lane sums), (scale). Explicit lanes and a branch-free exp
@@ -530,6 +573,38 @@ DK_INLINE void conv_all(const Problem<T>& p, const Layout<T>& lay, const T* cons
   }
 }
 
+// The convolution one term at a time, for bands holding Inf or NaN: the
+// Winograd transform's differences would turn one Inf into NaNs around it
+// (Inf - Inf), where the reference's direct sum keeps it an Inf. Rare, so plain.
+template <typename T>
+void conv_plain(const T* const* rows, int64_t head_stride, const T* weight, const T* bias, const Shape& s,
+                const Layout<T>& lay, T* z) {
+  for (int64_t ho = 0; ho < s.h; ++ho) {
+    T* zr = z + ho * lay.zlen;
+    for (int64_t j = 0; j < s.n; ++j) zr[j] = bias[ho];
+    for (int64_t hi = 0; hi < s.h; ++hi) {
+      for (int64_t di = 0; di < s.k; ++di) {
+        const T* src = rows[di] + hi * head_stride;
+        for (int64_t dj = 0; dj < s.k; ++dj) {
+          const T w = weight[((ho * s.h + hi) * s.k + di) * s.k + dj];
+          for (int64_t j = 0; j < s.n; ++j) zr[j] += w * src[j + dj];
+        }
+      }
+    }
+  }
+}
+
+// Z rows from the band of M (the forward direction, p's own weights).
+template <typename T, dynkernels::CpuIsa kIsa>
+DK_INLINE void conv_band(const Problem<T>& p, const Layout<T>& lay, const T* const* rows, int64_t head_stride,
+                         bool finite, T* z) {
+  if (finite) {
+    conv_all<T, kIsa>(p, lay, rows, head_stride, z);
+  } else {
+    conv_plain(rows, head_stride, p.weight, p.bias_padded, p.s, lay, z);
+  }
+}
+
 template <typename T, dynkernels::CpuIsa kIsa>
 DK_INLINE void forward_rows(const Problem<T>* pp, int64_t begin, int64_t end, T* evolved, T* probs) {
   const Problem<T>& p = *pp;
@@ -538,8 +613,8 @@ DK_INLINE void forward_rows(const Problem<T>* pp, int64_t begin, int64_t end, T*
   const Layout<T>& lay = w.lay;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / s.n, i = task % s.n;
-    w.band.load(p.logits, p.prev, p.w_prev, b, i, w.rows);
-    conv_all<T, kIsa>(p, lay, w.rows, w.band.head_stride(), w.z.data());
+    const bool finite = w.band.load(p.logits, p.prev, p.w_prev, b, i, w.rows);
+    conv_band<T, kIsa>(p, lay, w.rows, w.band.head_stride(), finite, w.z.data());
     for (int64_t ho = 0; ho < s.h; ++ho) {
       const T* zr = w.z.data() + ho * lay.zlen;
       const T* m = w.rows[s.r] + ho * w.band.head_stride() + s.r;
@@ -648,15 +723,20 @@ DK_INLINE void backward_chunks(const Problem<T>* pp, const Problem<T>* tpp, int6
       const bool own = u >= t0 && u < t1;
       if (u < rows_total) {
         const int64_t b = u / s.n, i = u % s.n;
-        w.band.load(p.logits, p.prev, p.w_prev, b, i, w.rows);
+        const bool finite = w.band.load(p.logits, p.prev, p.w_prev, b, i, w.rows);
         T* dz = ring.row(u);
-        if (!from_a) conv_all<T, kIsa>(p, lay, w.rows, w.band.head_stride(), w.z.data());
+        if (!from_a) conv_band<T, kIsa>(p, lay, w.rows, w.band.head_stride(), finite, w.z.data());
         for (int64_t ho = 0; ho < s.h; ++ho) {
           const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
           for (int64_t j = 0; j < s.n; ++j) da[j] = p.grad_evolved == nullptr ? T(0) : p.grad_evolved[off + j];
           if (p.grad_probs != nullptr) {
-            const T dot = dot_lanes(p.grad_probs + off, p.probs + off, s.n);
-            for (int64_t j = 0; j < s.n; ++j) da[j] += p.probs[off + j] * (p.grad_probs[off + j] - dot);
+            const T* mrow = mask_row<T>(p.mask, b, ho, i);
+            if (mrow == nullptr) {
+              const T dot = dot_lanes(p.grad_probs + off, p.probs + off, s.n);
+              for (int64_t j = 0; j < s.n; ++j) da[j] += p.probs[off + j] * (p.grad_probs[off + j] - dot);
+            } else {
+              softmax_grad_masked(p.grad_probs + off, p.probs + off, mrow, p.mask.sj, s.n, da.data());
+            }
           }
           const T* zr = from_a ? p.evolved + off : w.z.data() + ho * lay.zlen;
           T* dzr = dz + ho * ring.head_stride();
@@ -803,8 +883,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evolve_attention_logi
     const c10::optional<at::Tensor>& grad_evolved, const c10::optional<at::Tensor>& grad_probs,
     const at::Tensor& logits_in, const c10::optional<at::Tensor>& prev_in, const at::Tensor& weight_in,
     const c10::optional<at::Tensor>& bias_in, const at::Tensor& probs_in, const at::Tensor& evolved_in, double w_prev,
-    double w_conv, int64_t activation, double negative_slope) {
-  const Shape s = check_args(logits_in, prev_in, weight_in, bias_in, c10::nullopt);
+    double w_conv, int64_t activation, double negative_slope, const c10::optional<at::Tensor>& mask) {
+  const Shape s = check_args(logits_in, prev_in, weight_in, bias_in, mask);
   TORCH_CHECK(probs_in.sizes() == logits_in.sizes() && evolved_in.sizes() == logits_in.sizes(),
               "probs and evolved must match logits");
   at::Tensor logits = logits_in.contiguous(), weight = weight_in.contiguous(), probs = probs_in.contiguous();
@@ -828,7 +908,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evolve_attention_logi
     Problem<scalar_t> p{logits.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(prev),
                               weight.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias),
                               probs.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ge), ptr_or_null<scalar_t>(gp),
-                              MaskView(), static_cast<scalar_t>(w_prev), static_cast<scalar_t>(w_conv),
+                              mask_view(mask), static_cast<scalar_t>(w_prev), static_cast<scalar_t>(w_conv),
                               static_cast<scalar_t>(negative_slope), activation, s, nullptr, nullptr, nullptr};
     const std::vector<scalar_t> packed = pack_weights(p.weight, s, Layout<scalar_t>(s)), bias_pad = padded_bias(p.bias, s);
     p.packed = packed.data();

@@ -40,6 +40,11 @@ c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
   return t->contiguous();
 }
 
+EvolveMask mask_view(const c10::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return {0, 0, 0, 0};
+  return {mask->stride(0), mask->stride(1), mask->stride(2), mask->stride(3)};
+}
+
 std::tuple<at::Tensor, at::Tensor> evolve_attention_logits_cuda(const at::Tensor& logits_in,
                                                                 const c10::optional<at::Tensor>& prev_in,
                                                                 const at::Tensor& weight_in,
@@ -54,12 +59,10 @@ std::tuple<at::Tensor, at::Tensor> evolve_attention_logits_cuda(const at::Tensor
   const c10::optional<at::Tensor> prev = contiguous(prev_in), bias = contiguous(bias_in);
   at::Tensor evolved = at::empty_like(logits), probs = at::empty_like(logits);
   if (logits.numel() == 0) return {evolved, probs};
-  EvolveMask mv{0, 0, 0, 0};
-  if (mask.has_value()) mv = {mask->stride(0), mask->stride(1), mask->stride(2), mask->stride(3)};
   const EvolveParams prm{w_prev, w_conv, negative_slope, static_cast<int>(activation)};
   DK_CHECK_LAUNCH(dynkernels::cuda::launch_evolve_attention_logits(
       dynkernels::cuda::kind_of(logits), logits.const_data_ptr(), ptr_or_null(prev), weight.const_data_ptr(),
-      ptr_or_null(bias), ptr_or_null(mask), mv, s, prm, evolved.data_ptr(), probs.data_ptr(),
+      ptr_or_null(bias), ptr_or_null(mask), mask_view(mask), s, prm, evolved.data_ptr(), probs.data_ptr(),
       c10::cuda::getCurrentCUDAStream().stream()));
   return {evolved, probs};
 }
@@ -68,8 +71,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evolve_attention_logi
     const c10::optional<at::Tensor>& grad_evolved, const c10::optional<at::Tensor>& grad_probs,
     const at::Tensor& logits_in, const c10::optional<at::Tensor>& prev_in, const at::Tensor& weight_in,
     const c10::optional<at::Tensor>& bias_in, const at::Tensor& probs_in, const at::Tensor& /*evolved: unused,
-    the kernel recomputes Z*/, double w_prev, double w_conv, int64_t activation, double negative_slope) {
-  const EvolveShape s = checked_shape(logits_in, prev_in, weight_in, bias_in, c10::nullopt, true);
+    the kernel recomputes Z*/, double w_prev, double w_conv, int64_t activation, double negative_slope,
+    const c10::optional<at::Tensor>& mask) {
+  const EvolveShape s = checked_shape(logits_in, prev_in, weight_in, bias_in, mask, true);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   at::Tensor logits = logits_in.contiguous(), weight = weight_in.contiguous(), probs = probs_in.contiguous();
   const c10::optional<at::Tensor> prev = contiguous(prev_in), bias = contiguous(bias_in);
@@ -92,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evolve_attention_logi
   DK_CHECK_LAUNCH(dynkernels::cuda::launch_evolve_attention_logits_backward(
       dynkernels::cuda::kind_of(logits), ptr_or_null(ge), ptr_or_null(gp), logits.const_data_ptr(),
       ptr_or_null(prev), weight.const_data_ptr(), flipped.const_data_ptr(), ptr_or_null(bias),
-      probs.const_data_ptr(), s, prm, dz.data_ptr(), dm.data_ptr(), partial.data_ptr(), d_logits.data_ptr(),
+      probs.const_data_ptr(), ptr_or_null(mask), mask_view(mask), s, prm, dz.data_ptr(), dm.data_ptr(), partial.data_ptr(), d_logits.data_ptr(),
       prev.has_value() ? d_prev.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream().stream()));
   // Per-block partials summed by torch's reduction (no atomics): deterministic.
   at::Tensor sums = partial.sum(0);

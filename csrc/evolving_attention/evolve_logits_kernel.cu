@@ -29,18 +29,29 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRows = 8;  // query rows per block of backward 1
 
+// NaN propagates as in torch: relu(NaN) = NaN, and its gradient passes.
 template <typename acc_t>
 __device__ __forceinline__ acc_t activate(acc_t z, int act, acc_t slope) {
-  if (act == 1) return z > acc_t(0) ? z : acc_t(0);
+  if (act == 1) return z < acc_t(0) ? acc_t(0) : z;
   if (act == 2) return z > acc_t(0) ? z : slope * z;
   return z;
 }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t activate_grad(acc_t z, int act, acc_t slope) {
-  if (act == 1) return z > acc_t(0) ? acc_t(1) : acc_t(0);
+  if (act == 1) return z <= acc_t(0) ? acc_t(0) : acc_t(1);
   if (act == 2) return z > acc_t(0) ? acc_t(1) : slope;
   return acc_t(1);
+}
+
+// Whether the mask sets key j of row (b, h, i) to -inf: such a key passes no
+// gradient back, so a fully masked row (P all NaN) contributes nothing.
+template <typename scalar_t>
+__device__ __forceinline__ bool masked_out(const scalar_t* mask, const EvolveMask& mv, int64_t b, int64_t h, int64_t i,
+                                           int64_t j) {
+  if (mask == nullptr) return false;
+  const float m = static_cast<float>(to_compute(mask[b * mv.sb + h * mv.sh + i * mv.si + j * mv.sj]));
+  return m == -INFINITY;
 }
 
 template <typename acc_t>
@@ -180,8 +191,8 @@ __global__ void __launch_bounds__(kThreads)
     evolve_bwd_rows_kernel(const scalar_t* __restrict__ grad_evolved, const scalar_t* __restrict__ grad_probs,
                            const scalar_t* __restrict__ logits, const scalar_t* __restrict__ prev,
                            const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
-                           const scalar_t* __restrict__ probs, EvolveShape s, EvolveParams prm,
-                           typename ComputeType<scalar_t>::type* __restrict__ dz,
+                           const scalar_t* __restrict__ probs, const scalar_t* __restrict__ mask, EvolveMask mv,
+                           EvolveShape s, EvolveParams prm, typename ComputeType<scalar_t>::type* __restrict__ dz,
                            typename ComputeType<scalar_t>::type* __restrict__ dm,
                            typename ComputeType<scalar_t>::type* __restrict__ partial) {
   using acc_t = typename ComputeType<scalar_t>::type;
@@ -211,6 +222,7 @@ __global__ void __launch_bounds__(kThreads)
       if (grad_probs != nullptr) {
         const int64_t off = ((b * s.h + ho) * s.n + i) * s.n;
         for (int64_t j = lane; j < s.n; j += 32) {
+          if (masked_out(mask, mv, b, ho, i, j)) continue;  // no gradient, nothing in the dot
           dot += static_cast<acc_t>(to_compute(grad_probs[off + j])) * static_cast<acc_t>(to_compute(probs[off + j]));
         }
       }
@@ -223,7 +235,7 @@ __global__ void __launch_bounds__(kThreads)
       const int ho = e / n, j = e % n;
       const int64_t off = ((b * s.h + ho) * s.n + i) * s.n + j;
       acc_t da = grad_evolved != nullptr ? static_cast<acc_t>(to_compute(grad_evolved[off])) : acc_t(0);
-      if (grad_probs != nullptr) {
+      if (grad_probs != nullptr && !masked_out(mask, mv, b, ho, i, j)) {
         da += static_cast<acc_t>(to_compute(probs[off])) * (static_cast<acc_t>(to_compute(grad_probs[off])) - dots[ho]);
       }
       acc_t z = conv_at(band, w, s, at.width, ho, j);
@@ -311,9 +323,9 @@ struct EvolveForward {
 template <typename scalar_t>
 struct EvolveBackward {
   static cudaError_t run(const void* grad_evolved, const void* grad_probs, const void* logits, const void* prev,
-                         const void* weight, const void* flipped, const void* bias, const void* probs, EvolveShape s,
-                         EvolveParams prm, void* dz, void* dm, void* partial, void* d_logits, void* d_prev,
-                         cudaStream_t stream) {
+                         const void* weight, const void* flipped, const void* bias, const void* probs,
+                         const void* mask, EvolveMask mv, EvolveShape s, EvolveParams prm, void* dz, void* dm,
+                         void* partial, void* d_logits, void* d_prev, cudaStream_t stream) {
     using acc_t = typename ComputeType<scalar_t>::type;
     if (s.b * s.n == 0) return cudaSuccess;
     const Smem at(s);
@@ -326,7 +338,8 @@ struct EvolveBackward {
     evolve_bwd_rows_kernel<scalar_t><<<row_blocks, kThreads, rows_bytes, stream>>>(
         static_cast<const scalar_t*>(grad_evolved), static_cast<const scalar_t*>(grad_probs),
         static_cast<const scalar_t*>(logits), static_cast<const scalar_t*>(prev), static_cast<const scalar_t*>(weight),
-        static_cast<const scalar_t*>(bias), static_cast<const scalar_t*>(probs), s, prm, static_cast<acc_t*>(dz),
+        static_cast<const scalar_t*>(bias), static_cast<const scalar_t*>(probs), static_cast<const scalar_t*>(mask), mv,
+        s, prm, static_cast<acc_t*>(dz),
         static_cast<acc_t*>(dm), static_cast<acc_t*>(partial));
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -355,10 +368,11 @@ cudaError_t launch_evolve_attention_logits(ScalarKind kind, const void* logits, 
 cudaError_t launch_evolve_attention_logits_backward(ScalarKind kind, const void* grad_evolved, const void* grad_probs,
                                                     const void* logits, const void* prev, const void* weight,
                                                     const void* flipped, const void* bias, const void* probs,
-                                                    EvolveShape s, EvolveParams prm, void* dz, void* dm, void* partial,
-                                                    void* d_logits, void* d_prev, cudaStream_t stream) {
-  return dispatch_kind<EvolveBackward>(kind, grad_evolved, grad_probs, logits, prev, weight, flipped, bias, probs, s,
-                                       prm, dz, dm, partial, d_logits, d_prev, stream);
+                                                    const void* mask, EvolveMask mv, EvolveShape s, EvolveParams prm,
+                                                    void* dz, void* dm, void* partial, void* d_logits, void* d_prev,
+                                                    cudaStream_t stream) {
+  return dispatch_kind<EvolveBackward>(kind, grad_evolved, grad_probs, logits, prev, weight, flipped, bias, probs,
+                                       mask, mv, s, prm, dz, dm, partial, d_logits, d_prev, stream);
 }
 
 }  // namespace cuda

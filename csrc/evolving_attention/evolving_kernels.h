@@ -34,12 +34,14 @@ cudaError_t launch_evolve_attention_logits(ScalarKind kind, const void* logits, 
                                            EvolveParams prm, void* evolved, void* probs, cudaStream_t stream);
 
 // dz, dm: (B, H, N, N) scratch in the compute type; partial: (blocks, H*H*K*K + H) in the compute type,
-// blocks = B * ceil(N / evolve_rows_per_block()); flipped: W'[hi, ho, a, c] = W[ho, hi, K-1-a, K-1-c].
+// blocks = B * ceil(N / evolve_rows_per_block()); flipped: W'[hi, ho, a, c] = W[ho, hi, K-1-a, K-1-c];
+// mask (may be null): the forward's; keys it sets to -inf pass no gradient.
 cudaError_t launch_evolve_attention_logits_backward(ScalarKind kind, const void* grad_evolved, const void* grad_probs,
                                                     const void* logits, const void* prev, const void* weight,
                                                     const void* flipped, const void* bias, const void* probs,
-                                                    EvolveShape s, EvolveParams prm, void* dz, void* dm, void* partial,
-                                                    void* d_logits, void* d_prev, cudaStream_t stream);
+                                                    const void* mask, EvolveMask mv, EvolveShape s, EvolveParams prm,
+                                                    void* dz, void* dm, void* partial, void* d_logits, void* d_prev,
+                                                    cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dynkernels

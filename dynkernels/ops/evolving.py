@@ -14,7 +14,7 @@ import torch
 from .. import reference
 from .._backends import resolve
 from .._extension import has_extension
-from ..reference.evolving import ACTIVATIONS
+from ..reference.evolving import ACTIVATIONS, plain_attention_logits
 from ._triton_registry import evolving_kernels as _triton
 from ._validation import check_floating, check_real, check_tensor
 
@@ -52,6 +52,7 @@ def evolve_attention_logits(
     activation: str = "relu",
     negative_slope: float = 0.01,
     mask: torch.Tensor | None = None,
+    convolve_without_prev: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Evolving Attention's map step, fused: mix, head-mixing convolution,
@@ -60,14 +61,24 @@ def evolve_attention_logits(
     Args:
         logits: ``(B, H, N, N)`` pre-softmax attention logits S_i (float32/float64 on CPU).
         prev_logits: the previous layer's evolved logits ``(B, H, N, N)``, or
-            None for no mixing (the first layer, or after N changes).
+            None for a layer without a previous map (the first layer, or after
+            N changes). Then, as in the official code, there is no map step:
+            ``evolved`` is ``logits`` (a view of it) and ``probs =
+            softmax(logits + mask)`` (torch's softmax on every backend), and
+            weight and bias get zero gradients.
+        convolve_without_prev: with ``prev_logits=None``, run the map step on
+            S alone (M = S: convolution, activation, residual) instead of plain
+            attention. Not in the official code; kept for users who want the
+            first layer to evolve too.
         weight: ``(H, H, K, K)``, K odd (3 in the paper); bias: ``(H,)`` or None.
         w_prev: weight of prev_logits in the mix (the official code's "beta").
         w_conv: weight of the convolution branch (the official code's "alpha").
         activation: "identity", "relu" or "leaky_relu" (negative_slope).
         mask: optional, broadcastable to ``(B, H, N, N)``: bool (True masks
             out) or additive float (0 or -inf). Added after the convolution,
-            never convolved; no gradient flows to it.
+            never convolved; no gradient flows to it. Keys masked by True or
+            -inf pass no gradient back, so a fully masked row (NaN
+            probabilities) contributes nothing to any gradient.
         backend: None (auto), "reference", "cpp" (CPU, float32/float64),
             "cuda" or "triton" (GPU: float16, bfloat16, float32, float64 with
             float32 or float64 arithmetic; Triton also runs CPU tensors under
@@ -77,9 +88,10 @@ def evolve_attention_logits(
     Returns:
         ``(evolved, probs)``: the evolved logits A_i ``(B, H, N, N)``,
         unmasked (what the next layer receives), and ``softmax(A_i + mask)``.
-        A fully masked row gives NaN, as torch.softmax does. Differentiable in
-        logits, prev_logits, weight and bias; the parameter gradients are
-        summed in a fixed order (deterministic).
+        A fully masked row gives NaN, as torch.softmax does; NaN and Inf
+        propagate as in the reference. Differentiable in logits, prev_logits,
+        weight and bias; the parameter gradients are summed in a fixed order
+        (deterministic).
     """
     for name, t in (("logits", logits), ("weight", weight)):
         check_tensor(name, t)
@@ -113,6 +125,10 @@ def evolve_attention_logits(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     w_prev, w_conv = check_real("w_prev", w_prev), check_real("w_conv", w_conv)
     negative_slope = check_real("negative_slope", negative_slope)
+    if prev_logits is None and not convolve_without_prev:
+        if mask is not None:
+            _additive_mask(mask, logits)  # the same checks as the map step's
+        return plain_attention_logits(logits, weight, bias, mask)
     chosen = resolve("evolve_attention_logits", logits.device, backend, ("reference", "cpp", "cuda", "triton"))
     if chosen == "reference":
         return reference.evolve_attention_logits(
@@ -125,10 +141,10 @@ def evolve_attention_logits(
             activation=activation,
             negative_slope=negative_slope,
             mask=mask,
+            convolve_without_prev=True,
         )
     if chosen == "triton":
         op = torch.ops.dynkernels.evolve_attention_logits_triton
-        logits, prev_logits = logits.contiguous(), None if prev_logits is None else prev_logits.contiguous()
     else:
         if chosen == "cpp" and logits.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"evolve_attention_logits on CPU takes float32 or float64, got {logits.dtype}")
@@ -161,6 +177,7 @@ def evolving_attention(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    convolve_without_prev: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Evolving Attention step: ``S = (q * scale) k^T``, the fused map
@@ -169,7 +186,9 @@ def evolving_attention(
     Args:
         q, k: ``(B, H, N, d)``; v: ``(B, H, N, d_v)``; all one dtype and device.
         prev_logits, weight, bias, w_prev, w_conv, activation, negative_slope,
-            mask, backend: as :func:`evolve_attention_logits`.
+            mask, convolve_without_prev, backend: as :func:`evolve_attention_logits`
+            (without prev_logits this is plain attention, equal to
+            ``F.scaled_dot_product_attention``, and the logits S are returned).
         scale: defaults to ``d ** -0.5``.
         dropout_p: dropout on P before ``P v`` (pass 0 in eval mode).
 
@@ -195,6 +214,8 @@ def evolving_attention(
             raise TypeError(
                 f"{name} must share q's dtype and device ({q.dtype}, {q.device}), got {t.dtype} on {t.device}"
             )
+    if q.shape[-1] == 0:
+        raise ValueError(f"q and k need a head dimension d >= 1, got q of shape {tuple(q.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else check_real("scale", scale)
     dropout_p = check_real("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
@@ -210,6 +231,7 @@ def evolving_attention(
         activation=activation,
         negative_slope=negative_slope,
         mask=mask,
+        convolve_without_prev=convolve_without_prev,
         backend=backend,
     )
     if dropout_p > 0.0:
@@ -218,58 +240,62 @@ def evolving_attention(
 
 
 def _setup_context(ctx, inputs, output):
-    logits, prev, weight, bias, w_prev, w_conv, activation, slope, _mask = inputs
-    ctx.save_for_backward(logits, prev, weight, bias, output[1], output[0])
+    logits, prev, weight, bias, w_prev, w_conv, activation, slope, mask = inputs
+    # The mask goes to the backward too: keys it masks (-inf) pass no gradient.
+    ctx.save_for_backward(logits, prev, weight, bias, output[1], output[0], mask)
     ctx.params = (w_prev, w_conv, activation, slope)
     ctx.has_prev, ctx.has_bias = prev is not None, bias is not None
 
 
 def _make_backward(backward_op):
     def backward(ctx, grad_evolved, grad_probs):
-        return _backward(backward_op, ctx, grad_evolved, grad_probs)
+        logits, prev, weight, bias, probs, evolved, mask = ctx.saved_tensors
+        d_logits, d_prev, d_weight, d_bias = backward_op(
+            grad_evolved,
+            grad_probs,
+            logits,
+            prev if ctx.has_prev else None,
+            weight,
+            bias if ctx.has_bias else None,
+            probs,
+            evolved,
+            *ctx.params,
+            mask,
+        )
+        return (
+            d_logits,
+            d_prev if ctx.has_prev else None,
+            d_weight,
+            d_bias if ctx.has_bias else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
     return backward
 
 
-def _backward(backward_op, ctx, grad_evolved, grad_probs):
-    logits, prev, weight, bias, probs, evolved = ctx.saved_tensors
-    d_logits, d_prev, d_weight, d_bias = backward_op(
-        grad_evolved,
-        grad_probs,
-        logits,
-        prev if ctx.has_prev else None,
-        weight,
-        bias if ctx.has_bias else None,
-        probs,
-        evolved,
-        *ctx.params,
-    )
-    return (
-        d_logits,
-        d_prev if ctx.has_prev else None,
-        d_weight,
-        d_bias if ctx.has_bias else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+# The kernels write contiguous outputs whatever the inputs' strides, so the
+# fake outputs are contiguous too (empty_like would copy a transposed input's strides).
+def _dense_like(t: torch.Tensor) -> torch.Tensor:
+    return t.new_empty(t.shape)
 
 
 def _fake_map(logits, prev, weight, bias, w_prev, w_conv, activation, slope, mask):
-    return torch.empty_like(logits), torch.empty_like(logits)
+    return _dense_like(logits), _dense_like(logits)
 
 
 def _fake_map_backward(
-    grad_evolved, grad_probs, logits, prev, weight, bias, probs, evolved, w_prev, w_conv, activation, slope
+    grad_evolved, grad_probs, logits, prev, weight, bias, probs, evolved, w_prev, w_conv, activation, slope, mask
 ):
     empty = logits.new_empty((0,))
     return (
-        torch.empty_like(logits),
-        torch.empty_like(logits) if prev is not None else empty,
-        torch.empty_like(weight),
-        torch.empty_like(bias) if bias is not None else empty,
+        _dense_like(logits),
+        _dense_like(logits) if prev is not None else empty,
+        _dense_like(weight),
+        _dense_like(bias) if bias is not None else empty,
     )
 
 
@@ -298,8 +324,9 @@ if _triton is not None:
         negative_slope: float,
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        contiguous = lambda t: None if t is None else t.contiguous()
         return _triton.evolve_logits_fwd(
-            logits, prev_logits, weight, bias, w_prev, w_conv, activation, negative_slope, mask
+            logits.contiguous(), contiguous(prev_logits), weight, bias, w_prev, w_conv, activation, negative_slope, mask
         )
 
     @torch.library.custom_op("dynkernels::evolve_attention_logits_backward_triton", mutates_args=())
@@ -316,13 +343,14 @@ if _triton is not None:
         w_conv: float,
         activation: int,
         negative_slope: float,
+        mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         contiguous = lambda t: None if t is None else t.contiguous()
         return _triton.evolve_logits_bwd(
             contiguous(grad_evolved),
             contiguous(grad_probs),
-            logits,
-            prev_logits,
+            logits.contiguous(),
+            contiguous(prev_logits),
             weight,
             bias,
             probs.contiguous(),
@@ -330,6 +358,7 @@ if _triton is not None:
             w_conv,
             activation,
             negative_slope,
+            mask,
         )
 
     torch.library.register_fake("dynkernels::evolve_attention_logits_triton")(_fake_map)
