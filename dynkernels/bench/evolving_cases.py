@@ -28,9 +28,10 @@ def _tolerance(dtype: torch.dtype) -> dict:
 
 def _impls(fns, inputs, grads, backward: bool) -> list:
     """Timed callables: the forward under no_grad, or forward + backward to
-    every input (the same output gradients for each implementation)."""
+    every input (the same output gradients for each implementation). fns:
+    (name, fn, kind) or (name, fn, kind, agrees)."""
     impls = []
-    for name, fn, kind in fns:
+    for name, fn, kind, *agrees in fns:
         if backward:
 
             def run(fn=fn):
@@ -43,7 +44,7 @@ def _impls(fns, inputs, grads, backward: bool) -> list:
                 with torch.no_grad():
                     return fn()
 
-        impls.append(_impl(name, run, kind, True, measure_memory=True))
+        impls.append(_impl(name, run, kind, agrees[0] if agrees else True, measure_memory=True))
     return impls
 
 
@@ -87,6 +88,37 @@ def step_setup(batch: int, n: int, heads: int, d: int, device: str, backward: bo
     return _impls([("dynkernels", ours, "kernel"), ("reference", ref, "reference")], inputs, grads, backward)
 
 
+def first_layer_setup(batch: int, n: int, heads: int, d: int, device: str, backward: bool):
+    """The first layer (no previous map): plain attention in both the official
+    code and dynkernels. Also timed: the map step run on S alone (what
+    dynkernels computed there before it followed the official code), and
+    torch's SDPA plus the S the next layer needs, as the floor's anchor."""
+    g = torch.Generator().manual_seed(n * heads + d + 1)
+    dtype = _dtype(device)
+    make = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).to(device, dtype).requires_grad_(backward)
+    q, k, v = make(batch, heads, n, d), make(batch, heads, n, d), make(batch, heads, n, d)
+    weight, bias = make(heads, heads, 3, 3, s=0.2), make(heads, s=0.1)
+    inputs = (q, k, v)
+    ours = lambda: ops.evolving_attention(q, k, v, None, weight, bias, **PARAMS)
+    ref = lambda: reference.evolving_attention(q, k, v, None, weight, bias, **PARAMS)
+    convolved = lambda: ops.evolving_attention(q, k, v, None, weight, bias, convolve_without_prev=True, **PARAMS)
+    sdpa = lambda: (torch.nn.functional.scaled_dot_product_attention(q, k, v), q @ k.transpose(-1, -2) * d**-0.5)
+    with torch.no_grad():
+        _check(ours(), ref(), dtype)
+        _check(ours(), sdpa(), dtype)
+    grads = (
+        torch.randn(batch, heads, n, d, generator=g).to(device, dtype),
+        torch.randn(batch, heads, n, n, generator=g).to(device, dtype),
+    )
+    fns = [
+        ("dynkernels", ours, "kernel"),
+        ("reference", ref, "reference"),
+        ("map step on S (before)", convolved, "anchor", False),
+        ("torch SDPA + S", sdpa, "anchor", True),
+    ]
+    return _impls(fns, inputs, grads, backward)
+
+
 def cases(quick: bool, device: str) -> list:
     batch = 32 if device == "cuda" else 4
     sizes = [("ViT-B/16", 197, 12, 64)] if quick else list(SIZES)
@@ -115,6 +147,16 @@ def cases(quick: bool, device: str) -> list:
                     lambda n=n, h=heads, d=d, bw=backward: step_setup(batch, n, h, d, device, bw),
                     params,
                     ("dynkernels", "reference"),
+                )
+            )
+            out.append(
+                _case(
+                    "evolving_attention",
+                    "evolving_attention first layer" + suffix,
+                    f"{name} B={batch} N={n} H={heads} d={d}",
+                    lambda n=n, h=heads, d=d, bw=backward: first_layer_setup(batch, n, h, d, device, bw),
+                    params,
+                    ("dynkernels", "reference", "map step on S (before)", "torch SDPA + S"),
                 )
             )
     return out
