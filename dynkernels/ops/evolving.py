@@ -262,17 +262,8 @@ def _make_backward(backward_op):
             *ctx.params,
             mask,
         )
-        return (
-            d_logits,
-            d_prev if ctx.has_prev else None,
-            d_weight,
-            d_bias if ctx.has_bias else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        no_grad = (None,) * 5  # w_prev, w_conv, activation, slope, mask
+        return (d_logits, d_prev if ctx.has_prev else None, d_weight, d_bias if ctx.has_bias else None, *no_grad)
 
     return backward
 
