@@ -1,15 +1,12 @@
 """Backend choice shared by every public op.
 
 Every op takes ``backend=None`` (auto) or one of :data:`BACKENDS`. Auto takes,
-for the tensor's device, the first usable entry of the op's preference list:
-on CPU the C++ kernels, else the reference; on CUDA the CUDA kernels, then
-Triton, then the reference.
+for the tensor's device, the first usable entry of the op's order in the
+registry (``_registry.py``): by default on CPU the C++ kernels, else the
+reference; on CUDA the CUDA kernels, then Triton, then the reference.
 """
 
 from __future__ import annotations
-
-import importlib.util
-import os
 
 import torch
 
@@ -20,26 +17,13 @@ from ._extension import (
     require_cuda_kernels,
     require_extension,
 )
-
-BACKENDS = ("reference", "cpp", "cuda", "triton")
-AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
-
-
-def triton_error(device_type: str) -> str | None:
-    """Why Triton kernels cannot run on this device type, or None if they can."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (`pip install triton`)"
-    if device_type == "cuda":
-        return None
-    if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            return None
-        return "Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before importing triton"
-    return f"Triton kernels do not support device type {device_type!r}"
+from ._registry import BACKENDS, op_spec
+from ._triton import family_error, triton_device_error
 
 
-def backend_error(backend: str, device_type: str) -> str | None:
-    """Why `backend` cannot run tensors of `device_type` here, or None."""
+def backend_error(backend: str, device_type: str, family: str | None = None) -> str | None:
+    """Why `backend` cannot run tensors of `device_type` here (for `family`'s
+    Triton kernels, when given), or None."""
     if backend == "reference":
         return None
     if backend == "cpp":
@@ -51,29 +35,30 @@ def backend_error(backend: str, device_type: str) -> str | None:
             return f"backend 'cuda' runs CUDA tensors, got {device_type} tensors (use 'cpp')"
         return None if has_cuda_kernels() else "dynkernels._C was built without CUDA kernels"
     if backend == "triton":
-        from .ops._triton_registry import triton_ops_error
-
-        return triton_error(device_type) or triton_ops_error()
+        return triton_device_error(device_type) or (family_error(family) if family is not None else None)
     raise ValueError(f"unknown backend {backend!r}; expected None or one of {BACKENDS}")
 
 
-def usable_backends(device_type: str, supported: tuple[str, ...] = BACKENDS) -> list[str]:
-    return [b for b in supported if backend_error(b, device_type) is None]
+def usable_backends(op: str, device_type: str) -> list[str]:
+    """The op's backends (reference included) that run tensors of `device_type` here."""
+    spec = op_spec(op)
+    return [b for b in spec.backends if backend_error(b, device_type, spec.family) is None]
 
 
-def resolve(op: str, device: torch.device, backend: str | None, supported: tuple[str, ...]) -> str:
-    """The backend that runs `op` on `device`; raises with the reason otherwise."""
+def resolve(op: str, device: torch.device, backend: str | None) -> str:
+    """The backend that runs registered op `op` on `device`; raises with the reason otherwise."""
+    spec = op_spec(op)
     device_type = device.type
     if backend is None:
-        for candidate in AUTO_ORDER.get(device_type, ("reference",)):
-            if candidate in supported and backend_error(candidate, device_type) is None:
+        for candidate in spec.auto_order(device_type):
+            if backend_error(candidate, device_type, spec.family) is None:
                 return candidate
         return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected None or one of {BACKENDS}")
-    if backend not in supported:
-        raise ValueError(f"{op}: backend {backend!r} is not implemented for this op; it has {supported}")
-    reason = backend_error(backend, device_type)
+    if backend not in spec.backends:
+        raise ValueError(f"{op}: backend {backend!r} is not implemented for this op; it has {spec.backends}")
+    reason = backend_error(backend, device_type, spec.family)
     if reason is None:
         return backend
     if backend == "cpp":
@@ -85,3 +70,11 @@ def resolve(op: str, device: torch.device, backend: str | None, supported: tuple
             raise ValueError(f"{op}: {reason}")
         require_cuda_kernels(f"{op}(backend='cuda')")
     raise BackendUnavailableError(f"{op}(backend={backend!r}) is unavailable: {reason}")
+
+
+def op_backend(backend: str | None, op: str) -> str | None:
+    """The backend a module passes to one op: the module's, where the op has
+    it, else auto (a module set to "triton" still runs ball query in C++)."""
+    if backend is None or backend in op_spec(op).backends:
+        return backend
+    return None

@@ -8,7 +8,8 @@ import os
 import torch
 
 from . import _extension
-from ._backends import BACKENDS, backend_error
+from ._backends import backend_error
+from ._registry import BACKENDS, registered_ops
 
 
 def _version(dist: str) -> str | None:
@@ -39,6 +40,15 @@ def info() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "backends": {dev: {b: backend_error(b, dev) for b in BACKENDS} for dev in devices},
+        "ops": {
+            spec.name: {
+                "family": spec.family,
+                "backends": {dev: {b: backend_error(b, dev, spec.family) for b in spec.backends} for dev in devices},
+                "auto": {dev: spec.auto_order(dev) for dev in devices},
+                "differentiable": spec.differentiable,
+            }
+            for spec in registered_ops()
+        },
     }
 
 
@@ -56,4 +66,22 @@ def format_info(data: dict | None = None) -> str:
     for dev, table in data["backends"].items():
         for backend, reason in table.items():
             lines.append(f"  {dev:5s} {backend:10s} {'usable' if reason is None else 'no: ' + reason}")
+    lines.append("ops (backends usable here per device; * = has gradients):")
+    for name, op in data["ops"].items():
+        for dev, table in op["backends"].items():
+            usable = [b + ("*" if b in op["differentiable"] else "") for b, reason in table.items() if reason is None]
+            # the device-wide reasons are in the table above; a family's own import error is shown here
+            missing = [
+                b + (f" ({reason})" if "Triton kernels could not be imported" in reason else "")
+                for b, reason in table.items()
+                if reason is not None and dev in _devices_of(b)
+            ]
+            line = f"  {op['family']:18s} {name:24s} {dev:5s} {', '.join(usable)}"
+            lines.append(line + (f"; not here: {'; '.join(missing)}" if missing else ""))
     return "\n".join(lines)
+
+
+def _devices_of(backend: str) -> tuple[str, ...]:
+    from ._registry import DEVICE_TYPES
+
+    return DEVICE_TYPES[backend]

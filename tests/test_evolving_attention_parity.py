@@ -21,7 +21,7 @@ from conftest import TOLERANCES, kernel_cases
 from dynkernels import nn as dnn
 from dynkernels import ops, reference
 
-BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference")] + kernel_cases(("cpp", "cuda", "triton"))
+BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference")] + kernel_cases("evolve_attention_logits")
 
 EA_AA_RESNET = dict(w_prev=0.5, w_conv=1.0, activation="relu")
 EA_DC = dict(w_prev=0.3, w_conv=0.5, activation="leaky_relu", carry_activation="leaky_relu")
@@ -273,7 +273,7 @@ def test_bad_module_inputs_raise_clear_errors():
 # ---- torch.compile and opcheck on non-contiguous logits --------------------------------------------
 
 
-@pytest.mark.parametrize("device,backend", kernel_cases(("cpp", "cuda", "triton")))
+@pytest.mark.parametrize("device,backend", kernel_cases("evolve_attention_logits"))
 def test_non_contiguous_logits_compile_and_pass_opcheck(device, backend):
     g = torch.Generator().manual_seed(8)
     base = torch.randn(1, 2, 7, 7, generator=g, dtype=torch.float64).to(device)

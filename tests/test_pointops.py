@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, TOLERANCES, kernel_cases
+from conftest import DEVICES, TOLERANCES, kernel_cases, requires_cuda
 
 import dynkernels
 from dynkernels import ops, reference
 from dynkernels.testing import random_cloud, sample_centers
 
-SAMPLE_CASES = kernel_cases(("cpp", "cuda"))
-GATHER_CASES = kernel_cases(("cpp", "cuda", "triton"))
+SAMPLE_CASES = kernel_cases("furthest_point_sample")
+GATHER_CASES = kernel_cases("grouping_operation")
 POINT_DTYPES = [torch.float32, torch.float64]
 
 
@@ -377,7 +377,7 @@ def test_kernel_index_check_without_python_validation():
         torch.ops.dynkernels.furthest_point_sample(torch.rand(1, 5, 3), 6, 0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_cuda
 def test_cpu_cuda_mix_raises():
     with pytest.raises(ValueError, match="one device"):
         ops.ball_query(torch.rand(1, 5, 3), torch.rand(1, 2, 3, device="cuda"), 0.1, 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import evolving_cases, isda_cases, pointformer_cases, pointops_cases
+from . import evolving_attention_cases, isda_cases, pointformer_cases, pointops_cases
 from .base import Case, Impl
 
 __all__ = ["FAMILIES", "Case", "Impl", "cases_for"]
@@ -13,7 +13,7 @@ __all__ = ["FAMILIES", "Case", "Impl", "cases_for"]
 FAMILIES: dict[str, Callable[[bool, str], list[Case]]] = {
     "pointops": pointops_cases.cases,
     "pointformer": pointformer_cases.cases,
-    "evolving_attention": evolving_cases.cases,
+    "evolving_attention": evolving_attention_cases.cases,
     "isda": isda_cases.cases,
 }
 

@@ -1,6 +1,6 @@
 """nn.Module wrappers: parameters and configuration only, the math lives in dynkernels.ops."""
 
-from .evolving import EvolvingAttention, EvolvingTransformerEncoder, EvolvingTransformerEncoderLayer
+from .evolving_attention import EvolvingAttention, EvolvingTransformerEncoder, EvolvingTransformerEncoderLayer
 from .isda import ISDAConsistencyLoss, ISDALoss
 from .pointformer import (
     CONFIGS,

@@ -22,12 +22,8 @@ from torch import nn
 from torch.profiler import record_function
 
 from .. import ops, reference
-from .pointformer_layers import (
-    PointformerDecoderLayer,
-    PointformerEncoderLayer,
-    PositionEncoding,
-    op_backend,
-)
+from .._backends import op_backend
+from .pointformer_layers import PointformerDecoderLayer, PointformerEncoderLayer, PositionEncoding
 
 __all__ = [
     "CONFIGS",
@@ -94,18 +90,18 @@ class Grouped:
 def sample_and_group(xyz, npoint, radius, nsample, lengths, backend) -> tuple[torch.Tensor, torch.Tensor]:
     """D-FPS then ball query, per cloud when lengths are given (padding is never
     sampled nor grouped). Returns (fps_idx (B, M), ball_idx (B, M, ns))."""
-    fps_backend = op_backend(backend, ("cpp", "cuda"))
+    fps_backend, ball_backend = op_backend(backend, "furthest_point_sample"), op_backend(backend, "ball_query")
     if lengths is None:
         fps_idx = ops.furthest_point_sample(xyz, npoint, backend=fps_backend)
         centers = xyz.gather(1, fps_idx.unsqueeze(-1).expand(-1, -1, 3))
-        return fps_idx, ops.ball_query(xyz, centers, radius, nsample, backend=fps_backend)
+        return fps_idx, ops.ball_query(xyz, centers, radius, nsample, backend=ball_backend)
     fps_parts, ball_parts = [], []
     for b, count in enumerate(lengths):
         cloud = xyz[b : b + 1, :count]
         idx = ops.furthest_point_sample(cloud, npoint, backend=fps_backend)
         centers = cloud.gather(1, idx.unsqueeze(-1).expand(-1, -1, 3))
         fps_parts.append(idx)
-        ball_parts.append(ops.ball_query(cloud, centers, radius, nsample, backend=fps_backend))
+        ball_parts.append(ops.ball_query(cloud, centers, radius, nsample, backend=ball_backend))
     return torch.cat(fps_parts), torch.cat(ball_parts)
 
 
@@ -139,7 +135,7 @@ class CoordinateRefinement(nn.Module):
 
     def forward(self, attn: torch.Tensor, grouped_xyz: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
         """attn (B, M, H, R, S), grouped_xyz (B, 3, M, S) absolute -> refined centers (B, M, 3)."""
-        backend = op_backend(self.backend, ("cpp", "cuda"))
+        backend = op_backend(self.backend, "coordinate_refinement")
         refined = ops.coordinate_refinement(attn, grouped_xyz, row=row_index, backend=backend)
         return refined.detach() if self.detach else refined
 
@@ -411,7 +407,7 @@ class PointFPModule(nn.Module):
 
     @record_function("pointformer.feature_propagation")
     def forward(self, target, source, target_feats, source_feats):
-        backend = op_backend(self.backend, ("cpp", "cuda"))
+        backend = op_backend(self.backend, "three_nn")  # three_interpolate has the same backends
         dist, idx = ops.three_nn(target, source, backend=backend)
         recip = 1.0 / (dist + 1e-8)
         weight = (recip / recip.sum(dim=2, keepdim=True)).to(source_feats.dtype)

@@ -26,13 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-
-
-def op_backend(backend: str | None, supported: tuple[str, ...]) -> str | None:
-    """The backend to pass to one op: the module's, where the op has it, else auto."""
-    if backend is None or backend == "reference" or backend in supported:
-        return backend
-    return None
+from .._backends import op_backend
 
 
 def _attend_heads(attn, query, key, value, in_bias, *, local, row_index, key_padding_mask, backend):
@@ -47,7 +41,7 @@ def _attend_heads(attn, query, key, value, in_bias, *, local, row_index, key_pad
     if self_attention and local and dropout == 0.0 and key_padding_mask is None:
         qkv = F.linear(query, attn.in_proj_weight, in_bias)
         return ops.local_attention_packed(
-            qkv, heads, row_index=row_index, backend=op_backend(backend, ("cpp", "triton"))
+            qkv, heads, row_index=row_index, backend=op_backend(backend, "local_attention")
         )
     w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
     b_q, b_k, b_v = in_bias.chunk(3) if in_bias is not None else (None, None, None)

@@ -21,8 +21,9 @@ import torch.distributed as dist
 
 from .._backends import resolve
 from .._extension import has_extension
-from ..reference.isda import _check_estimator
-from ._triton_registry import isda_kernels as _triton
+from .._registry import register_op
+from .._triton import family_kernels
+from ..reference.isda import _check_estimator, update_estimator
 
 __all__ = [
     "isda_consistency_loss",
@@ -31,6 +32,9 @@ __all__ = [
     "isda_update",
     "isda_update_",
 ]
+
+FAMILY = "isda"
+register_op("isda_update_", FAMILY, ("reference", "cpp", "cuda", "triton"), reference=update_estimator)
 
 
 def isda_update(
@@ -131,7 +135,7 @@ def isda_update_(
         return True
     if x.shape[0] == 0:
         return True
-    chosen = resolve("isda_update_", cov.device, backend, ("reference", "cpp", "cuda", "triton"))
+    chosen = resolve("isda_update_", cov.device, backend)
     if chosen in ("cpp", "cuda") and cov.dim() == 3 and _native_update_ok(x, cov, mean, amount):
         torch.ops.dynkernels.isda_update_full_(cov, mean, amount, x, labels.long())
         return True
@@ -146,12 +150,12 @@ def isda_update_(
         segments = torch.zeros(len(present) + 1, dtype=torch.int64, device=x.device)
         segments[1:] = torch.cumsum(counts, 0)
         x_sorted = x[order]
-        mu_b, squares = _triton.segment_moments(x_sorted, segments, mean.dtype)
+        mu_b, squares = family_kernels(FAMILY).segment_moments(x_sorted, segments, mean.dtype)
         if cov.dim() == 2:
             _merge_(cov, mean, amount, present, n_b, mu_b, squares / n_b[:, None])
             return True
         w = n_b / (n_b + amount[present])
-        _triton.isda_update_full(
+        family_kernels(FAMILY).isda_update_full(
             cov, x_sorted - mu_b.repeat_interleave(counts, 0), segments, present, w, mean[present] - mu_b
         )
         mean[present] = (1 - w[:, None]) * mean[present] + w[:, None] * mu_b

@@ -14,13 +14,26 @@ import torch
 from .. import reference
 from .._backends import resolve
 from .._extension import has_extension
+from .._registry import register_op
+from .._triton import family_kernels
 from ..reference.pointops import squared_distance
-from ._triton_registry import pointformer_kernels as _triton
+from ._registration import register_kernel_pairs
 from ._validation import check_floating, check_index, check_index_range, check_same_device, check_tensor
 
 __all__ = ["centroid_row_index", "coordinate_refinement", "local_attention", "local_attention_packed"]
 
 ROW_MODES = ("centroid", "first", "mean")
+
+FAMILY = "pointformer"
+_ATTENTION = ("reference", "cpp", "triton")
+register_op(
+    "coordinate_refinement",
+    FAMILY,
+    ("reference", "cpp", "cuda"),
+    reference=reference.coordinate_refinement,
+    differentiable=("reference", "cpp", "cuda"),
+)
+register_op("local_attention", FAMILY, _ATTENTION, reference=reference.local_attention, differentiable=_ATTENTION)
 
 
 def centroid_row_index(grouped_xyz: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -107,7 +120,7 @@ def coordinate_refinement(
         raise TypeError(f"attn and grouped_xyz must share a dtype, got {attn.dtype} and {grouped_xyz.dtype}")
     check_same_device(attn=attn, grouped_xyz=grouped_xyz)
     row_index = _row_index(row, attn.shape[3], grouped_xyz, centers)
-    chosen = resolve("coordinate_refinement", attn.device, backend, ("reference", "cpp", "cuda"))
+    chosen = resolve("coordinate_refinement", attn.device, backend)
     if chosen == "reference":
         return reference.coordinate_refinement(attn, grouped_xyz, row_index)
     return torch.ops.dynkernels.coordinate_refinement(attn, grouped_xyz, row_index)
@@ -163,7 +176,7 @@ def local_attention(
         row_index. Differentiable in q, k, v through both outputs.
     """
     _check_qkv(q, k, v, row_index)
-    chosen = resolve("local_attention", q.device, backend, ("reference", "cpp", "triton"))
+    chosen = resolve("local_attention", q.device, backend)
     if chosen == "reference":
         return reference.local_attention(q, k, v, row_index)
     rows = row_index.to(torch.int64) if row_index is not None else q.new_empty((0,), dtype=torch.int64)
@@ -194,7 +207,7 @@ def local_attention_packed(
         raise ValueError(f"qkv must have shape (G, S, 3 * heads * D) with heads={heads}, got {tuple(qkv.shape)}")
     g, s, c3 = qkv.shape
     q, k, v = qkv.view(g, s, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
-    chosen = resolve("local_attention", qkv.device, backend, ("reference", "cpp", "triton"))
+    chosen = resolve("local_attention", qkv.device, backend)
     if chosen != "cpp" or qkv.dtype not in (torch.float32, torch.float64):
         out, weights = local_attention(q, k, v, row_index=row_index, backend=chosen)
         return out.transpose(1, 2).reshape(g, s, c3 // 3), weights
@@ -255,90 +268,89 @@ def _attention_fakes(heads_last: bool):
     return forward, backward
 
 
-def _register_attention(forward, backward, heads_last: bool) -> None:
-    """Fake kernels and autograd for one (forward, backward) pair of local-attention ops."""
-    fake_forward, fake_backward = _attention_fakes(heads_last)
-    torch.library.register_fake(forward)(fake_forward)
-    torch.library.register_fake(backward)(fake_backward)
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, row_index = inputs
+    ctx.save_for_backward(q, k, v, output[2], row_index)
 
-    def setup_context(ctx, inputs, output):
-        q, k, v, row_index = inputs
-        ctx.save_for_backward(q, k, v, output[2], row_index)
 
-    def attention_backward(ctx, grad_out, grad_weights, _grad_lse):
-        q, k, v, lse, row_index = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(q)
-        if grad_weights is None:
-            grad_weights = q.new_zeros((q.shape[0], q.shape[2]))
-        dq, dk, dv = backward(grad_out, grad_weights, q, k, v, lse, row_index)
-        return dq, dk, dv, None
+def _attention_backward(ctx, backward_op, grad_out, grad_weights, _grad_lse):
+    q, k, v, lse, row_index = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(q)
+    if grad_weights is None:
+        grad_weights = q.new_zeros((q.shape[0], q.shape[2]))
+    dq, dk, dv = backward_op(grad_out, grad_weights, q, k, v, lse, row_index)
+    return dq, dk, dv, None
 
-    torch.library.register_autograd(forward, attention_backward, setup_context=setup_context)
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, heads, row_index = inputs
+    ctx.save_for_backward(qkv, output[2], row_index)
+    ctx.heads = heads
+
+
+def _packed_backward(ctx, backward_op, grad_out, grad_weights, _grad_lse):
+    qkv, lse, row_index = ctx.saved_tensors
+    g, s, c3 = qkv.shape
+    if grad_out is None:
+        grad_out = qkv.new_zeros((g, s, c3 // 3))
+    if grad_weights is None:
+        grad_weights = qkv.new_zeros((g, s))
+    return backward_op(grad_out, grad_weights, qkv, ctx.heads, lse, row_index), None, None
+
+
+def _fake_packed(qkv, heads, row_index):
+    g, s, c3 = qkv.shape
+    lse = qkv.new_empty((g, heads, s), dtype=torch.float64 if qkv.dtype == torch.float64 else torch.float32)
+    return qkv.new_empty((g, s, c3 // 3)), qkv.new_empty((g, s)), lse
+
+
+def _fake_packed_backward(grad_out, grad_weights, qkv, heads, lse, row_index):
+    return torch.empty_like(qkv)
 
 
 if has_extension():
-    _register_attention(
-        torch.ops.dynkernels.local_attention.default,
-        torch.ops.dynkernels.local_attention_backward.default,
-        heads_last=True,
+    register_kernel_pairs(
+        [("dynkernels::local_attention", "dynkernels::local_attention_backward")],
+        fake=_attention_fakes(heads_last=True)[0],
+        fake_backward=_attention_fakes(heads_last=True)[1],
+        setup_context=_attention_setup_context,
+        backward=_attention_backward,
     )
-
-    @torch.library.register_fake("dynkernels::local_attention_packed")
-    def _(qkv, heads, row_index):
-        g, s, c3 = qkv.shape
-        lse = qkv.new_empty((g, heads, s), dtype=torch.float64 if qkv.dtype == torch.float64 else torch.float32)
-        return qkv.new_empty((g, s, c3 // 3)), qkv.new_empty((g, s)), lse
-
-    @torch.library.register_fake("dynkernels::local_attention_packed_backward")
-    def _(grad_out, grad_weights, qkv, heads, lse, row_index):
-        return torch.empty_like(qkv)
-
-    def _packed_setup_context(ctx, inputs, output):
-        qkv, heads, row_index = inputs
-        ctx.save_for_backward(qkv, output[2], row_index)
-        ctx.heads = heads
-
-    def _packed_backward(ctx, grad_out, grad_weights, _grad_lse):
-        qkv, lse, row_index = ctx.saved_tensors
-        g, s, c3 = qkv.shape
-        if grad_out is None:
-            grad_out = qkv.new_zeros((g, s, c3 // 3))
-        if grad_weights is None:
-            grad_weights = qkv.new_zeros((g, s))
-        dqkv = torch.ops.dynkernels.local_attention_packed_backward(
-            grad_out, grad_weights, qkv, ctx.heads, lse, row_index
-        )
-        return dqkv, None, None
-
-    torch.library.register_autograd(
-        "dynkernels::local_attention_packed", _packed_backward, setup_context=_packed_setup_context
+    register_kernel_pairs(
+        [("dynkernels::local_attention_packed", "dynkernels::local_attention_packed_backward")],
+        fake=_fake_packed,
+        fake_backward=_fake_packed_backward,
+        setup_context=_packed_setup_context,
+        backward=_packed_backward,
     )
 
 
-if _triton is not None:
-    # Opaque custom ops rather than torch.library.triton_op: see ops/pointops.py.
+# Opaque custom ops rather than torch.library.triton_op: see ops/pointops.py.
+@torch.library.custom_op("dynkernels::local_attention_triton", mutates_args=())
+def _local_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return family_kernels(FAMILY).local_attention_fwd(q, k, v, row_index)
 
-    @torch.library.custom_op("dynkernels::local_attention_triton", mutates_args=())
-    def _local_attention_triton(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_index: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _triton.local_attention_fwd(q, k, v, row_index)
 
-    @torch.library.custom_op("dynkernels::local_attention_backward_triton", mutates_args=())
-    def _local_attention_backward_triton(
-        grad_out: torch.Tensor,
-        grad_weights: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        lse: torch.Tensor,
-        row_index: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _triton.local_attention_bwd(grad_out, grad_weights, q, k, v, lse, row_index)
+@torch.library.custom_op("dynkernels::local_attention_backward_triton", mutates_args=())
+def _local_attention_backward_triton(
+    grad_out: torch.Tensor,
+    grad_weights: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    row_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return family_kernels(FAMILY).local_attention_bwd(grad_out, grad_weights, q, k, v, lse, row_index)
 
-    _register_attention(
-        torch.ops.dynkernels.local_attention_triton.default,
-        torch.ops.dynkernels.local_attention_backward_triton.default,
-        heads_last=False,
-    )
+
+register_kernel_pairs(
+    [("dynkernels::local_attention_triton", "dynkernels::local_attention_backward_triton")],
+    fake=_attention_fakes(heads_last=False)[0],
+    fake_backward=_attention_fakes(heads_last=False)[1],
+    setup_context=_attention_setup_context,
+    backward=_attention_backward,
+)

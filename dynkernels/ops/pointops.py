@@ -15,7 +15,9 @@ import torch
 from .. import reference
 from .._backends import resolve
 from .._extension import has_extension
-from ._triton_registry import pointops_kernels as _triton
+from .._registry import register_op
+from .._triton import family_kernels
+from ._registration import register_kernel_pairs
 from ._validation import (
     check_floating,
     check_index,
@@ -29,6 +31,13 @@ from ._validation import (
 )
 
 __all__ = ["ball_query", "furthest_point_sample", "gather_points", "grouping_operation"]
+
+FAMILY = "pointops"
+_GATHERS = ("reference", "cpp", "cuda", "triton")
+register_op("furthest_point_sample", FAMILY, ("reference", "cpp", "cuda"), reference=reference.furthest_point_sample)
+register_op("ball_query", FAMILY, ("reference", "cpp", "cuda"), reference=reference.ball_query)
+register_op("grouping_operation", FAMILY, _GATHERS, reference=reference.grouping_operation, differentiable=_GATHERS)
+register_op("gather_points", FAMILY, _GATHERS, reference=reference.gather_points, differentiable=_GATHERS)
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -77,7 +86,7 @@ def furthest_point_sample(
     n = xyz.shape[1]
     num_points = check_int("num_points", num_points, 0, n)
     start_index = check_int("start_index", start_index, 0, max(n - 1, 0))
-    chosen = resolve("furthest_point_sample", xyz.device, backend, ("reference", "cpp", "cuda"))
+    chosen = resolve("furthest_point_sample", xyz.device, backend)
     if chosen == "reference":
         return reference.furthest_point_sample(xyz, num_points, start_index)
     return torch.ops.dynkernels.furthest_point_sample(_kernel_points(xyz), num_points, start_index)
@@ -125,7 +134,7 @@ def ball_query(
     if not 0 <= min_radius < radius:
         raise ValueError(f"min_radius must be in [0, radius={radius}), got {min_radius}")
     num_samples = check_int("num_samples", num_samples, 1)
-    chosen = resolve("ball_query", xyz.device, backend, ("reference", "cpp", "cuda"))
+    chosen = resolve("ball_query", xyz.device, backend)
     if chosen == "reference":
         return reference.ball_query(xyz, centers, radius, num_samples, min_radius)
     return torch.ops.dynkernels.ball_query(
@@ -176,7 +185,7 @@ def _gather(op: str, features: torch.Tensor, idx: torch.Tensor, deterministic, b
     check_floating("features", features)
     check_same_device(features=features, idx=idx)
     check_same_batch(features=features, idx=idx)
-    chosen = resolve(op, features.device, backend, ("reference", "cpp", "cuda", "triton"))
+    chosen = resolve(op, features.device, backend)
     if chosen != "cpp":  # the C++ kernel checks ranges itself
         check_index_range("idx", idx, features.shape[2])
     if deterministic is None:
@@ -202,33 +211,29 @@ def _gather_setup_context(ctx, inputs, output):
     ctx.deterministic = deterministic
 
 
-def _register_gathers(forward, backward) -> None:
-    """Fake kernels and autograd for one (forward, backward) pair of gather ops.
-    The backward of the backward is the forward, so double backward works."""
+def _fake_gather(features, idx, deterministic):
+    return features.new_empty((features.shape[0], features.shape[1], idx.shape[1]))
 
-    @torch.library.register_fake(forward)
-    def _(features, idx, deterministic):
-        return features.new_empty((features.shape[0], features.shape[1], idx.shape[1]))
 
-    @torch.library.register_fake(backward)
-    def _(grad_out, idx, num_points, deterministic):
-        return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], num_points))
+def _fake_scatter(grad_out, idx, num_points, deterministic):
+    return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], num_points))
 
-    def forward_backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        return backward(grad, idx, ctx.num_points, ctx.deterministic), None, None
 
-    def backward_setup(ctx, inputs, output):
-        _, idx, _, deterministic = inputs
-        ctx.save_for_backward(idx)
-        ctx.deterministic = deterministic
+def _gather_backward(ctx, backward_op, grad):
+    (idx,) = ctx.saved_tensors
+    return backward_op(grad, idx, ctx.num_points, ctx.deterministic), None, None
 
-    def backward_backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        return forward(grad, idx, ctx.deterministic), None, None, None
 
-    torch.library.register_autograd(forward, forward_backward, setup_context=_gather_setup_context)
-    torch.library.register_autograd(backward, backward_backward, setup_context=backward_setup)
+def _scatter_setup_context(ctx, inputs, output):
+    _, idx, _, deterministic = inputs
+    ctx.save_for_backward(idx)
+    ctx.deterministic = deterministic
+
+
+def _scatter_backward(ctx, forward_op, grad):
+    """The backward of the backward is the forward: double backward works."""
+    (idx,) = ctx.saved_tensors
+    return forward_op(grad, idx, ctx.deterministic), None, None, None
 
 
 if has_extension():
@@ -241,27 +246,31 @@ if has_extension():
     def _(xyz, centers, min_radius, radius, num_samples):
         return xyz.new_empty((xyz.shape[0], centers.shape[1], num_samples), dtype=torch.int64)
 
-    _register_gathers(
-        torch.ops.dynkernels.gather_features.default, torch.ops.dynkernels.gather_features_backward.default
-    )
+
+# Opaque custom ops rather than torch.library.triton_op: triton_op is traced
+# into by torch.compile, which cannot run under TRITON_INTERPRET=1 (torch
+# 2.13), so its compile path could never be tested off-GPU. The kernels are
+# imported on first use (dynkernels._triton).
 
 
-if _triton is not None:
-    # Opaque custom ops rather than torch.library.triton_op: triton_op is traced
-    # into by torch.compile, which cannot run under TRITON_INTERPRET=1 (torch
-    # 2.13), so its compile path could never be tested off-GPU.
+@torch.library.custom_op("dynkernels::gather_features_triton", mutates_args=())
+def _gather_features_triton(features: torch.Tensor, idx: torch.Tensor, deterministic: bool) -> torch.Tensor:
+    return family_kernels(FAMILY).gather_features_fwd(features, idx)
 
-    @torch.library.custom_op("dynkernels::gather_features_triton", mutates_args=())
-    def _gather_features_triton(features: torch.Tensor, idx: torch.Tensor, deterministic: bool) -> torch.Tensor:
-        return _triton.gather_features_fwd(features, idx)
 
-    @torch.library.custom_op("dynkernels::gather_features_backward_triton", mutates_args=())
-    def _gather_features_backward_triton(
-        grad_out: torch.Tensor, idx: torch.Tensor, num_points: int, deterministic: bool
-    ) -> torch.Tensor:
-        return _triton.gather_features_bwd(grad_out, idx, num_points, deterministic)
+@torch.library.custom_op("dynkernels::gather_features_backward_triton", mutates_args=())
+def _gather_features_backward_triton(
+    grad_out: torch.Tensor, idx: torch.Tensor, num_points: int, deterministic: bool
+) -> torch.Tensor:
+    return family_kernels(FAMILY).gather_features_bwd(grad_out, idx, num_points, deterministic)
 
-    _register_gathers(
-        torch.ops.dynkernels.gather_features_triton.default,
-        torch.ops.dynkernels.gather_features_backward_triton.default,
-    )
+
+register_kernel_pairs(
+    ([("dynkernels::gather_features", "dynkernels::gather_features_backward")] if has_extension() else [])
+    + [("dynkernels::gather_features_triton", "dynkernels::gather_features_backward_triton")],
+    fake=_fake_gather,
+    fake_backward=_fake_scatter,
+    setup_context=_gather_setup_context,
+    backward=_gather_backward,
+    double_backward=(_scatter_setup_context, _scatter_backward),
+)

@@ -1,7 +1,7 @@
 """Pure-PyTorch references: readable, faithful to the documented semantics,
 and the yardstick every kernel is tested against."""
 
-from .evolving import evolve_attention_logits, evolving_attention
+from .evolving_attention import evolve_attention_logits, evolving_attention
 from .pointformer import coordinate_refinement, head_averaged_row, local_attention
 from .pointops import (
     ball_query,

@@ -13,6 +13,7 @@ import torch
 from .. import reference
 from .._backends import resolve
 from .._extension import has_extension
+from .._registry import register_op
 from ._validation import (
     check_floating,
     check_index,
@@ -26,6 +27,12 @@ from ._validation import (
 from .pointops import _kernel_points, grouping_operation
 
 __all__ = ["knn", "three_interpolate", "three_nn"]
+
+FAMILY = "pointops"
+_NATIVE = ("reference", "cpp", "cuda")
+register_op("knn", FAMILY, _NATIVE, reference=reference.knn)
+register_op("three_nn", FAMILY, _NATIVE, reference=reference.three_nn)
+register_op("three_interpolate", FAMILY, _NATIVE, reference=reference.three_interpolate, differentiable=_NATIVE)
 
 
 def _check_pair(xyz_name: str, xyz: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
@@ -65,7 +72,7 @@ def knn(
     k = check_int("k", k, 1, max(1, xyz.shape[1]))
     if xyz.shape[1] == 0:
         raise ValueError("knn needs at least one point per cloud, got N=0")
-    chosen = resolve("knn", xyz.device, backend, ("reference", "cpp", "cuda"))
+    chosen = resolve("knn", xyz.device, backend)
     if chosen == "reference":
         dist, idx = reference.knn(xyz, centers, k)
         return dist.detach(), idx
@@ -95,7 +102,7 @@ def three_nn(
     _check_pair("target", target, "source", source)
     if source.shape[1] == 0:
         raise ValueError("three_nn needs at least one source point per cloud, got m=0")
-    chosen = resolve("three_nn", target.device, backend, ("reference", "cpp", "cuda"))
+    chosen = resolve("three_nn", target.device, backend)
     if chosen == "reference":
         dist, idx = reference.three_nn(target, source)
         return dist.detach(), idx
@@ -147,7 +154,7 @@ def three_interpolate(
         raise TypeError(f"weight must have features' dtype {features.dtype}, got {weight.dtype}")
     check_same_device(features=features, idx=idx, weight=weight)
     check_same_batch(features=features, idx=idx)
-    chosen = resolve("three_interpolate", features.device, backend, ("reference", "cpp", "cuda"))
+    chosen = resolve("three_interpolate", features.device, backend)
     check_index_range("idx", idx, features.shape[2], lowest=0)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()

@@ -3,7 +3,7 @@
 Each attention layer mixes its pre-softmax logits with the previous layer's
 evolved logits, refines them with a KxK convolution that treats heads as
 channels and the (query, key) plane as the image, and softmaxes the result.
-See :mod:`dynkernels.reference.evolving` for the formula and the official
+See :mod:`dynkernels.reference.evolving_attention` for the formula and the official
 code's quirks.
 """
 
@@ -14,11 +14,20 @@ import torch
 from .. import reference
 from .._backends import resolve
 from .._extension import has_extension
-from ..reference.evolving import ACTIVATIONS, plain_attention_logits
-from ._triton_registry import evolving_kernels as _triton
+from .._registry import register_op
+from .._triton import family_kernels
+from ..reference.evolving_attention import ACTIVATIONS, plain_attention_logits
+from ._registration import dense_like, register_kernel_pairs
 from ._validation import check_floating, check_real, check_tensor
 
 __all__ = ["evolve_attention_logits", "evolving_attention"]
+
+FAMILY = "evolving_attention"
+_KERNELS = ("reference", "cpp", "cuda", "triton")
+register_op(
+    "evolve_attention_logits", FAMILY, _KERNELS, reference=reference.evolve_attention_logits, differentiable=_KERNELS
+)
+register_op("evolving_attention", FAMILY, _KERNELS, reference=reference.evolving_attention, differentiable=_KERNELS)
 
 _ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
@@ -129,7 +138,7 @@ def evolve_attention_logits(
         if mask is not None:
             _additive_mask(mask, logits)  # the same checks as the map step's
         return plain_attention_logits(logits, weight, bias, mask)
-    chosen = resolve("evolve_attention_logits", logits.device, backend, ("reference", "cpp", "cuda", "triton"))
+    chosen = resolve("evolve_attention_logits", logits.device, backend)
     if chosen == "reference":
         return reference.evolve_attention_logits(
             logits,
@@ -247,35 +256,26 @@ def _setup_context(ctx, inputs, output):
     ctx.has_prev, ctx.has_bias = prev is not None, bias is not None
 
 
-def _make_backward(backward_op):
-    def backward(ctx, grad_evolved, grad_probs):
-        logits, prev, weight, bias, probs, evolved, mask = ctx.saved_tensors
-        d_logits, d_prev, d_weight, d_bias = backward_op(
-            grad_evolved,
-            grad_probs,
-            logits,
-            prev if ctx.has_prev else None,
-            weight,
-            bias if ctx.has_bias else None,
-            probs,
-            evolved,
-            *ctx.params,
-            mask,
-        )
-        no_grad = (None,) * 5  # w_prev, w_conv, activation, slope, mask
-        return (d_logits, d_prev if ctx.has_prev else None, d_weight, d_bias if ctx.has_bias else None, *no_grad)
-
-    return backward
-
-
-# The kernels write contiguous outputs whatever the inputs' strides, so the
-# fake outputs are contiguous too (empty_like would copy a transposed input's strides).
-def _dense_like(t: torch.Tensor) -> torch.Tensor:
-    return t.new_empty(t.shape)
+def _backward(ctx, backward_op, grad_evolved, grad_probs):
+    logits, prev, weight, bias, probs, evolved, mask = ctx.saved_tensors
+    d_logits, d_prev, d_weight, d_bias = backward_op(
+        grad_evolved,
+        grad_probs,
+        logits,
+        prev if ctx.has_prev else None,
+        weight,
+        bias if ctx.has_bias else None,
+        probs,
+        evolved,
+        *ctx.params,
+        mask,
+    )
+    no_grad = (None,) * 5  # w_prev, w_conv, activation, slope, mask
+    return (d_logits, d_prev if ctx.has_prev else None, d_weight, d_bias if ctx.has_bias else None, *no_grad)
 
 
 def _fake_map(logits, prev, weight, bias, w_prev, w_conv, activation, slope, mask):
-    return _dense_like(logits), _dense_like(logits)
+    return dense_like(logits), dense_like(logits)
 
 
 def _fake_map_backward(
@@ -283,79 +283,74 @@ def _fake_map_backward(
 ):
     empty = logits.new_empty((0,))
     return (
-        _dense_like(logits),
-        _dense_like(logits) if prev is not None else empty,
-        _dense_like(weight),
-        _dense_like(bias) if bias is not None else empty,
+        dense_like(logits),
+        dense_like(logits) if prev is not None else empty,
+        dense_like(weight),
+        dense_like(bias) if bias is not None else empty,
     )
 
 
-if has_extension():
-    torch.library.register_fake("dynkernels::evolve_attention_logits")(_fake_map)
-    torch.library.register_fake("dynkernels::evolve_attention_logits_backward")(_fake_map_backward)
-    torch.library.register_autograd(
-        "dynkernels::evolve_attention_logits",
-        _make_backward(torch.ops.dynkernels.evolve_attention_logits_backward),
-        setup_context=_setup_context,
+# Opaque custom ops rather than torch.library.triton_op: see ops/pointops.py.
+@torch.library.custom_op("dynkernels::evolve_attention_logits_triton", mutates_args=())
+def _evolve_triton(
+    logits: torch.Tensor,
+    prev_logits: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_prev: float,
+    w_conv: float,
+    activation: int,
+    negative_slope: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    contiguous = lambda t: None if t is None else t.contiguous()
+    return family_kernels(FAMILY).evolve_logits_fwd(
+        logits.contiguous(), contiguous(prev_logits), weight, bias, w_prev, w_conv, activation, negative_slope, mask
     )
 
 
-if _triton is not None:
-    # Opaque custom ops rather than torch.library.triton_op: see ops/pointops.py.
-
-    @torch.library.custom_op("dynkernels::evolve_attention_logits_triton", mutates_args=())
-    def _evolve_triton(
-        logits: torch.Tensor,
-        prev_logits: torch.Tensor | None,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        w_prev: float,
-        w_conv: float,
-        activation: int,
-        negative_slope: float,
-        mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        contiguous = lambda t: None if t is None else t.contiguous()
-        return _triton.evolve_logits_fwd(
-            logits.contiguous(), contiguous(prev_logits), weight, bias, w_prev, w_conv, activation, negative_slope, mask
-        )
-
-    @torch.library.custom_op("dynkernels::evolve_attention_logits_backward_triton", mutates_args=())
-    def _evolve_backward_triton(
-        grad_evolved: torch.Tensor | None,
-        grad_probs: torch.Tensor | None,
-        logits: torch.Tensor,
-        prev_logits: torch.Tensor | None,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        probs: torch.Tensor,
-        evolved: torch.Tensor,  # unused: the Triton kernel recomputes Z
-        w_prev: float,
-        w_conv: float,
-        activation: int,
-        negative_slope: float,
-        mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        contiguous = lambda t: None if t is None else t.contiguous()
-        return _triton.evolve_logits_bwd(
-            contiguous(grad_evolved),
-            contiguous(grad_probs),
-            logits.contiguous(),
-            contiguous(prev_logits),
-            weight,
-            bias,
-            probs.contiguous(),
-            w_prev,
-            w_conv,
-            activation,
-            negative_slope,
-            mask,
-        )
-
-    torch.library.register_fake("dynkernels::evolve_attention_logits_triton")(_fake_map)
-    torch.library.register_fake("dynkernels::evolve_attention_logits_backward_triton")(_fake_map_backward)
-    torch.library.register_autograd(
-        "dynkernels::evolve_attention_logits_triton",
-        _make_backward(torch.ops.dynkernels.evolve_attention_logits_backward_triton),
-        setup_context=_setup_context,
+@torch.library.custom_op("dynkernels::evolve_attention_logits_backward_triton", mutates_args=())
+def _evolve_backward_triton(
+    grad_evolved: torch.Tensor | None,
+    grad_probs: torch.Tensor | None,
+    logits: torch.Tensor,
+    prev_logits: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    probs: torch.Tensor,
+    evolved: torch.Tensor,  # unused: the Triton kernel recomputes Z
+    w_prev: float,
+    w_conv: float,
+    activation: int,
+    negative_slope: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    contiguous = lambda t: None if t is None else t.contiguous()
+    return family_kernels(FAMILY).evolve_logits_bwd(
+        contiguous(grad_evolved),
+        contiguous(grad_probs),
+        logits.contiguous(),
+        contiguous(prev_logits),
+        weight,
+        bias,
+        probs.contiguous(),
+        w_prev,
+        w_conv,
+        activation,
+        negative_slope,
+        mask,
     )
+
+
+register_kernel_pairs(
+    (
+        [("dynkernels::evolve_attention_logits", "dynkernels::evolve_attention_logits_backward")]
+        if has_extension()
+        else []
+    )
+    + [("dynkernels::evolve_attention_logits_triton", "dynkernels::evolve_attention_logits_backward_triton")],
+    fake=_fake_map,
+    fake_backward=_fake_map_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..reference.evolving import ACTIVATIONS, activate
+from ..reference.evolving_attention import ACTIVATIONS, activate
 
 
 class EvolvingAttention(nn.Module):
