@@ -7,17 +7,18 @@ from __future__ import annotations
 import torch
 
 from dynkernels.bench import pointformer_cases as pc
+from dynkernels.bench import pointops_neighbors_cases as pnc
 from dynkernels.bench.base import Case
 from dynkernels.bench.runner import format_markdown, format_table, peak_bytes, run_cases
 
 
 def test_pointformer_case_setups_check_and_run():
-    impls = pc.knn_setup(1, 600, 20, 4, "cpu")
+    impls = pnc.knn_setup(1, 600, 20, 4, "cpu")
     assert [i.name for i in impls][:2] == ["dynkernels", "reference"]
     assert all(i.agrees is not False for i in impls)
     for setup in (
         lambda: pc.attention_setup(16, 2, 9, 8, "cpu", backward=True),
-        lambda: pc.interpolate_setup(1, 4, 30, 50, "cpu"),
+        lambda: pnc.interpolate_setup(1, 4, 30, 50, "cpu"),
         lambda: pc.refinement_setup(1, 12, 8, "cpu"),
     ):
         for impl in setup():
@@ -62,7 +63,7 @@ def test_report_shows_peak_and_stages():
         "pointformer",
         "three_interpolate",
         "tiny",
-        lambda: pc.interpolate_setup(1, 4, 30, 50, "cpu"),
+        lambda: pnc.interpolate_setup(1, 4, 30, 50, "cpu"),
         {},
         ("dynkernels", "reference"),
     )

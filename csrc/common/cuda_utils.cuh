@@ -51,6 +51,12 @@ __device__ __forceinline__ double sq_dist(double x, double y, double z, double p
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
+// Blocks for a grid-stride loop over `total` elements, capped (the stride covers the rest).
+inline unsigned grid_stride_blocks(int64_t total, int threads) {
+  const int64_t blocks = (total + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < 65535 * 8 ? blocks : 65535 * 8);
+}
+
 // Fn<scalar_t>::run(args...) for the storage type of a runtime ScalarKind.
 template <template <typename> class Fn, typename... Args>
 cudaError_t dispatch_kind(ScalarKind kind, Args... args) {

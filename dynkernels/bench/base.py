@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,3 +34,8 @@ class Case:
     setup: Callable[[], list[Impl]]
     params: dict = field(default_factory=dict)
     impl_names: tuple[str, ...] = ()  # what setup() returns, known without running it
+
+
+def have(module: str) -> bool:
+    """Whether an optional anchor library is installed."""
+    return importlib.util.find_spec(module) is not None

@@ -1,27 +1,38 @@
-"""Benchmark cases: what to run, at which sizes, against which anchors."""
+"""Benchmark cases: what to run, at which sizes, against which anchors.
+
+Every ``bench/<family>*_cases.py`` module names its ``FAMILY`` and has
+``cases(quick, device) -> list[Case]``; they are found by name, so a new
+family adds its module and no central list."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 
-from . import evolving_attention_cases, isda_cases, pointformer_cases, pointops_cases
 from .base import Case, Impl
 
 __all__ = ["FAMILIES", "Case", "Impl", "cases_for"]
 
 
-FAMILIES: dict[str, Callable[[bool, str], list[Case]]] = {
-    "pointops": pointops_cases.cases,
-    "pointformer": pointformer_cases.cases,
-    "evolving_attention": evolving_attention_cases.cases,
-    "isda": isda_cases.cases,
-}
+def _discover() -> dict[str, list[Callable[[bool, str], list[Case]]]]:
+    families: dict[str, list] = {}
+    for info in sorted(pkgutil.iter_modules(importlib.import_module(__package__).__path__), key=lambda m: m.name):
+        if not info.name.endswith("_cases"):
+            continue
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        families.setdefault(module.FAMILY, []).append(module.cases)
+    return families
+
+
+FAMILIES = _discover()
 
 
 def cases_for(families: list[str] | None, ops: list[str] | None, quick: bool, device: str) -> list[Case]:
     out = []
-    for family, make in FAMILIES.items():
+    for family, makers in FAMILIES.items():
         if families and family not in families:
             continue
-        out += [c for c in make(quick, device) if not ops or c.op in ops or family in ops]
+        for make in makers:
+            out += [c for c in make(quick, device) if not ops or c.op in ops or family in ops]
     return out

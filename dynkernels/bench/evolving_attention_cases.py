@@ -13,6 +13,8 @@ from .. import ops, reference
 from .base import Case as _case
 from .base import Impl as _impl
 
+FAMILY = "evolving_attention"
+
 # (name, N, H, d)
 SIZES = (("ViT-B/16", 197, 12, 64), ("BERT-base", 512, 12, 64), ("AA-ResNet", 196, 8, 8))
 PARAMS = dict(w_prev=0.5, w_conv=1.0, activation="relu")  # EA-AA-ResNet's settings

@@ -14,6 +14,8 @@ from ..reference import isda as ref
 from .base import Case as _case
 from .base import Impl as _impl
 
+FAMILY = "isda"
+
 # (name, N, C, A, covariance)
 SIZES = (
     ("CIFAR-100 WRN-28-10", 128, 100, 640, "full"),

@@ -1,16 +1,15 @@
 """Benchmark cases of Pointformer: the backbone at the SUN RGB-D and ScanNet
 sizes (dynkernels path vs the official formulation, time, peak memory and a
-per-stage breakdown), and its ops: kNN against Open3D's KD-tree, the fused
-local attention against materialised attention and torch's SDPA, the
-three-NN interpolation and the coordinate refinement."""
+per-stage breakdown), and its ops: the fused local attention against
+materialised attention and torch's SDPA, and the coordinate refinement. The
+neighbour ops it uses (knn, three_interpolate) are the pointops family's
+(pointops_neighbors_cases.py)."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +18,8 @@ from ..nn import CONFIGS, PointformerBackbone
 from ..testing import random_cloud
 from .base import Case as _case
 from .base import Impl as _impl
+
+FAMILY = "pointformer"
 
 STAGES = (
     "sampling",
@@ -29,10 +30,6 @@ STAGES = (
     "global_attention",
     "feature_propagation",
 )
-
-
-def _have(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def scene_points(batch: int, n: int, device: str) -> torch.Tensor:
@@ -107,39 +104,6 @@ def backbone_setup(config: str, batch: int, n: int, device: str, backward: bool)
     return impls
 
 
-def knn_setup(batch: int, n: int, m: int, k: int, device: str):
-    g = torch.Generator().manual_seed(99)
-    xyz = random_cloud(batch, n, kind="scene", generator=g).to(device)
-    centers = xyz[:, torch.randperm(n, generator=g)[:m]].contiguous()
-    kernel = lambda: ops.knn(xyz, centers, k)
-    ref = lambda: reference.knn(xyz, centers, k)
-    got, want = kernel(), ref()
-    if not (torch.equal(got[1].cpu(), want[1].cpu()) and torch.equal(got[0].cpu(), want[0].cpu())):
-        raise AssertionError("knn: dynkernels disagrees with the reference; refusing to time a wrong kernel")
-    impls = [_impl("dynkernels", kernel, "kernel"), _impl("reference", ref, "reference")]
-    if device == "cpu" and _have("open3d"):
-        import open3d as o3d
-
-        pts = [c.double().numpy() for c in xyz]
-        ctr = [c.double().numpy() for c in centers]
-
-        def kd_search():  # tree build included: a user has to build it
-            out = []
-            for p, cs in zip(pts, ctr, strict=True):
-                tree = o3d.geometry.KDTreeFlann(o3d.geometry.PointCloud(o3d.utility.Vector3dVector(p)))
-                out.append([tree.search_knn_vector_3d(c, k)[1] for c in cs])
-            return out
-
-        found = kd_search()
-        same = all(
-            set(np.asarray(f).tolist()) == set(r.tolist())
-            for rows_f, rows_r in zip(found, got[1].cpu(), strict=True)
-            for f, r in zip(rows_f, rows_r, strict=True)
-        )
-        impls.append(_impl("open3d KDTree knn", kd_search, "anchor", same, "same neighbour sets"))
-    return impls
-
-
 def attention_setup(groups: int, heads: int, s: int, d: int, device: str, backward: bool):
     g = torch.Generator().manual_seed(5)
     qkv = torch.randn(groups, s, 3 * heads * d, generator=g).to(device).requires_grad_(backward)
@@ -188,20 +152,6 @@ def attention_setup(groups: int, heads: int, s: int, d: int, device: str, backwa
     return impls
 
 
-def interpolate_setup(batch: int, channels: int, m: int, n: int, device: str):
-    g = torch.Generator().manual_seed(11)
-    source = random_cloud(batch, m, generator=g).to(device)
-    target = random_cloud(batch, n, generator=g).to(device)
-    features = torch.randn(batch, channels, m, generator=g).to(device)
-    dist, idx = ops.three_nn(target, source)
-    recip = 1.0 / (dist + 1e-8)
-    weight = recip / recip.sum(-1, keepdim=True)
-    kernel = lambda: ops.three_interpolate(features, idx, weight)
-    ref = lambda: reference.three_interpolate(features, idx, weight)
-    torch.testing.assert_close(kernel(), ref())
-    return [_impl("dynkernels", kernel, "kernel"), _impl("reference", ref, "reference")]
-
-
 def refinement_setup(batch: int, m: int, s: int, device: str):
     g = torch.Generator().manual_seed(13)
     attn = torch.rand(batch, m, 1, s, s, generator=g).to(device).softmax(-1)  # MHA's head-averaged maps
@@ -215,8 +165,6 @@ def refinement_setup(batch: int, m: int, s: int, device: str):
 
 def _names(op: str, device: str) -> tuple[str, ...]:
     names = ["dynkernels", "reference"]
-    if op == "knn" and device == "cpu" and _have("open3d"):
-        names.append("open3d KDTree knn")
     if op.startswith("local_attention"):
         names.append("torch SDPA (no weights)")
     return tuple(names)
@@ -225,14 +173,12 @@ def _names(op: str, device: str) -> tuple[str, ...]:
 def cases(quick: bool, device: str) -> list:
     if quick:
         backbones = [("sunrgbd", 1, 4000)]
-        knn_sizes = [(2, 8192, 512, 16)]
         attention = [(512, 8, 64, 8)]
     else:
         backbones = [
             ("sunrgbd", 2, CONFIGS["sunrgbd"]["cloud_points"]),
             ("scannet", 2, CONFIGS["scannet"]["cloud_points"]),
         ]
-        knn_sizes = [(2, 40000, 2048, 16), (8, 16384, 1024, 32)]
         attention = [(4096, 8, 64, 8), (2048, 8, 32, 16)]
     out = []
     for config, b, n in backbones:
@@ -248,17 +194,6 @@ def cases(quick: bool, device: str) -> list:
                     _names(op, device),
                 )
             )
-    for b, n, m, k in knn_sizes:
-        out.append(
-            _case(
-                "pointformer",
-                "knn",
-                f"B={b} N={n} M={m} k={k}",
-                lambda b=b, n=n, m=m, k=k: knn_setup(b, n, m, k, device),
-                dict(B=b, N=n, M=m, k=k),
-                _names("knn", device),
-            )
-        )
     for groups, heads, s, d in attention:
         for backward in (False, True):
             op = "local_attention" + (" fwd+bwd" if backward else "")
@@ -272,16 +207,6 @@ def cases(quick: bool, device: str) -> list:
                     _names(op, device),
                 )
             )
-    out.append(
-        _case(
-            "pointformer",
-            "three_interpolate",
-            "B=2 C=256 m=512 n=1024",
-            lambda: interpolate_setup(2, 256, 512, 1024, device),
-            dict(B=2, C=256, m=512, n=1024),
-            _names("three_interpolate", device),
-        )
-    )
     out.append(
         _case(
             "pointformer",

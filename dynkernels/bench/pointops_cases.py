@@ -4,8 +4,6 @@ Open3D's exact FPS and KD-tree radius search, fpsample's exact and bucket
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import torch
 
@@ -13,10 +11,9 @@ from .. import ops, reference
 from ..testing import random_cloud
 from .base import Case as _case
 from .base import Impl as _impl
+from .base import have as _have
 
-
-def _have(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+FAMILY = "pointops"
 
 
 def _cloud(batch: int, n: int, device: str) -> torch.Tensor:

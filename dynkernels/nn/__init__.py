@@ -1,36 +1,6 @@
-"""nn.Module wrappers: parameters and configuration only, the math lives in dynkernels.ops."""
+"""nn.Module wrappers: parameters and configuration only, the math lives in
+dynkernels.ops. Every family module's ``__all__`` (nn/<family>*.py) is exported here."""
 
-from .evolving_attention import EvolvingAttention, EvolvingTransformerEncoder, EvolvingTransformerEncoderLayer
-from .isda import ISDAConsistencyLoss, ISDALoss
-from .pointformer import (
-    CONFIGS,
-    CoordinateRefinement,
-    GlobalTransformer,
-    LocalGlobalTransformer,
-    LocalTransformer,
-    PointformerBackbone,
-    PointformerBlock,
-    PointFPModule,
-)
-from .pointformer_layers import PointformerDecoderLayer, PointformerEncoderLayer, PositionEncoding
-from .pointops import QueryAndGroup
+from .._families import export_family_modules
 
-__all__ = [
-    "CONFIGS",
-    "CoordinateRefinement",
-    "EvolvingAttention",
-    "EvolvingTransformerEncoder",
-    "EvolvingTransformerEncoderLayer",
-    "GlobalTransformer",
-    "ISDAConsistencyLoss",
-    "ISDALoss",
-    "LocalGlobalTransformer",
-    "LocalTransformer",
-    "PointFPModule",
-    "PointformerBackbone",
-    "PointformerBlock",
-    "PointformerDecoderLayer",
-    "PointformerEncoderLayer",
-    "PositionEncoding",
-    "QueryAndGroup",
-]
+__all__ = export_family_modules(__name__, globals())

@@ -10,6 +10,8 @@ from torch import nn
 from .. import ops
 from ..reference.evolving_attention import ACTIVATIONS, activate
 
+__all__ = ["EvolvingAttention", "EvolvingTransformerEncoder", "EvolvingTransformerEncoderLayer"]
+
 
 class EvolvingAttention(nn.Module):
     """Multi-head self-attention with evolving logits, timm's ``Attention``

@@ -9,6 +9,8 @@ from torch import nn
 
 from .. import ops
 
+__all__ = ["ISDAConsistencyLoss", "ISDALoss"]
+
 
 class ISDALoss(nn.Module):
     """Implicit semantic data augmentation loss.

@@ -28,6 +28,8 @@ from torch import nn
 from .. import ops
 from .._backends import op_backend
 
+__all__ = ["PointformerDecoderLayer", "PointformerEncoderLayer", "PositionEncoding"]
+
 
 def _attend_heads(attn, query, key, value, in_bias, *, local, row_index, key_padding_mask, backend):
     """Kernel-path multi-head attention with attn's projection weights and the

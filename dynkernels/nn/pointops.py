@@ -7,6 +7,8 @@ from torch import nn
 
 from ..ops import ball_query, grouping_operation
 
+__all__ = ["QueryAndGroup"]
+
 
 class QueryAndGroup(nn.Module):
     """Ball query then grouping, as mmcv's ``QueryAndGroup``.

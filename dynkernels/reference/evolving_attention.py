@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["evolve_attention_logits", "evolving_attention"]
+
 ACTIVATIONS = ("identity", "relu", "leaky_relu")
 
 

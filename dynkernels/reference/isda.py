@@ -27,6 +27,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = [
+    "isda_consistency_loss",
+    "isda_logits",
+    "isda_logits_official",
+    "isda_logits_per_sample",
+    "isda_loss",
+    "isda_loss_official",
+    "update_estimator",
+    "update_estimator_official",
+]
+
 
 def _check_estimator(features: torch.Tensor, labels: torch.Tensor, cov: torch.Tensor, mean: torch.Tensor, amount):
     if features.dim() != 2:

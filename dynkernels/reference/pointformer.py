@@ -8,6 +8,8 @@ import math
 
 import torch
 
+__all__ = ["coordinate_refinement", "head_averaged_row", "local_attention"]
+
 
 def head_averaged_row(attn: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
     """attn (B, M, H, R, S) probabilities, row_index (B, M) in [-1, R) ->

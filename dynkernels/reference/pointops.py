@@ -11,6 +11,18 @@ import math
 
 import torch
 
+__all__ = [
+    "ball_query",
+    "distance_dtype",
+    "furthest_point_sample",
+    "gather_points",
+    "grouping_operation",
+    "knn",
+    "squared_distance",
+    "three_interpolate",
+    "three_nn",
+]
+
 
 def distance_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision distances are computed in for points of `dtype`."""

@@ -1,14 +1,14 @@
 // coordinate_refinement and its backward, CUDA glue.
 #include "common/cuda_glue.h"
-#include "pointops/pointops_checks.h"
-#include "pointops/pointops_kernels.h"
+#include "pointformer/pointformer_checks.h"
+#include "pointformer/pointformer_kernels.h"
 
 namespace {
 
 at::Tensor coordinate_refinement_cuda(const at::Tensor& attn, const at::Tensor& grouped_xyz,
                                       const at::Tensor& row_index) {
   DK_CHECK_CUDA(attn);
-  dynkernels::pointops::check_refinement_args(attn, grouped_xyz, row_index);
+  dynkernels::pointformer::check_refinement_args(attn, grouped_xyz, row_index);
   const c10::cuda::CUDAGuard guard(attn.device());
   const int64_t batch = attn.size(0), m = attn.size(1);
   at::Tensor out = at::empty({batch, m, 3}, grouped_xyz.options());
@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor> coordinate_refinement_backward_cuda(const at:
                                                                        const at::Tensor& grouped_xyz,
                                                                        const at::Tensor& row_index) {
   DK_CHECK_CUDA(attn);
-  dynkernels::pointops::check_refinement_args(attn, grouped_xyz, row_index);
+  dynkernels::pointformer::check_refinement_args(attn, grouped_xyz, row_index);
   const c10::cuda::CUDAGuard guard(attn.device());
   const int64_t batch = attn.size(0), m = attn.size(1);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({batch, m, 3}), "grad_out must be (B, M, 3), got ", grad_out.sizes());

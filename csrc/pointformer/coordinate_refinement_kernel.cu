@@ -5,7 +5,7 @@
 #include <cassert>
 
 #include "common/cuda_utils.cuh"
-#include "pointops/pointops_kernels.h"
+#include "pointformer/pointformer_kernels.h"
 
 namespace dynkernels {
 namespace cuda {

@@ -14,7 +14,7 @@
 
 #include <vector>
 
-#include "pointops/pointops_checks.h"
+#include "pointformer/pointformer_checks.h"
 
 namespace {
 
@@ -42,7 +42,7 @@ void check_rows(const int64_t* row, int64_t count, int64_t rows) {
 at::Tensor coordinate_refinement_cpu(const at::Tensor& attn, const at::Tensor& grouped_xyz,
                                      const at::Tensor& row_index) {
   DK_CHECK_CPU(attn);
-  dynkernels::pointops::check_refinement_args(attn, grouped_xyz, row_index);
+  dynkernels::pointformer::check_refinement_args(attn, grouped_xyz, row_index);
   const int64_t batch = attn.size(0), m = attn.size(1), heads = attn.size(2), rows = attn.size(3), s = attn.size(4);
   at::Tensor out = at::empty({batch, m, 3}, grouped_xyz.options());
   if (out.numel() == 0) return out;
@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> coordinate_refinement_backward_cpu(const at::
                                                                       const at::Tensor& grouped_xyz,
                                                                       const at::Tensor& row_index) {
   DK_CHECK_CPU(attn);
-  dynkernels::pointops::check_refinement_args(attn, grouped_xyz, row_index);
+  dynkernels::pointformer::check_refinement_args(attn, grouped_xyz, row_index);
   const int64_t batch = attn.size(0), m = attn.size(1), heads = attn.size(2), rows = attn.size(3), s = attn.size(4);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({batch, m, 3}), "grad_out must be (B, M, 3), got ", grad_out.sizes());
   at::Tensor grad_attn = at::zeros_like(attn, at::MemoryFormat::Contiguous);
