@@ -248,10 +248,13 @@ def test_grouping_gradcheck(device, backend, deterministic):
     features, idx = _group_inputs(device, torch.float64, torch.int64, batch=2, c=3, n=11, m=4, ns=3)
     features.requires_grad_()
     fn = lambda f: ops.grouping_operation(f, idx, backend=backend, deterministic=deterministic)
-    assert torch.autograd.gradcheck(fn, (features,))
-    assert torch.autograd.gradgradcheck(fn, (features,))
+    # Under the Triton interpreter every launch costs ~0.1 s: the fast mode
+    # (random projections of the Jacobian) keeps it to seconds.
+    fast = backend == "triton" and device == "cpu"
+    assert torch.autograd.gradcheck(fn, (features,), fast_mode=fast)
+    assert torch.autograd.gradgradcheck(fn, (features,), fast_mode=fast)
     g = lambda f: ops.gather_points(f, idx[:, :, 0], backend=backend, deterministic=deterministic)
-    assert torch.autograd.gradcheck(g, (features,))
+    assert torch.autograd.gradcheck(g, (features,), fast_mode=fast)
 
 
 def test_grouping_empty_and_all_padding():
