@@ -3,7 +3,7 @@
 The C++ extension ``dynkernels._C`` always gets the CPU kernels. CUDA sources are
 added when torch is a CUDA build and CUDA_HOME is found, or when FORCE_CUDA=1;
 never from ``torch.cuda.is_available()``, since a build host may have no GPU.
-``DYNKERNELS_NO_EXTENSION=1`` installs the pure-Python and Triton parts alone.
+``DYNKERNELS_CUDA=0`` leaves them out anyway. ``DYNKERNELS_NO_EXTENSION=1`` installs the pure-Python and Triton parts alone.
 MAX_JOBS and TORCH_CUDA_ARCH_LIST are read by torch's BuildExtension.
 """
 
@@ -25,7 +25,12 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (torch.version.cuda is not None and CUDA_HOME is not None)
+    # DYNKERNELS_CUDA=0 leaves the CUDA sources out even with a CUDA build of
+    # torch (scripts/setup.sh sets it where no NVIDIA driver is present, so a
+    # CPU machine does not spend minutes compiling kernels it cannot run).
+    with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
+        os.environ.get("DYNKERNELS_CUDA", "1") != "0" and torch.version.cuda is not None and CUDA_HOME is not None
+    )
     sources = ["csrc/dynkernels.cpp"] + _sources("*/*_cpu.cpp")
     # -ffp-contract=off: the point ops promise bit-equal distances with the
     # reference, which a compiler-fused multiply-add would break.
