@@ -16,8 +16,9 @@
 // Speed:   one group per task, its K^T and V staged in a small contiguous
 //          buffer, the loops over keys written to vectorise; float exp is a
 //          branch-free Cody-Waite + degree-6 polynomial (about 1 ulp) so that
-//          it vectorises too. The hot function is compiled for AVX2 and for
-//          the baseline, picked at load time (GCC target_clones).
+//          it vectorises too. The group loops are compiled for AVX-512VL +
+//          FMA, AVX2 + FMA and the baseline, picked at run time
+//          (common/cpu_isa.h; GCC's target_clones("avx2") would leave FMA off).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -28,14 +29,8 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "common/cpu_isa.h"  // DK_INLINE: helpers inline into each clone
+#include "common/cpu_isa.h"  // DK_ISA_DISPATCH; DK_INLINE: helpers inline into each ISA variant
 #include "common/cpu_math.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DK_MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define DK_MULTIVERSION
-#endif
 
 namespace {
 
@@ -207,7 +202,7 @@ DK_INLINE void weighted_rows(const T* w, int64_t ws_a, int64_t ws_b, const T* ro
 }
 
 template <typename T, int DC>
-DK_MULTIVERSION void forward_group(int64_t g, const Operand<T>& q, const Operand<T>& k, const Operand<T>& v,
+DK_INLINE void forward_group(int64_t g, const Operand<T>& q, const Operand<T>& k, const Operand<T>& v,
                                    int64_t heads, int64_t s, int64_t d, int64_t row, bool want_weights, T* out,
                                    T* lse, T* weights, int64_t row_stride, Scratch<T>& w) {
   const int64_t dd = DC > 0 ? DC : d, sp = padded(s);
@@ -242,7 +237,7 @@ DK_MULTIVERSION void forward_group(int64_t g, const Operand<T>& q, const Operand
 }
 
 template <typename T, int DC>
-DK_MULTIVERSION void backward_group(int64_t g, const Operand<T>& dout, const T* dweights, const Operand<T>& q,
+DK_INLINE void backward_group(int64_t g, const Operand<T>& dout, const T* dweights, const Operand<T>& q,
                                     const Operand<T>& k, const Operand<T>& v, const T* lse, int64_t heads, int64_t s,
                                     int64_t d, int64_t row, T* dq, T* dk, T* dv, int64_t row_stride,
                                     Scratch<T>& w) {
@@ -289,23 +284,6 @@ DK_MULTIVERSION void backward_group(int64_t g, const Operand<T>& dout, const T* 
   }
 }
 
-// Calls fn.template operator()<DC>() with DC = d for the common head dims, else 0 (runtime d).
-template <typename Fn>
-void with_head_dim(int64_t d, Fn&& fn) {
-  switch (d) {
-    case 8:
-      return fn(std::integral_constant<int, 8>());
-    case 16:
-      return fn(std::integral_constant<int, 16>());
-    case 32:
-      return fn(std::integral_constant<int, 32>());
-    case 64:
-      return fn(std::integral_constant<int, 64>());
-    default:
-      return fn(std::integral_constant<int, 0>());
-  }
-}
-
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& row_index) {
   DK_CHECK_CPU(q);
   DK_CHECK_DIM(q, 4);
@@ -326,6 +304,69 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
     }
   }
 }
+
+// The ISA-dispatched group loops (no lambdas inside: a lambda would be
+// compiled for the baseline, whatever its enclosing function's target).
+template <typename T>
+struct ForwardArgs {
+  Operand<T> q, k, v;
+  int64_t heads, s, d;
+  const int64_t* rows;  // null: no weights wanted
+  T *out, *lse, *weights;
+  int64_t row_stride;
+};
+
+template <typename T, int DC>
+DK_INLINE void forward_range(const ForwardArgs<T>& a, int64_t begin, int64_t end, Scratch<T>& scratch) {
+  for (int64_t g = begin; g < end; ++g) {
+    forward_group<T, DC>(g, a.q, a.k, a.v, a.heads, a.s, a.d, a.rows != nullptr ? a.rows[g] : 0, a.rows != nullptr,
+                         a.out, a.lse, a.weights + g * a.s, a.row_stride, scratch);
+  }
+}
+
+template <typename T, dynkernels::CpuIsa kIsa>
+DK_INLINE void forward_groups(const ForwardArgs<T>* a, int64_t begin, int64_t end, Scratch<T>* scratch) {
+  switch (a->d) {
+    case 8: return forward_range<T, 8>(*a, begin, end, *scratch);
+    case 16: return forward_range<T, 16>(*a, begin, end, *scratch);
+    case 32: return forward_range<T, 32>(*a, begin, end, *scratch);
+    case 64: return forward_range<T, 64>(*a, begin, end, *scratch);
+    default: return forward_range<T, 0>(*a, begin, end, *scratch);
+  }
+}
+DK_ISA_DISPATCH(forward_groups)
+
+template <typename T>
+struct BackwardArgs {
+  Operand<T> dout, q, k, v;
+  const T* dweights;  // null: no weights wanted
+  const T* lse;
+  const int64_t* rows;
+  int64_t heads, s, d;
+  T *dq, *dk, *dv;
+  int64_t row_stride;
+};
+
+template <typename T, int DC>
+DK_INLINE void backward_range(const BackwardArgs<T>& a, int64_t begin, int64_t end, Scratch<T>& scratch) {
+  const bool want = a.dweights != nullptr;
+  for (int64_t g = begin; g < end; ++g) {
+    backward_group<T, DC>(g, a.dout, want ? a.dweights + g * a.s : nullptr, a.q, a.k, a.v, a.lse, a.heads, a.s,
+                          a.d, want ? a.rows[g] : 0, a.dq, a.dk, a.dv, a.row_stride, scratch);
+  }
+}
+
+template <typename T, dynkernels::CpuIsa kIsa>
+DK_INLINE void backward_groups(const BackwardArgs<T>* a, int64_t begin, int64_t end, Scratch<T>* scratch) {
+  switch (a->d) {
+    case 8: return backward_range<T, 8>(*a, begin, end, *scratch);
+    case 16: return backward_range<T, 16>(*a, begin, end, *scratch);
+    case 32: return backward_range<T, 32>(*a, begin, end, *scratch);
+    case 64: return backward_range<T, 64>(*a, begin, end, *scratch);
+    default: return backward_range<T, 0>(*a, begin, end, *scratch);
+  }
+}
+DK_ISA_DISPATCH(backward_groups)
 
 at::Tensor unit_d(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
@@ -348,16 +389,11 @@ void run_forward(const Problem& pr, at::Tensor& out, int64_t row_stride, at::Ten
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* l = lse.data_ptr<scalar_t>();
     scalar_t* w = weights.data_ptr<scalar_t>();
-    const bool want = pr.want();
-    const int64_t* r = want ? pr.rows.const_data_ptr<int64_t>() : nullptr;
+    const int64_t* r = pr.want() ? pr.rows.const_data_ptr<int64_t>() : nullptr;
+    const ForwardArgs<scalar_t> args{qo, ko, vo, pr.heads, pr.s, pr.d, r, o, l, w, row_stride};
     at::parallel_for(0, pr.groups, 8, [&](int64_t begin, int64_t end) {
       Scratch<scalar_t> scratch(pr.s, pr.d);
-      with_head_dim(pr.d, [&](auto dc) {
-        for (int64_t g = begin; g < end; ++g) {
-          forward_group<scalar_t, decltype(dc)::value>(g, qo, ko, vo, pr.heads, pr.s, pr.d, want ? r[g] : 0, want,
-                                                       o, l, w + g * pr.s, row_stride, scratch);
-        }
-      });
+      forward_groups_isa<scalar_t>(&args, begin, end, &scratch);
     });
   });
 }
@@ -373,15 +409,10 @@ void run_backward(const Problem& pr, const at::Tensor& grad_out, const at::Tenso
     const scalar_t* dw = want ? grad_weights.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* r = want ? pr.rows.const_data_ptr<int64_t>() : nullptr;
     auto *pq = static_cast<scalar_t*>(dq), *pk = static_cast<scalar_t*>(dk), *pv = static_cast<scalar_t*>(dv);
+    const BackwardArgs<scalar_t> args{go, qo, ko, vo, dw, l, r, pr.heads, pr.s, pr.d, pq, pk, pv, row_stride};
     at::parallel_for(0, pr.groups, 8, [&](int64_t begin, int64_t end) {
       Scratch<scalar_t> scratch(pr.s, pr.d);
-      with_head_dim(pr.d, [&](auto dc) {
-        for (int64_t g = begin; g < end; ++g) {
-          backward_group<scalar_t, decltype(dc)::value>(g, go, want ? dw + g * pr.s : nullptr, qo, ko, vo, l,
-                                                        pr.heads, pr.s, pr.d, want ? r[g] : 0, pq, pk, pv,
-                                                        row_stride, scratch);
-        }
-      });
+      backward_groups_isa<scalar_t>(&args, begin, end, &scratch);
     });
   });
 }
