@@ -19,6 +19,13 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern), recursive=True))
 
 
+def cxx_standard(torch_version: str) -> str:
+    """torch >= 2.14's headers require C++20; older ones are built as C++17
+    (tests/test_build.py parses the CUDA glue with the same rule)."""
+    major, minor = (int(x) for x in torch_version.split("+")[0].split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 14) else "c++17"
+
+
 def _extensions():
     if os.environ.get("DYNKERNELS_NO_EXTENSION", "0") == "1":
         return [], {}
@@ -38,7 +45,8 @@ def _extensions():
     # without the flag every "parallel" CPU kernel silently runs on one thread.
     # -fno-trapping-math: lets GCC if-convert float selects (clamps, maxima) so
     # those loops vectorise; results are unchanged (no FP exception is read).
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility=hidden", "-fopenmp"]
+    cxx = ["-O3", f"-std={cxx_standard(torch.__version__)}", "-ffp-contract=off", "-fno-trapping-math"]
+    cxx += ["-fvisibility=hidden", "-fopenmp"]
     link = ["-fopenmp"]
     define_macros = [("DYNKERNELS_TORCH_VERSION", f'"{torch.__version__}"')]
     if with_cuda:

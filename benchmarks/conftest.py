@@ -2,7 +2,8 @@
 
 They time the same cases as `python -m dynkernels bench` (dynkernels.bench),
 grouped per op and size; every case checks dynkernels against its reference
-before anything is timed. DYNKERNELS_BENCH_QUICK=1 selects the small sizes.
+before anything is timed. DYNKERNELS_BENCH_SIZE=quick|default|full picks the
+size tier (default: default).
 """
 
 import os
@@ -14,7 +15,7 @@ from dynkernels.bench import cases_for
 from dynkernels.bench.runner import peak_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-QUICK = os.environ.get("DYNKERNELS_BENCH_QUICK", "0") == "1"
+SIZE = os.environ.get("DYNKERNELS_BENCH_SIZE", "default")
 
 _SETUPS: dict = {}
 
@@ -48,7 +49,7 @@ def case_params(family: str) -> list:
     """pytest params (case, implementation name) for one family's cases."""
     return [
         pytest.param(case, name, id=f"{case.op}|{case.size}|{name}")
-        for case in cases_for([family], None, QUICK, DEVICE)
+        for case in cases_for([family], None, SIZE, DEVICE)
         for name in case.impl_names
     ]
 

@@ -62,7 +62,9 @@ def glue_flags(tmp_path_factory):
     torch_include = Path(torch.__file__).parent / "include"
     from torch.utils.cpp_extension import CUDA_HOME
 
-    cuda_include = Path(CUDA_HOME or "/usr/local/cuda") / "include"
+    # CUDA_HOME as torch guesses it can be /usr/local (from a wrapper nvcc in /usr/local/bin)
+    candidates = [Path(CUDA_HOME or "/usr/local/cuda") / "include", Path("/usr/local/cuda/include")]
+    cuda_include = next((c for c in candidates if (c / "cuda_runtime.h").exists()), candidates[0])
     if not (torch_include / "c10" / "cuda" / "CUDAStream.h").exists() or not (cuda_include / "cuda_runtime.h").exists():
         pytest.skip("torch's c10/cuda headers or the CUDA runtime headers are missing")
     tmp = tmp_path_factory.mktemp("glue")
@@ -70,7 +72,8 @@ def glue_flags(tmp_path_factory):
     shim.mkdir(parents=True)
     if not (torch_include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
         (shim / "cuda_cmake_macros.h").write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    flags = ["-std=c++17", "-DWITH_CUDA"]
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    flags = ["-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17", "-DWITH_CUDA"]  # as setup.py builds
     for include in (
         ROOT / "csrc",
         tmp,
@@ -143,3 +146,15 @@ def test_info_cli():
     result = _run([sys.executable, "-m", "dynkernels", "info"], cwd=str(ROOT))
     assert result.returncode == 0, result.stderr
     assert "extension:" in result.stdout and "cpu   cpp" in result.stdout
+
+
+def test_timm_and_torchvision_import_with_this_torch():
+    """The test and bench extras' anchors load against the installed torch
+    (scripts/setup.sh installs a torch / torchvision pair that does)."""
+    import timm
+    import torchvision
+
+    assert torchvision.__version__ and timm.__version__
+    conv = timm.layers.CondConv2d(4, 6, 3, num_experts=2)  # the dynamic-convolution family's anchor
+    routing = torch.softmax(torch.randn(1, 2), -1)
+    assert conv(torch.randn(1, 4, 8, 8), routing).shape[:2] == (1, 6)

@@ -1,7 +1,7 @@
 """Benchmark cases: what to run, at which sizes, against which anchors.
 
 Every ``bench/<family>*_cases.py`` module names its ``FAMILY`` and has
-``cases(quick, device) -> list[Case]``; they are found by name, so a new
+``cases(size, device) -> list[Case]`` (size: one of base.SIZE_TIERS); they are found by name, so a new
 family adds its module and no central list."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 
-from .base import Case, Impl
+from .base import SIZE_TIERS, Case, Impl
 
 __all__ = ["FAMILIES", "Case", "Impl", "cases_for"]
 
@@ -28,11 +28,13 @@ def _discover() -> dict[str, list[Callable[[bool, str], list[Case]]]]:
 FAMILIES = _discover()
 
 
-def cases_for(families: list[str] | None, ops: list[str] | None, quick: bool, device: str) -> list[Case]:
+def cases_for(families: list[str] | None, ops: list[str] | None, size: str, device: str) -> list[Case]:
+    if size not in SIZE_TIERS:
+        raise ValueError(f"size must be one of {SIZE_TIERS}, got {size!r}")
     out = []
     for family, makers in FAMILIES.items():
         if families and family not in families:
             continue
         for make in makers:
-            out += [c for c in make(quick, device) if not ops or c.op in ops or family in ops]
+            out += [c for c in make(size, device) if not ops or c.op in ops or family in ops]
     return out

@@ -121,10 +121,29 @@ def first_layer_setup(batch: int, n: int, heads: int, d: int, device: str, backw
     return _impls(fns, inputs, grads, backward)
 
 
-def cases(quick: bool, device: str) -> list:
+def _floors(batch: int, n: int, heads: int, d: int, op: str, backward: bool, elem: int) -> dict:
+    """Bytes and FLOPs the step must at least move and do, in float32 (bf16 on
+    GPU): the map step reads S and A_prev and writes A and P (its backward
+    reads those and the two output gradients, and writes dS and dA_prev); the
+    3x3 head-mixing convolution is 9H multiply-adds per map element; Q K^T and
+    P V are 2 N^2 d each per head (the backward doubles the products)."""
+    maps = batch * heads * n * n
+    if op == "first layer":
+        map_bytes, conv_flops = (1 + 1) * maps * elem, 0.0  # S written, P written (read back by P V)
+    else:
+        map_bytes, conv_flops = (
+            (4 + (8 if backward else 0)) * maps * elem,
+            2 * 9 * heads * maps * (3 if backward else 1),
+        )
+    matmul_flops = 0.0 if op == "map step" else 4 * maps * d * (3 if backward else 1)
+    return dict(floor_bytes=map_bytes, floor_flops=conv_flops + matmul_flops)
+
+
+def cases(size: str, device: str) -> list:
+    elem = _dtype(device).itemsize
     batch = 32 if device == "cuda" else 4
-    sizes = [("ViT-B/16", 197, 12, 64)] if quick else list(SIZES)
-    if quick:
+    sizes = [("ViT-B/16", 197, 12, 64)] if size == "quick" else list(SIZES)
+    if size == "quick":
         batch = 1
     out = []
     for name, n, heads, d in sizes:
@@ -139,6 +158,7 @@ def cases(quick: bool, device: str) -> list:
                     lambda n=n, h=heads, bw=backward: map_setup(batch, n, h, device, bw),
                     params,
                     ("dynkernels", "reference"),
+                    **_floors(batch, n, heads, d, "map step", backward, elem),
                 )
             )
             out.append(
@@ -149,6 +169,7 @@ def cases(quick: bool, device: str) -> list:
                     lambda n=n, h=heads, d=d, bw=backward: step_setup(batch, n, h, d, device, bw),
                     params,
                     ("dynkernels", "reference"),
+                    **_floors(batch, n, heads, d, "step", backward, elem),
                 )
             )
             out.append(
@@ -159,6 +180,7 @@ def cases(quick: bool, device: str) -> list:
                     lambda n=n, h=heads, d=d, bw=backward: first_layer_setup(batch, n, h, d, device, bw),
                     params,
                     ("dynkernels", "reference", "map step on S (before)", "torch SDPA + S"),
+                    **_floors(batch, n, heads, d, "first layer", backward, elem),
                 )
             )
     return out

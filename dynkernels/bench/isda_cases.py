@@ -25,6 +25,8 @@ SIZES = (
     ("Cityscapes", 18818, 19, 512, "diagonal"),
 )
 QUICK = (("CIFAR-10 WRN-28-10", 64, 10, 64, "full"), ("ImageNet ResNet-50", 32, 100, 128, "diagonal"))
+# The default run leaves out ImageNet at N=256, whose official formulation needs ~10 GB.
+DEFAULT = tuple(size for size in SIZES if size[1] != 256)
 LAMBDA = 0.5
 
 
@@ -69,9 +71,25 @@ def step_setup(n: int, classes: int, dim: int, covariance: str, device: str):
     ]
 
 
-def cases(quick: bool, device: str) -> list:
+def _floors(n: int, classes: int, dim: int, covariance: str) -> dict:
+    """The per-class formulation's work, with K the expected number of distinct
+    labels among n uniform draws: full covariance, the update's A x A products
+    over the batch (2 N A^2) and the loss's (K, C) table and its backward
+    (4 K C A^2); diagonal, the table's GEMMs and their backward (8 K A C).
+    Bytes: features, logits in and out, W and its gradient, and the present
+    classes' covariance rows read and written."""
+    k = classes * (1 - (1 - 1 / classes) ** n)
+    if covariance == "full":
+        flops, cov_bytes = 2 * n * dim * dim + 4 * k * classes * dim * dim, 2 * k * dim * dim * 4
+    else:
+        flops, cov_bytes = 8 * k * dim * classes, 2 * k * dim * 4
+    return dict(floor_flops=flops, floor_bytes=n * dim * 4 + 2 * n * classes * 4 + 2 * classes * dim * 4 + cov_bytes)
+
+
+def cases(size: str, device: str) -> list:
+    sizes = {"quick": QUICK, "default": DEFAULT, "full": SIZES}[size]
     out = []
-    for name, n, classes, dim, covariance in QUICK if quick else SIZES:
+    for name, n, classes, dim, covariance in sizes:
         out.append(
             _case(
                 "isda",
@@ -80,6 +98,7 @@ def cases(quick: bool, device: str) -> list:
                 lambda n=n, c=classes, a=dim, cov=covariance: step_setup(n, c, a, cov, device),
                 dict(N=n, C=classes, A=dim, covariance=covariance, model=name),
                 ("dynkernels", "official ISDA"),
+                **_floors(n, classes, dim, covariance),
             )
         )
     return out

@@ -18,6 +18,7 @@ from ..nn import CONFIGS, PointformerBackbone
 from ..testing import random_cloud
 from .base import Case as _case
 from .base import Impl as _impl
+from .base import quiet_profiler
 
 FAMILY = "pointformer"
 
@@ -66,7 +67,11 @@ def check_backbones(kernel, ref, points) -> None:
 
 def stage_times(model, points) -> dict[str, float]:
     """Seconds per forward stage (record_function labels), from one profiled eval forward."""
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with (
+        quiet_profiler(),
+        torch.no_grad(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
+    ):
         model(points)
     totals = {name: 0.0 for name in STAGES}
     for event in prof.key_averages():
@@ -170,10 +175,13 @@ def _names(op: str, device: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def cases(quick: bool, device: str) -> list:
-    if quick:
+def cases(size: str, device: str) -> list:
+    if size == "quick":
         backbones = [("sunrgbd", 1, 4000)]
         attention = [(512, 8, 64, 8)]
+    elif size == "default":  # the SUN RGB-D backbone; block 0's attention shape
+        backbones = [("sunrgbd", 2, CONFIGS["sunrgbd"]["cloud_points"])]
+        attention = [(4096, 8, 64, 8)]
     else:
         backbones = [
             ("sunrgbd", 2, CONFIGS["sunrgbd"]["cloud_points"]),
@@ -205,6 +213,8 @@ def cases(quick: bool, device: str) -> list:
                     lambda g=groups, h=heads, s=s, d=d, bw=backward: attention_setup(g, h, s, d, device, bw),
                     dict(G=groups, H=heads, S=s, D=d),
                     _names(op, device),
+                    # Q K^T and P V (the backward: four such products)
+                    floor_flops=4 * groups * heads * s * s * d * (3 if backward else 1),
                 )
             )
     out.append(
@@ -215,6 +225,7 @@ def cases(quick: bool, device: str) -> list:
             lambda: refinement_setup(2, 2048, 64, device),
             dict(B=2, M=2048, S=64),
             _names("coordinate_refinement", device),
+            floor_bytes=2 * 2048 * 64 * 4 * 4 + 2 * 2048 * 20,  # one attention row and the group's xyz, per center
         )
     )
     return out

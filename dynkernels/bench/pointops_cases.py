@@ -137,11 +137,15 @@ def _names(op: str, device: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def cases(quick: bool, device: str) -> list:
-    if quick:
+def cases(size: str, device: str) -> list:
+    if size == "quick":
         fps_sizes = [(1, 20000, 512), (2, 8192, 256)]
         query_sizes = [(2, 8192, 256, 32, 0.2)]
         group_sizes = [(2, 8192, 256, 32, 32)]
+    elif size == "default":  # ScanNet's first set-abstraction layer (B=2, N=40000)
+        fps_sizes = [(2, 40000, 2048)]
+        query_sizes = [(2, 40000, 2048, 64, 0.2)]
+        group_sizes = [(2, 40000, 2048, 64, 64)]
     else:
         fps_sizes = [(1, 100000, 4096), (8, 16384, 1024), (2, 40000, 2048)]
         query_sizes = [(8, 16384, 1024, 32, 0.2), (2, 40000, 2048, 64, 0.2)]
@@ -160,6 +164,7 @@ def cases(quick: bool, device: str) -> list:
                 lambda b=b, n=n, m=m: fps_setup(b, n, m, device),
                 dict(B=b, N=n, M=m),
                 _names("furthest_point_sample", device),
+                floor_bytes=b * n * 12 + b * m * 8,  # read the points, write the indices
             )
         )
     for b, n, m, ns, r in query_sizes:
@@ -171,6 +176,7 @@ def cases(quick: bool, device: str) -> list:
                 lambda b=b, n=n, m=m, ns=ns, r=r: ball_query_setup(b, n, m, ns, r, device),
                 dict(B=b, N=n, M=m, ns=ns, r=r),
                 _names("ball_query", device),
+                floor_bytes=(b * n + b * m) * 12 + b * m * ns * 8,
             )
         )
     for b, n, m, ns, c in group_sizes:
@@ -184,6 +190,8 @@ def cases(quick: bool, device: str) -> list:
                     lambda b=b, n=n, m=m, ns=ns, c=c, bw=backward: grouping_setup(b, n, m, ns, c, device, bw),
                     dict(B=b, C=c, N=n, M=m, ns=ns),
                     _names(op, device),
+                    # fwd: read features and idx, write the groups; bwd: read the groups' grad, write features' grad
+                    floor_bytes=(b * c * n * 4 + b * m * ns * 8 + b * c * m * ns * 4) * (2 if backward else 1),
                 )
             )
     return out

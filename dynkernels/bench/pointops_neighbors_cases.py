@@ -62,8 +62,12 @@ def interpolate_setup(batch: int, channels: int, m: int, n: int, device: str):
     return [_impl("dynkernels", kernel, "kernel"), _impl("reference", ref, "reference")]
 
 
-def cases(quick: bool, device: str) -> list:
-    knn_sizes = [(2, 8192, 512, 16)] if quick else [(2, 40000, 2048, 16), (8, 16384, 1024, 32)]
+def cases(size: str, device: str) -> list:
+    knn_sizes = {
+        "quick": [(2, 8192, 512, 16)],
+        "default": [(2, 40000, 2048, 16)],
+        "full": [(2, 40000, 2048, 16), (8, 16384, 1024, 32)],
+    }[size]
     out = []
     for b, n, m, k in knn_sizes:
         names = ("dynkernels", "reference") + (("open3d KDTree knn",) if device == "cpu" and _have("open3d") else ())
@@ -75,6 +79,7 @@ def cases(quick: bool, device: str) -> list:
                 lambda b=b, n=n, m=m, k=k: knn_setup(b, n, m, k, device),
                 dict(B=b, N=n, M=m, k=k),
                 names,
+                floor_bytes=(b * n + b * m) * 12 + b * m * k * 12,  # points in; (d2, idx) out
             )
         )
     out.append(
@@ -85,6 +90,7 @@ def cases(quick: bool, device: str) -> list:
             lambda: interpolate_setup(2, 256, 512, 1024, device),
             dict(B=2, C=256, m=512, n=1024),
             ("dynkernels", "reference"),
+            floor_bytes=2 * 256 * 512 * 4 + 2 * 1024 * 3 * 12 + 2 * 256 * 1024 * 4,
         )
     )
     return out

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..info import info
+from .base import quiet_profiler
 from .cases import Case, cases_for
 
 
@@ -38,6 +39,41 @@ def measure(fns: list, device: str, min_time: float = 1.0, min_runs: int = 3, ma
     return times
 
 
+def machine_rates(device: str) -> dict:
+    """The floors' denominators, measured once per run: copy bandwidth (bytes
+    read plus written by a 256 MB tensor copy, per second) and float32 GEMM
+    rate (2 n^3 FLOPs of an n = 2048 matrix product, per second); the best of
+    a few tries each."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    src = torch.empty(64 << 20, device=device)
+    dst = torch.empty_like(src)
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+
+    def best(fn, tries: int = 5) -> float:
+        fn()
+        sync()
+        times = []
+        for _ in range(tries):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    copy_s = best(lambda: dst.copy_(src))
+    gemm_s = best(lambda: torch.mm(a, b))
+    return {"copy_bytes_per_s": 2 * src.numel() * 4 / copy_s, "gemm_flops_per_s": 2 * 2048**3 / gemm_s}
+
+
+def floor_seconds(case: Case, rates: dict) -> float | None:
+    """The case's floor: its least bytes over the copy bandwidth or its least
+    FLOPs over the GEMM rate, whichever is longer; None without a model."""
+    if not case.floor_bytes and not case.floor_flops:
+        return None
+    return max(case.floor_bytes / rates["copy_bytes_per_s"], case.floor_flops / rates["gemm_flops_per_s"])
+
+
 def peak_bytes(fn, device: str) -> int:
     """The peak of tensor memory allocated during one call, above what was
     allocated before it. CUDA: the caching allocator's peak counter; CPU: the
@@ -50,7 +86,7 @@ def peak_bytes(fn, device: str) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+    with quiet_profiler(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     current = peak = 0
@@ -115,10 +151,11 @@ def environment(device: str) -> dict:
     }
 
 
-def run_cases(cases: list[Case], device: str) -> list[dict]:
+def run_cases(cases: list[Case], device: str, rates: dict | None = None) -> list[dict]:
     progress = Progress(sum(1 for _ in cases))
     rows = []
     for case in cases:
+        floor = floor_seconds(case, rates) if rates else None
         progress.show(f"{case.op} {case.size}: checking")
         impls = case.setup()
         assert tuple(i.name for i in impls) == case.impl_names, (case.op, [i.name for i in impls], case.impl_names)
@@ -141,6 +178,8 @@ def run_cases(cases: list[Case], device: str) -> list[dict]:
                     "runs": len(times),
                     "peak_mb": peak_bytes(impl.fn, device) / 2**20 if impl.measure_memory else None,
                     "stages_s": impl.stages,
+                    "floor_s": floor,
+                    "of_floor": floor / statistics.median(times) if floor else None,
                 }
             )
         progress.step(f"{case.op} {case.size}: done")
@@ -154,7 +193,7 @@ def run_cases(cases: list[Case], device: str) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     header = (
         f"{'op':<26} {'size':<34} {'implementation':<24} {'median ms':>10} {'min-max ms':>17} {'dk speedup':>10} "
-        f"{'peak MB':>8}  agrees"
+        f"{'peak MB':>8} {'of floor':>8}  agrees"
     )
     lines = [header, "-" * len(header)]
     last = None
@@ -166,14 +205,19 @@ def format_table(rows: list[dict]) -> str:
         agrees = {None: "", True: "yes", False: "NO"}[r["agrees"]]
         speed = "" if r["kind"] == "kernel" else f"{r['dynkernels_speedup']:.1f}x"
         peak = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
+        of_floor = "" if r.get("of_floor") is None else f"{100 * r['of_floor']:.0f}%"
         lines.append(
             f"{op:<26} {size:<34} {r['impl']:<24} {r['median_s'] * 1e3:>10.2f} {spread:>17} {speed:>10} "
-            f"{peak:>8}  {agrees}"
+            f"{peak:>8} {of_floor:>8}  {agrees}"
         )
         if r.get("stages_s"):
             lines.append(" " * 28 + "stages (ms): " + stage_text(r["stages_s"]))
     lines.append("dk speedup = that implementation's median time / dynkernels' median time (higher: dynkernels faster)")
     lines.append("peak MB = tensor memory allocated during one call at its peak; stages from one profiled call")
+    lines.append(
+        "of floor = the case's least bytes / measured copy bandwidth, or least FLOPs / measured GEMM rate, "
+        "whichever is longer, over that implementation's time (100%: at the machine's floor)"
+    )
     return "\n".join(lines)
 
 
@@ -183,15 +227,18 @@ def stage_text(stages: dict) -> str:
 
 def format_markdown(rows: list[dict]) -> str:
     lines = [
-        "| op | size | implementation | median ms | dynkernels speedup | peak MB | same result |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| op | size | implementation | median ms | dynkernels speedup | peak MB | of floor | same result |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         speed = "—" if r["kind"] == "kernel" else f"{r['dynkernels_speedup']:.1f}x"
         agrees = {None: "", True: "yes", False: "no"}[r["agrees"]]
         name = f"**{r['impl']}**" if r["kind"] == "kernel" else r["impl"]
         peak = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
-        lines.append(f"| {r['op']} | {r['size']} | {name} | {r['median_s'] * 1e3:.2f} | {speed} | {peak} | {agrees} |")
+        of_floor = "" if r.get("of_floor") is None else f"{100 * r['of_floor']:.0f}%"
+        lines.append(
+            f"| {r['op']} | {r['size']} | {name} | {r['median_s'] * 1e3:.2f} | {speed} | {peak} | {of_floor} | {agrees} |"
+        )
     staged = [r for r in rows if r.get("stages_s")]
     if staged:
         lines += ["", "Per-stage forward time (ms, one profiled call):", ""]
@@ -243,26 +290,38 @@ def main(args) -> int:
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
     ops = [o.strip() for o in args.ops.split(",")] if args.ops else None
-    cases = cases_for(None, ops, args.quick, device)
+    size = "quick" if args.quick else "full" if getattr(args, "full", False) else "default"
+    cases = cases_for(None, ops, size, device)
     if not cases:
         print(f"no benchmark case matches --ops {args.ops}", file=sys.stderr)
         return 2
     env = environment(device)
     print(
         f"dynkernels bench on {env['device_name']} ({device}, {env['threads']} threads), torch {env['torch']}, "
-        f"commit {env['commit']}{', quick sizes' if args.quick else ''}",
+        f"commit {env['commit']}, {size} sizes",
         file=sys.stderr,
     )
-    rows = run_cases(cases, device)
+    started = time.perf_counter()
+    rates = machine_rates(device)
+    env["size"] = size
+    env.update(rates)
+    print(
+        f"machine floors: copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
+        f"float32 GEMM {rates['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s",
+        file=sys.stderr,
+    )
+    rows = run_cases(cases, device, rates)
+    env["duration_s"] = time.perf_counter() - started
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{device}{'-quick' if args.quick else ''}"
+    stem = f"bench-{device}" + ("" if size == "default" else f"-{size}")
     (out_dir / f"{stem}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     table = format_table(rows)
     (out_dir / f"{stem}.txt").write_text(table + "\n")
     (out_dir / f"{stem}.md").write_text(format_markdown(rows) + "\n")
     plotted = plot(rows, out_dir / f"{stem}.png", f"dynkernels on {env['device_name']} ({device})")
     print(table)
+    print(f"{len(cases)} cases in {env['duration_s']:.0f} s")
     print(
         f"wrote {out_dir / (stem + '.json')}, {stem}.txt"
         + (f", {stem}.png" if plotted else " (no matplotlib: no plot)")
