@@ -72,3 +72,34 @@ def test_report_shows_peak_and_stages():
     table, markdown = format_table(rows), format_markdown(rows)
     assert "stages (ms): sampling 2, grouping 1" in table and "Per-stage forward time" in markdown
     assert rows[1]["dynkernels_speedup"] > 0
+
+
+def test_floor_column_and_size_tiers():
+    from dynkernels.bench.base import SIZE_TIERS
+    from dynkernels.bench.cases import FAMILIES, cases_for
+    from dynkernels.bench.runner import floor_seconds, machine_rates
+
+    rates = {"copy_bytes_per_s": 10e9, "gemm_flops_per_s": 100e9}
+    bound_by_bytes = Case("f", "op", "s", lambda: [], floor_bytes=2e9, floor_flops=1e9)
+    bound_by_flops = Case("f", "op", "s", lambda: [], floor_bytes=1e6, floor_flops=5e11)
+    assert floor_seconds(bound_by_bytes, rates) == 0.2 and floor_seconds(bound_by_flops, rates) == 5.0
+    assert floor_seconds(Case("f", "op", "s", lambda: []), rates) is None  # no model, no floor
+    measured = machine_rates("cpu")
+    assert measured["copy_bytes_per_s"] > 1e8 and measured["gemm_flops_per_s"] > 1e8
+    case = Case(
+        "pointops",
+        "three_interpolate",
+        "tiny",
+        lambda: pnc.interpolate_setup(1, 4, 30, 50, "cpu"),
+        {},
+        ("dynkernels", "reference"),
+        floor_bytes=1e3,
+    )
+    rows = run_cases([case], "cpu", measured)
+    assert 0 < rows[0]["of_floor"] and "of floor" in format_table(rows)
+    # every family has cases in every tier; the default leaves out the 10 GB ImageNet N=256 ISDA case
+    for size in SIZE_TIERS:
+        names = {c.family for c in cases_for(None, None, size, "cpu")}
+        assert names == set(FAMILIES), size
+    assert not any("N=256" in c.size for c in cases_for(["isda"], None, "default", "cpu"))
+    assert any("N=256" in c.size for c in cases_for(["isda"], None, "full", "cpu"))
