@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import gc
 import json
 import platform
 import statistics
@@ -72,6 +74,17 @@ def floor_seconds(case: Case, rates: dict) -> float | None:
     if not case.floor_bytes and not case.floor_flops:
         return None
     return max(case.floor_bytes / rates["copy_bytes_per_s"], case.floor_flops / rates["gemm_flops_per_s"])
+
+
+def release_memory() -> None:
+    """Hands a finished case's memory back to the OS (glibc keeps freed
+    blocks otherwise, and the run's resident size would grow case by case)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
 
 
 def peak_bytes(fn, device: str) -> int:
@@ -182,6 +195,8 @@ def run_cases(cases: list[Case], device: str, rates: dict | None = None) -> list
                     "of_floor": floor / statistics.median(times) if floor else None,
                 }
             )
+        del impls
+        release_memory()
         progress.step(f"{case.op} {case.size}: done")
     progress.close()
     kernel_time = {(r["op"], r["size"]): r["median_s"] for r in rows if r["kind"] == "kernel"}
