@@ -311,13 +311,6 @@ def _fake_packed_backward(grad_out, grad_weights, qkv, heads, lse, row_index):
 
 if has_extension():
     register_kernel_pairs(
-        [("dynkernels::local_attention", "dynkernels::local_attention_backward")],
-        fake=_attention_fakes(heads_last=True)[0],
-        fake_backward=_attention_fakes(heads_last=True)[1],
-        setup_context=_attention_setup_context,
-        backward=_attention_backward,
-    )
-    register_kernel_pairs(
         [("dynkernels::local_attention_packed", "dynkernels::local_attention_packed_backward")],
         fake=_fake_packed,
         fake_backward=_fake_packed_backward,
@@ -347,10 +340,16 @@ def _local_attention_backward_triton(
     return family_kernels(FAMILY).local_attention_bwd(grad_out, grad_weights, q, k, v, lse, row_index)
 
 
-register_kernel_pairs(
-    [("dynkernels::local_attention_triton", "dynkernels::local_attention_backward_triton")],
-    fake=_attention_fakes(heads_last=False)[0],
-    fake_backward=_attention_fakes(heads_last=False)[1],
-    setup_context=_attention_setup_context,
-    backward=_attention_backward,
-)
+# The C++ op writes (G, S, H, D) memory (heads last), the Triton one contiguous (G, H, S, D).
+_ATTENTION_PAIRS = [(("dynkernels::local_attention_triton", "dynkernels::local_attention_backward_triton"), False)]
+if has_extension():
+    _ATTENTION_PAIRS.append((("dynkernels::local_attention", "dynkernels::local_attention_backward"), True))
+for _pair, _heads_last in _ATTENTION_PAIRS:
+    _fake, _fake_backward = _attention_fakes(_heads_last)
+    register_kernel_pairs(
+        [_pair],
+        fake=_fake,
+        fake_backward=_fake_backward,
+        setup_context=_attention_setup_context,
+        backward=_attention_backward,
+    )
