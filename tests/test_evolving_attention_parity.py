@@ -300,3 +300,13 @@ def test_non_contiguous_logits_compile_and_pass_opcheck(device, backend):
     ]
     for args in samples:
         torch.library.opcheck(op.default, args)
+
+
+def test_first_layer_compiles_with_zero_conv_gradients():
+    q, k, v = (torch.randn(2, 3, 9, 4, requires_grad=True) for _ in range(3))
+    weight, bias = torch.randn(3, 3, 3, 3, requires_grad=True), torch.randn(3, requires_grad=True)
+    fn = lambda q, k, v: ops.evolving_attention(q, k, v, None, weight, bias, w_prev=0.5, w_conv=1.0)
+    out, logits = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    (out.sum() + logits.sum()).backward()
+    assert (weight.grad == 0).all() and (bias.grad == 0).all()
