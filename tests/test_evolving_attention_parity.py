@@ -265,6 +265,11 @@ def test_bad_module_inputs_raise_clear_errors():
     for depth in (-1, 0, 2.0):
         with pytest.raises(ValueError, match="depth must be a positive int"):
             dnn.EvolvingTransformerEncoder(16, depth=depth, num_heads=2)
+    s = torch.randn(1, 2, 5, 5)
+    with pytest.raises(ValueError, match="unknown backend"):  # also without a previous map (plain attention)
+        ops.evolve_attention_logits(s, None, torch.randn(2, 2, 3, 3), None, w_prev=0, w_conv=1, backend="bogus")
+    with pytest.raises(ValueError, match="does not broadcast"):
+        ops.evolve_attention_logits(s, None, torch.randn(2, 2, 3, 3), None, w_prev=0, w_conv=1, mask=torch.zeros(4, 4))
     q = torch.randn(1, 2, 5, 0)
     with pytest.raises(ValueError, match="head dimension d >= 1"):
         ops.evolving_attention(q, q, torch.randn(1, 2, 5, 3), None, torch.randn(2, 2, 3, 3), None, w_prev=0, w_conv=1)

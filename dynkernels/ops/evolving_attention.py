@@ -32,22 +32,29 @@ register_op("evolving_attention", FAMILY, _KERNELS, reference=reference.evolving
 _ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 
+def _check_mask(mask: torch.Tensor, logits: torch.Tensor) -> None:
+    """A bool or floating mask that broadcasts to the logits' shape (checked without copying)."""
+    check_tensor("mask", mask)
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"mask must be bool or floating, got {mask.dtype}")
+    try:
+        if torch.broadcast_shapes(mask.shape, logits.shape) != logits.shape:
+            raise RuntimeError
+    except RuntimeError as exc:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the logits' {tuple(logits.shape)}"
+        ) from exc
+
+
 def _additive_mask(mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
     """A bool mask (True masks out) or an additive float mask, broadcast to the
     logits' shape and dtype (a view: nothing is copied for broadcast dims)."""
     if mask is None:
         return None
-    check_tensor("mask", mask)
+    _check_mask(mask, logits)
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=logits.dtype, device=logits.device).masked_fill(mask, float("-inf"))
-    elif not mask.is_floating_point():
-        raise TypeError(f"mask must be bool or floating, got {mask.dtype}")
-    try:
-        return mask.to(logits.dtype).expand(logits.shape)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to the logits' {tuple(logits.shape)}"
-        ) from exc
+    return mask.to(logits.dtype).expand(logits.shape)
 
 
 def evolve_attention_logits(
@@ -134,11 +141,11 @@ def evolve_attention_logits(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     w_prev, w_conv = check_real("w_prev", w_prev), check_real("w_conv", w_conv)
     negative_slope = check_real("negative_slope", negative_slope)
+    chosen = resolve("evolve_attention_logits", logits.device, backend)  # a bad backend raises on every path
     if prev_logits is None and not convolve_without_prev:
         if mask is not None:
-            _additive_mask(mask, logits)  # the same checks as the map step's
+            _check_mask(mask, logits)
         return plain_attention_logits(logits, weight, bias, mask)
-    chosen = resolve("evolve_attention_logits", logits.device, backend)
     if chosen == "reference":
         return reference.evolve_attention_logits(
             logits,
