@@ -4,6 +4,7 @@ that family only, with the reason in the error and in ``dynkernels info``."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -15,9 +16,15 @@ _MODULES: dict[str, ModuleType] = {}
 _ERRORS: dict[str, str] = {}
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    """Looked up once: resolve() asks on every call that considers Triton."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_device_error(device_type: str) -> str | None:
     """Why Triton kernels cannot run on this device type, or None if they can."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed (`pip install triton`)"
     if device_type == "cuda":
         return None
