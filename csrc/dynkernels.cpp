@@ -15,6 +15,14 @@
 #endif
 
 TORCH_LIBRARY(dynkernels, m) {
+  // ---- segment substrate (shared by the families; dynkernels/ops/segment.py) ----
+  // src (M, D) rows sorted into segments, offsets (S + 1,) int64, reduce "sum" | "mean" | "max"
+  // -> (S, D), in row order (deterministic); empty segments give 0.
+  m.def("segment_reduce(Tensor src, Tensor offsets, str reduce) -> Tensor");
+  // src (M, D), index (M,) int32/int64 -> (num_segments, D), out[index[i]] += src[i]; indices outside
+  // [0, num_segments) add nothing. CPU: row order (deterministic); CUDA: atomics.
+  m.def("scatter_add(Tensor src, Tensor index, SymInt num_segments) -> Tensor");
+
   // ---- pointops (mmcv layout: xyz (B, N, 3), features (B, C, N)) ----
   // (B, N, 3) float -> (B, num_points) int64, exact FPS, ties to the lowest index.
   m.def("furthest_point_sample(Tensor xyz, int num_points, int start_index) -> Tensor");

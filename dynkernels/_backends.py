@@ -24,7 +24,7 @@ from ._triton import family_error, triton_device_error
 def backend_error(backend: str, device_type: str, family: str | None = None) -> str | None:
     """Why `backend` cannot run tensors of `device_type` here (for `family`'s
     Triton kernels, when given), or None."""
-    if backend == "reference":
+    if backend in ("reference", "composite"):
         return None
     if backend == "cpp":
         if device_type != "cpu":

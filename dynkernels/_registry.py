@@ -11,14 +11,23 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-BACKENDS = ("reference", "cpp", "cuda", "triton")
+BACKENDS = ("reference", "cpp", "cuda", "triton", "composite")
 # Which device types each backend takes: the C++ kernels CPU tensors, the
 # CUDA kernels CUDA tensors, Triton CUDA tensors (and CPU ones under its
-# interpreter), the reference any.
-DEVICE_TYPES = {"reference": ("cpu", "cuda"), "cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cpu", "cuda")}
+# interpreter), the reference and composites any. A "composite" is a fast
+# algorithm written in PyTorch ops (no kernel of its own; autograd gives its
+# gradients where it states none), held to the reference like a kernel: the
+# training-time losses (ISDA's) are composites over the shared substrate.
+DEVICE_TYPES = {
+    "reference": ("cpu", "cuda"),
+    "cpp": ("cpu",),
+    "cuda": ("cuda",),
+    "triton": ("cpu", "cuda"),
+    "composite": ("cpu", "cuda"),
+}
 # Auto's order per device type when an op states none: the native kernels
 # first; Triton on CPU only when asked for (the interpreter is for tests).
-DEFAULT_AUTO = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+DEFAULT_AUTO = {"cpu": ("cpp", "composite", "reference"), "cuda": ("cuda", "triton", "composite", "reference")}
 
 
 @dataclass(frozen=True)

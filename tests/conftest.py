@@ -18,7 +18,7 @@ import dynkernels  # noqa: E402
 from dynkernels._backends import usable_backends  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-KERNEL_BACKENDS = ("cpp", "cuda", "triton")
+KERNEL_BACKENDS = ("cpp", "cuda", "triton", "composite")
 DTYPES = (torch.float32, torch.float64)  # what every CPU kernel takes
 GRAD_DTYPES = (torch.float64,)  # gradcheck
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # GPU kernels (float32 arithmetic)

@@ -468,3 +468,122 @@ def test_cpp_diagonal_update_opcheck_and_row_order_determinism():
         assert torch.equal(a, b)
     args = (*(s.clone() for s in runs[0]), x, t)
     torch.library.opcheck(torch.ops.dynkernels.isda_update_diagonal_.default, args)
+
+
+# ---- the pattern: backends from the registry, label checks, in-place safety ----
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_every_update_backend_matches_the_official_formulation_with_absent_classes(full):
+    """Every backend of the registry's list (reference included), classes
+    absent from some batches (their rows must not change, bit for bit)."""
+    g = torch.Generator().manual_seed(21)
+    classes, dim = 7, 9
+    for device, backend in [("cpu", "reference")] + [c.values for c in kernel_cases("isda_update_")]:
+        state = [t.to(device) for t in _state(classes, dim, full)]
+        official = _state(classes, dim, full)
+        for labels in ([0, 0, 3], [3, 3, 3, 3, 1], [6]):
+            before = [t.clone() for t in state]
+            t = torch.tensor(labels)
+            x = torch.randn(len(t), dim, generator=g, dtype=torch.float64) * 2 + 1
+            ops.isda_update_(x.to(device), t.to(device), *state, backend=backend)
+            official = isda.update_estimator_official(x, t, *official)
+            absent = [c for c in range(classes) if c not in labels]
+            for now, was in zip(state, before, strict=True):
+                assert torch.equal(now[absent], was[absent]), backend
+        for a, b in zip(state, official, strict=True):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
+
+
+def test_update_label_checks_and_in_place_safety():
+    cov, mean, amount = _state(3, 4, True)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    for check in (True, "sync"):
+        with pytest.raises(ValueError, match="labels must lie"):
+            ops.isda_update_(x, torch.tensor([0, 3]), cov, mean, amount, check_labels=check)
+    with pytest.raises(ValueError, match="check_labels"):
+        ops.isda_update_(x, torch.tensor([0, 1]), cov, mean, amount, check_labels="yes")
+    for bad in (torch.tensor([0.5, 1.0]), torch.tensor([True, False])):
+        with pytest.raises(ValueError, match="int32 or int64"):
+            ops.isda_update_(x, bad, cov, mean, amount)
+    with pytest.raises(ValueError, match="overlap"):  # one block shared by every class
+        ops.isda_update_(x, torch.tensor([0, 1]), cov[:1].expand(3, 4, 4), mean, amount)
+    # check_labels=False on the Triton path: a label outside [0, C) is dropped
+    if any(c.values[1] == "triton" for c in kernel_cases("isda_update_")):
+        mine, want = _state(3, 4, True), _state(3, 4, True)
+        ops.isda_update_(x, torch.tensor([1, 7]), *mine, check_labels=False, backend="triton")
+        want = isda.update_estimator_official(x[:1], torch.tensor([1]), *want)
+        for a, b in zip(mine, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_update_writes_through_non_contiguous_estimators(full):
+    g = torch.Generator().manual_seed(22)
+    classes, dim = 4, 5
+    x = torch.randn(9, dim, generator=g, dtype=torch.float64)
+    t = torch.randint(0, classes, (9,), generator=g)
+    want = isda.update_estimator(x, t, *_state(classes, dim, full))
+    for device, backend in [c.values for c in kernel_cases("isda_update_")]:
+        cov, mean, amount = (s.to(device) for s in _state(classes, dim, full))
+        cov_t = cov.transpose(-1, -2).contiguous().transpose(-1, -2) if full else cov.T.contiguous().T
+        wide = torch.zeros(classes, 2 * dim, dtype=torch.float64, device=device)
+        wide[:, ::2] = mean
+        mean_s = wide[:, ::2]  # a strided view
+        ops.isda_update_(x.to(device), t.to(device), cov_t, mean_s, amount, backend=backend)
+        for a, b in zip((cov_t, mean_s, amount), want, strict=True):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
+        assert torch.equal(wide[:, 1::2], torch.zeros_like(wide[:, 1::2]))  # the gaps untouched
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_every_loss_backend_agrees_with_gradients(full):
+    """The losses' backends (composite, reference) from the registry, with
+    ignored labels: equal values and gradients."""
+    g = torch.Generator().manual_seed(23)
+    n, classes, dim = 10, 5, 3
+    logits = torch.randn(n, classes, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(classes, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 4, 4, 255, 2, 2, 255, 1, 0, 4])
+    a = torch.randn(classes, dim, dim, generator=g, dtype=torch.float64)
+    cov = a @ a.transpose(1, 2) if full else torch.rand(classes, dim, generator=g, dtype=torch.float64)
+    results = {}
+    for backend in ("reference",) + tuple(c.values[1] for c in kernel_cases("isda_cross_entropy")):
+        loss = ops.isda_cross_entropy(logits, weight, labels, cov, 0.8, ignore_index=255, backend=backend)
+        results[backend] = (loss, *torch.autograd.grad(loss, (logits, weight)))
+    assert "composite" in results
+    for got, want in zip(results["composite"], results["reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    keep = labels != 255
+    official = isda.isda_loss_official(logits[keep], weight, labels[keep], cov, 0.8)
+    torch.testing.assert_close(results["composite"][0], official, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda z, w: ops.isda_cross_entropy(z, w, labels, cov, 0.8, ignore_index=255), (logits, weight)
+    )
+    variance = cov[labels.clamp(max=classes - 1)] if not full else torch.rand(n, dim, generator=g, dtype=torch.float64)
+    for backend in ("reference", "composite"):
+        c1 = ops.isda_consistency_loss(logits, weight, cov, 0.8, backend=backend)
+        p1 = ops.isda_cross_entropy_per_sample(logits, weight, labels.clamp(max=4), variance, 0.8, backend=backend)
+        results[f"aux-{backend}"] = (c1, p1)
+    for got, want in zip(results["aux-composite"], results["aux-reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@requires_cuda
+def test_gpu_paths_do_not_sync_with_the_host():
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising call."""
+    g = torch.Generator().manual_seed(24)
+    x = torch.randn(64, 40, generator=g).cuda()
+    t = torch.randint(0, 6, (64,), generator=g).cuda()
+    src = torch.randn(64, 33, generator=g).cuda()
+    for backend in [c.values[1] for c in kernel_cases("isda_update_") if c.values[0] == "cuda"]:
+        for full in (True, False):
+            state = [s.float().cuda() for s in _state(6, 40, full)]
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                ops.isda_update_(x, t, *state, backend=backend)
+                ops.scatter_add(src, t, 6, backend=backend, deterministic=True)
+                ops.scatter_reduce(src, t, 6, "max", backend=backend)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")

@@ -85,16 +85,17 @@ def gather_features_fwd(features: torch.Tensor, idx: torch.Tensor) -> torch.Tens
 
 
 def segment_order(idx: torch.Tensor, num_points: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR of idx (B, K) by target point: (order, offsets) with the flat
+    """CSR of idx (B, K) by target point, from the shared substrate's stable
+    sort (dynkernels.ops.sort_segments): (order, offsets) with the flat
     positions b*K + k of each point's uses in ascending k, and offsets of
     length B*N + 1. Entries -1 are left out."""
-    batch, k = idx.shape
+    from dynkernels.ops.segment import sort_segments
+
+    batch = idx.shape[0]
     base = torch.arange(batch, device=idx.device, dtype=torch.int64).unsqueeze(1) * num_points
-    keys = torch.where(idx >= 0, idx.to(torch.int64) + base, batch * num_points).reshape(-1)
-    sorted_keys, order = torch.sort(keys, stable=True)
-    bounds = torch.arange(batch * num_points + 1, device=idx.device, dtype=torch.int64)
-    offsets = torch.searchsorted(sorted_keys, bounds)
-    return order, offsets
+    keys = torch.where(idx >= 0, idx.to(torch.int64) + base, -1).reshape(-1)
+    segments = sort_segments(keys, batch * num_points)
+    return segments.perm, segments.offsets
 
 
 def gather_features_bwd(

@@ -11,7 +11,9 @@ namespace isda {
 
 // cov (C, A, A) (full) or (C, A) (diagonal), mean (C, A), amount (C,), all
 // contiguous, one float dtype and device; features (N, A) in that dtype;
-// labels int64 (N,) in [0, C) (checked when N > 0). Returns A.
+// labels int64 (N,). Returns A. The label range: check_labels_cpu on CPU; the
+// CUDA update drops labels outside [0, C) (no host sync), and Python checks
+// them once beforehand unless asked not to.
 inline int64_t check_update_args(const at::Tensor& cov, const at::Tensor& mean, const at::Tensor& amount,
                                  const at::Tensor& features, const at::Tensor& labels, bool full) {
   DK_CHECK_DIM(cov, full ? 3 : 2);
@@ -29,11 +31,16 @@ inline int64_t check_update_args(const at::Tensor& cov, const at::Tensor& mean, 
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&mean, &amount, &features, &labels}) {
     TORCH_CHECK(t->device() == cov.device(), "all tensors must be on cov's device");
   }
-  if (labels.numel() > 0) {
-    TORCH_CHECK(labels.min().item<int64_t>() >= 0 && labels.max().item<int64_t>() < classes,
-                "labels must lie in [0, ", classes, ")");
-  }
   return a;
+}
+
+// labels in [0, C): read on the host, so CPU only.
+inline void check_labels_cpu(const at::Tensor& labels, int64_t classes) {
+  const at::Tensor lab = labels.contiguous();
+  const int64_t* l = lab.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < lab.numel(); ++i) {
+    TORCH_CHECK_INDEX(l[i] >= 0 && l[i] < classes, "labels must lie in [0, ", classes, "), got ", l[i]);
+  }
 }
 
 }  // namespace isda

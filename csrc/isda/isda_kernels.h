@@ -11,11 +11,16 @@
 namespace dynkernels {
 namespace cuda {
 
-// In place on one class's covariance cov (A, A): cov = (1 - w) sym(cov) + w sym(s)
-// + w (1 - w) delta delta^T, written exactly symmetric (s: the batch's (A, A)
-// population covariance; float32 or float64, like cov).
-cudaError_t launch_isda_merge_symmetric(ScalarKind kind, void* cov, const void* s, const void* delta, double w,
-                                        int64_t a, cudaStream_t stream);
+// In place on cov (C, A, A), every class c at once: centred (M, A) holds the
+// batch rows sorted by class and centred on their class's batch mean, class c
+// owning rows offsets[c] .. offsets[c + 1] - 1 (offsets (C + 1,)); w (C,) the
+// merge weights n_b / (n_b + n), delta (C, A) old mean - batch mean. Classes
+// with no rows are not touched; the rest get
+// cov_c = (1 - w) sym(cov_c) + (w / n_b) X^T X + w (1 - w) delta delta^T, exactly symmetric.
+// float32 or float64, every array of cov's type.
+cudaError_t launch_isda_segment_merge(ScalarKind kind, void* cov, const void* centred, const int64_t* offsets,
+                                      const void* w, const void* delta, int64_t m, int64_t classes, int64_t a,
+                                      cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dynkernels

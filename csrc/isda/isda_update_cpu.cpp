@@ -10,7 +10,9 @@
 // so that Sigma stays exactly symmetric (the loss can then use Sigma d as its
 // gradient direction); the official three-pass blend differs from this by
 // rounding only. mu[c] and n[c] follow. Classes absent from the batch are not
-// touched. Threads: the tile rows of one class's merge.
+// touched. The rows are sorted into one segment per class first (stable
+// sort), so each class reads a contiguous block. Threads: the tile pairs of
+// one class's merge.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -75,14 +77,22 @@ void isda_update_full_cpu(at::Tensor& cov, at::Tensor& mean, at::Tensor& amount,
                           const at::Tensor& labels) {
   DK_CHECK_CPU(cov);
   const int64_t a = dynkernels::isda::check_update_args(cov, mean, amount, features, labels, /*full=*/true);
+  dynkernels::isda::check_labels_cpu(labels, cov.size(0));
   if (features.size(0) == 0) return;
-  const at::Tensor x = features.contiguous();
+  // the rows sorted into one segment per class (stable: row order within a class)
   const auto lab = labels.contiguous();
-  const at::Tensor present = std::get<0>(at::_unique(lab, /*sorted=*/true));
+  const at::Tensor order = std::get<1>(at::sort(lab, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const at::Tensor x = features.index_select(0, order);
+  const int64_t classes = cov.size(0);
+  std::vector<int64_t> offsets(classes + 1, 0);
+  const int64_t* lp = lab.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < lab.numel(); ++i) ++offsets[lp[i] + 1];
+  for (int64_t c = 0; c < classes; ++c) offsets[c + 1] += offsets[c];
   AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "isda_update_full_cpu", [&] {
-    for (int64_t c : std::vector<int64_t>(present.data_ptr<int64_t>(), present.data_ptr<int64_t>() + present.numel())) {
-      const at::Tensor rows = x.index_select(0, (lab == c).nonzero().squeeze(1));
-      const int64_t n_b = rows.size(0);
+    for (int64_t c = 0; c < classes; ++c) {
+      const int64_t n_b = offsets[c + 1] - offsets[c];
+      if (n_b == 0) continue;  // absent from the batch: untouched
+      const at::Tensor rows = x.narrow(0, offsets[c], n_b);
       const at::Tensor mu_b = rows.mean(0);
       const at::Tensor centred = rows - mu_b;
       const at::Tensor s = at::mm(centred.t(), centred).div_(static_cast<double>(n_b)).contiguous();
@@ -148,6 +158,7 @@ void isda_update_diagonal_cpu(at::Tensor& var, at::Tensor& mean, at::Tensor& amo
   DK_CHECK_CPU(var);
   const int64_t a = dynkernels::isda::check_update_args(var, mean, amount, features, labels, /*full=*/false);
   const int64_t classes = var.size(0);
+  dynkernels::isda::check_labels_cpu(labels, classes);
   if (features.size(0) == 0) return;
   const at::Tensor x = features.contiguous(), lab = labels.contiguous();
   AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "isda_update_diagonal_cpu", [&] {

@@ -12,11 +12,11 @@
 #include <ATen/Parallel.h>
 
 #include "pointops/pointops_checks.h"
-#include "pointops/scatter_cpu.h"
+#include "common/scatter_cpu.h"
 
 namespace {
 
-using dynkernels::pointops::check_index_range;
+using dynkernels::segment::check_index_range;
 
 at::Tensor gather_features_cpu(const at::Tensor& features, const at::Tensor& idx, bool /*deterministic*/) {
   DK_CHECK_CPU(features);
@@ -51,7 +51,7 @@ at::Tensor gather_features_backward_cpu(const at::Tensor& grad_out, const at::Te
   DK_CHECK_CPU(grad_out);
   DK_CHECK_CPU(idx);
   dynkernels::pointops::check_gather_backward_args(grad_out, idx, num_points);
-  return dynkernels::pointops::scatter_backward_cpu(grad_out, idx, at::Tensor(), num_points, /*group=*/1,
+  return dynkernels::segment::scatter_columns_cpu(grad_out, idx, at::Tensor(), num_points, /*group=*/1,
                                                     /*lowest=*/-1);
 }
 

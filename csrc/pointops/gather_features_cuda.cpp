@@ -1,8 +1,8 @@
-// gather_features and its backward, CUDA glue (the backward: scatter_cuda.h).
+// gather_features and its backward, CUDA glue (the backward: common/scatter_cuda.h).
 #include "common/cuda_glue.h"
+#include "common/scatter_cuda.h"
 #include "pointops/pointops_checks.h"
 #include "pointops/pointops_kernels.h"
-#include "pointops/scatter_cuda.h"
 
 namespace {
 
@@ -28,7 +28,7 @@ at::Tensor gather_features_backward_cuda(const at::Tensor& grad_out, const at::T
   DK_CHECK_CUDA(idx);
   dynkernels::pointops::check_gather_backward_args(grad_out, idx, num_points);
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  return dynkernels::pointops::scatter_backward_cuda(grad_out, idx, at::Tensor(), num_points, /*group=*/1,
+  return dynkernels::segment::scatter_columns_cuda(grad_out, idx, at::Tensor(), num_points, /*group=*/1,
                                                      deterministic);
 }
 

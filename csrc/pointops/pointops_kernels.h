@@ -31,23 +31,7 @@ cudaError_t launch_gather_features(ScalarKind kind, bool idx_is_64bit, const voi
                                    int64_t batch, int64_t channels, int64_t n, int64_t k, void* out,
                                    cudaStream_t stream);
 
-// The scatter-sum backward shared by gather_features and three_interpolate:
-// grad[b, c, idx[b, j]] += weight[b, j] * grad_out[b, c, j / group] over the K
-// positions j of idx (B, K); weight (B, K) may be null (all ones); grad_out is
-// (B, C, K / group).
-//
-// Atomic: adds into grad_acc (B, C, N), zero-filled, of type float (double for kFloat64).
-cudaError_t launch_scatter_backward_atomic(ScalarKind kind, bool idx_is_64bit, const void* grad_out,
-                                           const void* idx, const void* weight, int64_t batch, int64_t channels,
-                                           int64_t n, int64_t k, int64_t group, void* grad_acc, cudaStream_t stream);
-
-// Deterministic, from a CSR of idx: order holds the flat positions b*K + j
-// sorted by (b*N + idx) then j; offsets (B*N + 1) bound each point's run.
-// Writes every element of grad (B, C, N) in grad_out's type.
-cudaError_t launch_scatter_backward_segments(ScalarKind kind, const void* grad_out, const void* weight,
-                                             const int64_t* order, const int64_t* offsets, int64_t batch,
-                                             int64_t channels, int64_t n, int64_t k, int64_t group, void* grad,
-                                             cudaStream_t stream);
+// Their backward, the scatter-sum of the columns: common/segment_kernels.h.
 
 // The largest k the CUDA knn keeps per center.
 constexpr int64_t kKnnMaxK = 128;

@@ -4,13 +4,13 @@
 //           (B, n, 3) in features' dtype -> out (B, C, n),
 //           out[b, c, i] = (w0 f[i0] + w1 f[i1]) + w2 f[i2], in fp32 for half types.
 // Backward: grad_out (B, C, n) -> grad_features (B, C, m), the weighted
-//           scatter-sum, deterministic (see scatter_cpu.h). The gradient to
+//           scatter-sum, deterministic (see common/scatter_cpu.h). The gradient to
 //           weight is computed in Python from a gather.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include "pointops/pointops_checks.h"
-#include "pointops/scatter_cpu.h"
+#include "common/scatter_cpu.h"
 
 namespace {
 
@@ -24,7 +24,7 @@ at::Tensor three_interpolate_cpu(const at::Tensor& features, const at::Tensor& i
   at::Tensor f = features.contiguous(), index = idx.contiguous(), w = weight.contiguous();
   AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "three_interpolate_cpu_index", [&] {
     const index_t* id = index.const_data_ptr<index_t>();
-    dynkernels::pointops::check_index_range(id, batch * n * 3, 0, m);
+    dynkernels::segment::check_index_range(id, batch * n * 3, 0, m);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "three_interpolate_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* src = f.const_data_ptr<scalar_t>();
@@ -57,7 +57,7 @@ at::Tensor three_interpolate_backward_cpu(const at::Tensor& grad_out, const at::
   TORCH_CHECK(grad_out.size(2) == idx.size(1), "grad_out has ", grad_out.size(2), " columns, idx ", idx.size(1));
   TORCH_CHECK(num_points >= 0, "num_points must be >= 0, got ", num_points);
   const int64_t batch = idx.size(0), n = idx.size(1);
-  return dynkernels::pointops::scatter_backward_cpu(grad_out, idx.reshape({batch, n * 3}),
+  return dynkernels::segment::scatter_columns_cpu(grad_out, idx.reshape({batch, n * 3}),
                                                     weight.reshape({batch, n * 3}), num_points, /*group=*/3,
                                                     /*lowest=*/0);
 }

@@ -1,8 +1,8 @@
 // three_interpolate and its backward (to features), CUDA glue.
 #include "common/cuda_glue.h"
+#include "common/scatter_cuda.h"
 #include "pointops/pointops_checks.h"
 #include "pointops/pointops_kernels.h"
-#include "pointops/scatter_cuda.h"
 
 namespace {
 
@@ -29,7 +29,7 @@ at::Tensor three_interpolate_backward_cuda(const at::Tensor& grad_out, const at:
   TORCH_CHECK(num_points >= 0, "num_points must be >= 0, got ", num_points);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t batch = idx.size(0), n = idx.size(1);
-  return dynkernels::pointops::scatter_backward_cuda(grad_out, idx.reshape({batch, n * 3}),
+  return dynkernels::segment::scatter_columns_cuda(grad_out, idx.reshape({batch, n * 3}),
                                                      weight.reshape({batch, n * 3}), num_points, /*group=*/3,
                                                      deterministic);
 }

@@ -1,5 +1,5 @@
-"""ISDA as a drop-in criterion (Wang et al., arXiv 2007.10538). Work in
-progress (issue 5): PyTorch ops; the kernels are to come."""
+"""ISDA as a drop-in criterion (Wang et al., arXiv 2007.10538), over the ops
+of :mod:`dynkernels.ops.isda`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .._backends import op_backend
 
 __all__ = ["ISDAConsistencyLoss", "ISDALoss"]
 
@@ -38,8 +39,11 @@ class ISDALoss(nn.Module):
             batch (see :func:`dynkernels.ops.isda_update_`), so all ranks hold
             the same estimator. The official DDP code never synchronises: each
             rank estimates from its own shard and the ranks drift apart.
+        backend: passed to the ops that have it (None: auto); see
+            :func:`dynkernels.ops.isda_update_` and :func:`dynkernels.ops.isda_cross_entropy`.
 
-    The estimator lives in buffers (``covariance``, ``mean``, ``amount``), so
+    No step syncs with the host on GPUs beyond torch.unique's in the loss
+    (ignored pixels are weighted out, not selected). The estimator lives in buffers (``covariance``, ``mean``, ``amount``), so
     it follows ``.to(device)`` and ``state_dict``.
     """
 
@@ -52,12 +56,14 @@ class ISDALoss(nn.Module):
         covariance: str = "full",
         ignore_index: int | None = None,
         sync: bool = False,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         if covariance not in ("full", "diagonal"):
             raise ValueError(f"covariance must be 'full' or 'diagonal', got {covariance!r}")
         self.num_features, self.num_classes, self.lambda0 = num_features, num_classes, float(lambda0)
         self.covariance_kind, self.ignore_index, self.sync = covariance, ignore_index, sync
+        self.backend = backend
         rows = num_classes + (1 if ignore_index is not None else 0)
         shape = (rows, num_features, num_features) if covariance == "full" else (rows, num_features)
         self.register_buffer("covariance", torch.zeros(shape))
@@ -92,18 +98,29 @@ class ISDALoss(nn.Module):
                 f"the final layer's weight must be ({self.num_classes}, {self.num_features}), got {tuple(weight.shape)}"
             )
         estimator_targets = targets
-        keep = None
         if self.ignore_index is not None:
             ignored = targets == self.ignore_index
             estimator_targets = torch.where(ignored, torch.full_like(targets, self.num_classes), targets)
-            keep = ~ignored
-        ops.isda_update_(features.detach(), estimator_targets, self.covariance, self.mean, self.amount, sync=self.sync)
+        ops.isda_update_(
+            features.detach(),
+            estimator_targets,
+            self.covariance,
+            self.mean,
+            self.amount,
+            sync=self.sync,
+            backend=op_backend(self.backend, "isda_update_"),
+        )
         logits = F.linear(features, weight, bias)
-        if keep is not None:
-            logits, targets = logits[keep], targets[keep]
         lam = self.lambda0 * float(progress)
         return ops.isda_cross_entropy(
-            logits, weight, targets, self.covariance[: self.num_classes], lam, assume_symmetric=self._symmetric
+            logits,
+            weight,
+            targets,
+            self.covariance[: self.num_classes],
+            lam,
+            assume_symmetric=self._symmetric,
+            ignore_index=self.ignore_index,
+            backend=op_backend(self.backend, "isda_cross_entropy"),
         )
 
     def extra_repr(self) -> str:
@@ -125,9 +142,11 @@ class ISDAConsistencyLoss(nn.Module):
     labeled samples (shared, not updated here). detach_target: the prediction
     on the original feature is the fixed target (the usual choice)."""
 
-    def __init__(self, estimator: ISDALoss, lambda0: float, *, detach_target: bool = True) -> None:
+    def __init__(
+        self, estimator: ISDALoss, lambda0: float, *, detach_target: bool = True, backend: str | None = None
+    ) -> None:
         super().__init__()
-        self.estimator = estimator
+        self.estimator, self.backend = estimator, backend
         self.lambda0, self.detach_target = float(lambda0), detach_target
 
     def forward(self, features: torch.Tensor, fc, progress: float) -> torch.Tensor:
@@ -137,5 +156,10 @@ class ISDAConsistencyLoss(nn.Module):
         logits = F.linear(features, weight, bias)
         cov = self.estimator.covariance[: self.estimator.num_classes]
         return ops.isda_consistency_loss(
-            logits, weight, cov, self.lambda0 * float(progress), detach_target=self.detach_target
+            logits,
+            weight,
+            cov,
+            self.lambda0 * float(progress),
+            detach_target=self.detach_target,
+            backend=op_backend(self.backend, "isda_consistency_loss"),
         )

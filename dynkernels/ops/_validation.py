@@ -78,3 +78,18 @@ def check_index_range(name: str, idx: torch.Tensor, size: int, lowest: int = -1)
     low, high = int(idx.min()), int(idx.max())
     if low < lowest or high >= size:
         raise IndexError(f"{name} must hold indices in [{lowest}, {size}), got values in [{low}, {high}]")
+
+
+def check_no_self_overlap(name: str, t: torch.Tensor) -> None:
+    """Refuse an in-place output whose elements share memory (an expand()ed
+    or as_strided view): writes to one element would land in others. The test
+    is sufficient for non-overlap: with the dims of size > 1 sorted by
+    stride, each stride exceeds the span of the smaller ones (every view
+    made by slicing, transposing, permuting or viewing a dense tensor
+    passes)."""
+    span = 0
+    dims = sorted(((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s > 1))
+    for stride, size in dims:
+        if stride <= span:
+            raise ValueError(f"{name} is written in place and must not overlap itself (e.g. an expand()ed view)")
+        span += (size - 1) * stride

@@ -34,6 +34,7 @@ __all__ = [
     "isda_logits_per_sample",
     "isda_loss",
     "isda_loss_official",
+    "isda_loss_per_sample",
     "update_estimator",
     "update_estimator_official",
 ]
@@ -181,6 +182,13 @@ def isda_loss_official(
     logits: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cov: torch.Tensor, lam: float
 ) -> torch.Tensor:
     return F.cross_entropy(isda_logits_official(logits, weight, labels, cov, lam), labels)
+
+
+def isda_loss_per_sample(
+    logits: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, variance: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """Mean cross-entropy of the per-sample-variance augmented logits."""
+    return F.cross_entropy(isda_logits_per_sample(logits, weight, labels, variance, lam), labels)
 
 
 def isda_consistency_loss(

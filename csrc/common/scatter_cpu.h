@@ -1,4 +1,5 @@
-// Deterministic scatter-sum on CPU, shared by the backward of gather_features
+// The column scatter-sum of the segment substrate on CPU (the rows form is in
+// segment_cpu.cpp), shared by the backward of gather_features
 // (grouping_operation, gather_points) and of three_interpolate.
 //
 // grad_out (B, C, K / group), idx (B, K), optional weight (B, K) ->
@@ -16,7 +17,7 @@
 #include "common/checks.h"
 
 namespace dynkernels {
-namespace pointops {
+namespace segment {
 
 template <typename index_t>
 void check_index_range(const index_t* idx, int64_t count, int64_t lowest, int64_t n) {
@@ -48,7 +49,7 @@ void scatter_row(const scalar_t* s, const index_t* row_idx, const scalar_t* row_
 
 // weight may be undefined (all ones). idx values are checked to lie in
 // [lowest, n).
-inline at::Tensor scatter_backward_cpu(const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& weight,
+inline at::Tensor scatter_columns_cpu(const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& weight,
                                        int64_t n, int64_t group, int64_t lowest) {
   const int64_t batch = grad_out.size(0), channels = grad_out.size(1), k = idx.size(1);
   if (k == 0 || batch * channels * n == 0) return at::zeros({batch, channels, n}, grad_out.options());
@@ -78,5 +79,5 @@ inline at::Tensor scatter_backward_cpu(const at::Tensor& grad_out, const at::Ten
   return grad;
 }
 
-}  // namespace pointops
+}  // namespace segment
 }  // namespace dynkernels
