@@ -16,12 +16,14 @@
 
 TORCH_LIBRARY(dynkernels, m) {
   // ---- segment substrate (shared by the families; dynkernels/ops/segment.py) ----
-  // src (M, D) rows sorted into segments, offsets (S + 1,) int64, reduce "sum" | "mean" | "max"
-  // -> (S, D), in row order (deterministic); empty segments give 0.
-  m.def("segment_reduce(Tensor src, Tensor offsets, str reduce) -> Tensor");
-  // src (M, D), index (M,) int32/int64 -> (num_segments, D), out[index[i]] += src[i]; indices outside
-  // [0, num_segments) add nothing. CPU: row order (deterministic); CUDA: atomics.
-  m.def("scatter_add(Tensor src, Tensor index, SymInt num_segments) -> Tensor");
+  // src (M, D), offsets (S + 1,) int64, perm (P,) int64 or None, reduce "sum" | "mean" | "max"
+  // -> (S, D): segment s is rows perm[offsets[s] .. offsets[s + 1] - 1] of src (rows
+  // offsets[s] .. of src itself without perm), in that order (deterministic); empty segments give 0.
+  m.def("segment_reduce(Tensor src, Tensor offsets, Tensor? perm, str reduce) -> Tensor");
+  // src (M, D), index (M,) int32/int64 -> (num_segments, D): out[s] = reduce over the rows i with
+  // index[i] == s (indices outside [0, num_segments) are dropped). CPU: every reduce, in row
+  // order (deterministic); CUDA: "sum" only, by atomics.
+  m.def("scatter_reduce(Tensor src, Tensor index, SymInt num_segments, str reduce) -> Tensor");
 
   // ---- pointops (mmcv layout: xyz (B, N, 3), features (B, C, N)) ----
   // (B, N, 3) float -> (B, num_points) int64, exact FPS, ties to the lowest index.

@@ -80,11 +80,16 @@ def test_segment_reduce_matches_the_sorted_reference(device, backend):
     src = torch.randn(90, 130, generator=g, dtype=torch.float64)  # 130 columns: more than one column block
     # rows 0-4 before the first segment, 80-89 after the last; empty segments between
     offsets = torch.tensor([5, 5, 17, 17, 18, 60, 80, 80])
+    perm = torch.randperm(90, generator=g)
     for reduce in REDUCTIONS:
         want = _sorted_reference(src, offsets, reduce)
         out = ops.segment_reduce(src.to(device), offsets.to(device), reduce, backend=backend)
         torch.testing.assert_close(out.cpu(), want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(reference.segment_reduce(src, offsets, reduce), want, rtol=1e-12, atol=1e-12)
+        # through a permutation: the rows read in place, in perm's order
+        want = _sorted_reference(src[perm], offsets, reduce)
+        out = ops.segment_reduce(src.to(device), offsets.to(device), reduce, perm=perm.to(device), backend=backend)
+        torch.testing.assert_close(out.cpu(), want, rtol=1e-12, atol=1e-12)
 
 
 def test_sort_segments_is_a_stable_sort_with_counts():
@@ -114,9 +119,13 @@ def test_gradients_by_gradcheck(device, backend):
     index = _index(23, 6, g, device)
     offsets = torch.tensor([1, 4, 4, 11, 20], device=device)
     fast = dict(fast_mode=backend == "triton")
+    perm = torch.randperm(23, generator=g).to(device)
     for reduce in REDUCTIONS:  # distinct values: max is differentiable
         torch.autograd.gradcheck(lambda x: ops.scatter_reduce(x, index, 6, reduce, backend=backend), (src,), **fast)
         torch.autograd.gradcheck(lambda x: ops.segment_reduce(x, offsets, reduce, backend=backend), (src,), **fast)
+        torch.autograd.gradcheck(
+            lambda x: ops.segment_reduce(x, offsets, reduce, perm=perm, backend=backend), (src,), **fast
+        )
     for deterministic in (True, False):
         torch.autograd.gradcheck(
             lambda x: ops.scatter_add(x, index, 6, deterministic=deterministic, backend=backend), (src,), **fast
@@ -137,7 +146,7 @@ def test_max_gradient_is_shared_among_ties_as_torch_shares_it(device, backend):
     assert torch.equal(grads[0].flatten().cpu(), torch.tensor([0, 1 / 3, 1 / 3, 0, 1 / 3, 1], dtype=torch.float64))
 
 
-def test_cpp_scatter_add_is_row_order_whatever_the_threads():
+def test_cpp_scatter_is_row_order_whatever_the_threads():
     if not any(c.values[1] == "cpp" for c in kernel_cases("scatter_add")):
         pytest.skip("the C++ extension is not built")
     g = torch.Generator().manual_seed(6)
@@ -152,6 +161,11 @@ def test_cpp_scatter_add_is_row_order_whatever_the_threads():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(runs[0], runs[2]) and torch.equal(runs[1], runs[3])
+    # the row-order scatter gives the sorted form's bits, for every reduction
+    segments = ops.sort_segments(index, 30)
+    for reduce in REDUCTIONS:
+        direct = ops.scatter_reduce(src, index, 30, reduce, backend="cpp")
+        assert torch.equal(direct, ops.segment_reduce(src, segments.offsets, reduce, perm=segments.perm, backend="cpp"))
     # row order exactly: the float64 sum of the float32 rows rounded per step in row order
     want = torch.zeros(30, 200)
     for i in range(0, 4000, 500):
@@ -166,10 +180,14 @@ def test_ops_pass_opcheck_and_compile():
     offsets = torch.tensor([0, 10, 10, 33])
     names = [b.values[1] for b in kernel_cases("segment_reduce") if b.values[0] == "cpu"]
     if "cpp" in names:
-        torch.library.opcheck(torch.ops.dynkernels.segment_reduce.default, (src, offsets, "max"))
-        torch.library.opcheck(torch.ops.dynkernels.scatter_add.default, (src, index, 5))
+        perm = torch.randperm(40)
+        torch.library.opcheck(torch.ops.dynkernels.segment_reduce.default, (src, offsets, None, "max"))
+        torch.library.opcheck(torch.ops.dynkernels.segment_reduce.default, (src, offsets, perm, "mean"))
+        for reduce in REDUCTIONS:
+            torch.library.opcheck(torch.ops.dynkernels.scatter_reduce.default, (src, index, 5, reduce))
     if "triton" in names:
-        torch.library.opcheck(torch.ops.dynkernels.segment_reduce_triton.default, (src, offsets, "mean"))
+        torch.library.opcheck(torch.ops.dynkernels.segment_reduce_triton.default, (src, offsets, None, "mean"))
+        torch.library.opcheck(torch.ops.dynkernels.segment_reduce_triton.default, (src, offsets, torch.randperm(40), "max"))
         torch.library.opcheck(torch.ops.dynkernels.scatter_add_triton.default, (src, index, 5))
 
     def fn(x):
@@ -195,6 +213,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="int64"):
         ops.segment_reduce(src, torch.tensor([0, 2], dtype=torch.int32))
     if any(c.values[1] == "cpp" for c in kernel_cases("segment_reduce")):
+        with pytest.raises(IndexError, match="perm must hold rows"):
+            ops.segment_reduce(src, torch.tensor([0, 2]), perm=torch.tensor([0, 4]), backend="cpp")
         with pytest.raises(RuntimeError, match="non-decreasing"):
             ops.segment_reduce(src, torch.tensor([0, 3, 1]), backend="cpp")
         with pytest.raises(RuntimeError, match=r"\[0, M\]"):

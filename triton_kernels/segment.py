@@ -5,9 +5,11 @@ Naming ladder: ``_segment_reduce_kernel`` (jit) -> ``segment_reduce``
 ``scatter_add(deterministic=True)``; ``_scatter_add_kernel`` -> ``scatter_add``
 -> ``dynkernels.ops.scatter_add(deterministic=False)``.
 
-Shapes: src (M, D) contiguous; offsets (S + 1,) int64 (segment s is rows
-offsets[s] .. offsets[s + 1] - 1, clamped to [0, M)); index (M,) int32/int64,
-entries outside [0, S) adding nothing.
+Shapes: src (rows, D) contiguous; offsets (S + 1,) int64: segment s is
+positions offsets[s] .. offsets[s + 1] - 1 (clamped to [0, M)) of perm (M,)
+int64, or of src itself without perm (M = rows); perm entries outside
+[0, rows) read nothing. index (rows,) int32/int64, entries outside [0, S)
+adding nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +23,18 @@ _REDUCE = {"sum": 0, "mean": 1, "max": 2}
 
 @triton.jit
 def _segment_reduce_kernel(
-    src_ptr, offsets_ptr, out_ptr, M, D, REDUCE: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr
+    src_ptr,
+    offsets_ptr,
+    perm_ptr,
+    out_ptr,
+    ROWS,
+    M,
+    D,
+    HAS_PERM: tl.constexpr,
+    REDUCE: tl.constexpr,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     # One program per (segment, block of columns): its rows in order, BR at a
     # time (a fixed order whatever the scheduling: deterministic).
@@ -35,8 +48,14 @@ def _segment_reduce_kernel(
     else:
         acc = tl.zeros([BD], ACC)
     for r0 in range(start, stop, BR):
-        rows = r0 + tl.arange(0, BR)
-        ok = (rows[:, None] < stop) & c_in[None, :]
+        positions = r0 + tl.arange(0, BR)
+        inside = positions < stop
+        if HAS_PERM:
+            rows = tl.load(perm_ptr + positions, mask=inside, other=-1)
+            inside = inside & (rows >= 0) & (rows < ROWS)
+        else:
+            rows = positions.to(tl.int64)
+        ok = inside[:, None] & c_in[None, :]
         if REDUCE == 2:
             x = tl.load(src_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=float("-inf")).to(ACC)
             nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
@@ -70,16 +89,28 @@ def _block_d(d: int) -> int:
     return min(128, triton.next_power_of_2(max(d, 1)))
 
 
-def segment_reduce(src: torch.Tensor, offsets: torch.Tensor, reduce: str) -> torch.Tensor:
+def segment_reduce(src: torch.Tensor, offsets: torch.Tensor, perm: torch.Tensor | None, reduce: str) -> torch.Tensor:
     src, offsets = src.contiguous(), offsets.contiguous()
-    m, d = src.shape
+    rows, d = src.shape
     segments = offsets.numel() - 1
     out = torch.empty((segments, d), dtype=src.dtype, device=src.device)
     if out.numel() == 0:
         return out
     bd = _block_d(d)
+    m = rows if perm is None else perm.numel()
     _segment_reduce_kernel[(segments, triton.cdiv(d, bd))](
-        src, offsets, out, m, d, REDUCE=_REDUCE[reduce], BR=16, BD=bd, ACC=_acc_dtype(src.dtype)
+        src,
+        offsets,
+        offsets if perm is None else perm.contiguous(),
+        out,
+        rows,
+        m,
+        d,
+        HAS_PERM=perm is not None,
+        REDUCE=_REDUCE[reduce],
+        BR=16,
+        BD=bd,
+        ACC=_acc_dtype(src.dtype),
     )
     return out
 

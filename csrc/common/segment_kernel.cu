@@ -24,7 +24,8 @@ inline unsigned grid_for(int64_t total) { return grid_stride_blocks(total, kThre
 
 template <typename scalar_t>
 __global__ void segment_reduce_kernel(const scalar_t* __restrict__ src, const int64_t* __restrict__ offsets,
-                                      int64_t m, int64_t d, int64_t total, int reduce, scalar_t* __restrict__ out) {
+                                      const int64_t* __restrict__ perm, int64_t rows, int64_t m, int64_t d,
+                                      int64_t total, int reduce, scalar_t* __restrict__ out) {
   using acc_t = typename ComputeType<scalar_t>::type;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -33,7 +34,9 @@ __global__ void segment_reduce_kernel(const scalar_t* __restrict__ src, const in
     const int64_t stop = min(max(offsets[s + 1], start), m);
     acc_t acc = reduce == 2 ? -INFINITY : acc_t(0);
     for (int64_t r = start; r < stop; ++r) {
-      const acc_t v = to_compute(src[r * d + col]);
+      const int64_t row = perm == nullptr ? r : perm[r];
+      if (row < 0 || row >= rows) continue;  // a bad perm entry reads nothing
+      const acc_t v = to_compute(src[row * d + col]);
       if (reduce == 2) {
         acc = ((v > acc || v != v) && acc == acc) ? v : acc;  // NaN sticks
       } else {
@@ -129,12 +132,12 @@ cudaError_t scatter_segments(const void* grad_out, const void* weight, const int
 
 template <typename scalar_t>
 struct SegmentReduce {
-  static cudaError_t run(int reduce, const void* src, const int64_t* offsets, int64_t m, int64_t d, int64_t segments,
-                         void* out, cudaStream_t stream) {
+  static cudaError_t run(int reduce, const void* src, const int64_t* offsets, const int64_t* perm, int64_t rows,
+                         int64_t m, int64_t d, int64_t segments, void* out, cudaStream_t stream) {
     const int64_t total = segments * d;
     if (total == 0) return cudaSuccess;
     segment_reduce_kernel<scalar_t><<<grid_for(total), kThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(src), offsets, m, d, total, reduce, static_cast<scalar_t*>(out));
+        static_cast<const scalar_t*>(src), offsets, perm, rows, m, d, total, reduce, static_cast<scalar_t*>(out));
     return cudaGetLastError();
   }
 };
@@ -179,9 +182,10 @@ struct ScatterSegments {
 
 }  // namespace
 
-cudaError_t launch_segment_reduce(ScalarKind kind, int reduce, const void* src, const int64_t* offsets, int64_t m,
-                                  int64_t d, int64_t segments, void* out, cudaStream_t stream) {
-  return dispatch_kind<SegmentReduce>(kind, reduce, src, offsets, m, d, segments, out, stream);
+cudaError_t launch_segment_reduce(ScalarKind kind, int reduce, const void* src, const int64_t* offsets,
+                                  const int64_t* perm, int64_t rows, int64_t m, int64_t d, int64_t segments,
+                                  void* out, cudaStream_t stream) {
+  return dispatch_kind<SegmentReduce>(kind, reduce, src, offsets, perm, rows, m, d, segments, out, stream);
 }
 
 cudaError_t launch_scatter_add_rows_atomic(ScalarKind kind, bool idx_is_64bit, const void* src, const void* index,

@@ -13,12 +13,15 @@
 namespace dynkernels {
 namespace cuda {
 
-// Rows form. src (M, D) sorted into segments by offsets (S + 1,) -> out (S, D):
-// reduce 0 sum / 1 mean / 2 max over each segment's rows in row order (one
-// thread per output element: deterministic); empty segments give 0. Rows are
-// clamped to [0, M), so bad offsets cannot read out of bounds.
-cudaError_t launch_segment_reduce(ScalarKind kind, int reduce, const void* src, const int64_t* offsets, int64_t m,
-                                  int64_t d, int64_t segments, void* out, cudaStream_t stream);
+// Rows form. src (rows, D); segment s is positions offsets[s] .. offsets[s + 1] - 1
+// of perm (m entries; perm null: of src itself, m = rows) -> out (S, D): reduce
+// 0 sum / 1 mean / 2 max over each segment's rows in that order (one thread per
+// output element: deterministic); empty segments give 0. Positions are clamped
+// to [0, m) and perm entries outside [0, rows) read nothing, so bad offsets or
+// perms cannot read out of bounds.
+cudaError_t launch_segment_reduce(ScalarKind kind, int reduce, const void* src, const int64_t* offsets,
+                                  const int64_t* perm, int64_t rows, int64_t m, int64_t d, int64_t segments,
+                                  void* out, cudaStream_t stream);
 
 // src (M, D), index (M,) -> acc (S, D) += src rows by atomicAdd (acc: float,
 // or double for kFloat64; zeroed by the caller). Indices outside [0, S) add nothing.

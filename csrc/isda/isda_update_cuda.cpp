@@ -26,8 +26,8 @@ void isda_update_full_cuda(at::Tensor& cov, at::Tensor& mean, at::Tensor& amount
   at::Tensor mu_b = at::empty({classes + 1, a}, x.options());  // row C: zero, the dropped rows' "mean"
   mu_b[classes].zero_();
   DK_CHECK_LAUNCH(dynkernels::cuda::launch_segment_reduce(kind, static_cast<int>(dynkernels::segment::Reduce::kMean),
-                                                          x.const_data_ptr(), offsets.const_data_ptr<int64_t>(), m, a,
-                                                          classes, mu_b.data_ptr(), stream));
+                                                          x.const_data_ptr(), offsets.const_data_ptr<int64_t>(),
+                                                          /*perm=*/nullptr, m, m, a, classes, mu_b.data_ptr(), stream));
   const at::Tensor row_class = at::searchsorted(offsets.slice(0, 1), at::arange(m, offsets.options()),
                                                 /*out_int32=*/false, /*right=*/true);
   const at::Tensor centred = (x - mu_b.index_select(0, row_class)).contiguous();

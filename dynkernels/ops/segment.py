@@ -125,31 +125,52 @@ def _rows_of(src: torch.Tensor) -> torch.Tensor:
 
 
 def segment_reduce(
-    src: torch.Tensor, offsets: torch.Tensor, reduce: str = "sum", *, backend: str | None = None
+    src: torch.Tensor,
+    offsets: torch.Tensor,
+    reduce: str = "sum",
+    *,
+    perm: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """Reduce each segment of rows already sorted by segment: segment s is
-    rows ``offsets[s] .. offsets[s + 1] - 1`` of src (M, *) (offsets (S + 1,)
-    int64, non-decreasing, within [0, M]; :func:`sort_segments` gives them).
-    Returns (S, *). reduce: "sum", "mean" or "max" (NaN propagates). Summed in
-    row order on every backend: deterministic. On CPU bad offsets raise; on
-    GPUs each segment's rows are clamped to [0, M) (no host sync).
+    """Reduce each segment of rows sorted by segment: segment s is rows
+    ``offsets[s] .. offsets[s + 1] - 1`` of src (M, *), or with ``perm``
+    (P,) int64, rows ``perm[offsets[s]] .. perm[offsets[s + 1] - 1]`` (read in
+    place: no sorted copy of src). offsets (S + 1,) int64, non-decreasing,
+    within [0, M] (or [0, P]); :func:`sort_segments` gives offsets and perm.
+    Returns (S, *). reduce: "sum", "mean" or "max" (NaN propagates). Taken in
+    segment order on every backend: deterministic. On CPU bad offsets or perm
+    entries raise; on GPUs each segment's range is clamped and bad perm entries
+    read nothing (no host sync). The gradient to src adds each position's
+    share into its row (rows repeated in perm get the sum).
     backend: None (auto), "reference", "cpp", "cuda" or "triton"."""
     _check_src(src)
     _check_keys("offsets", offsets)
     if offsets.dtype != torch.int64 or offsets.numel() < 1:
         raise ValueError(f"offsets must be int64 with S + 1 >= 1 entries, got {offsets.dtype} ({offsets.numel()})")
     check_same_device(src=src, offsets=offsets)
+    if perm is not None:
+        _check_keys("perm", perm)
+        if perm.dtype != torch.int64:
+            raise ValueError(f"perm must be int64, got {perm.dtype}")
+        check_same_device(src=src, perm=perm)
     _check_reduce(reduce)
     chosen = resolve("segment_reduce", src.device, backend)
     if chosen == "reference":
-        return reference.segment_reduce(src, offsets, reduce)
-    return _segment_reduce(chosen, _rows_of(src), offsets, reduce).reshape(offsets.numel() - 1, *src.shape[1:])
+        return reference.segment_reduce(src if perm is None else src.index_select(0, perm), offsets, reduce)
+    out = _segment_reduce(chosen, _rows_of(src), offsets, perm, reduce)
+    return out.reshape(offsets.numel() - 1, *src.shape[1:])
 
 
-def _segment_reduce(chosen: str, rows: torch.Tensor, offsets: torch.Tensor, reduce: str) -> torch.Tensor:
+def _segment_reduce(chosen: str, rows, offsets, perm, reduce: str) -> torch.Tensor:
     if chosen == "triton":
-        return torch.ops.dynkernels.segment_reduce_triton(rows, offsets, reduce)
-    return torch.ops.dynkernels.segment_reduce(rows, offsets, reduce)
+        return torch.ops.dynkernels.segment_reduce_triton(rows, offsets, perm, reduce)
+    return torch.ops.dynkernels.segment_reduce(rows, offsets, perm, reduce)
+
+
+def _sorted_reduce(chosen: str, rows, index, num_segments: int, reduce: str) -> torch.Tensor:
+    """GPU form of a scatter: a stable sort by index, then segment_reduce through the permutation."""
+    segments = sort_segments(index, num_segments)
+    return _segment_reduce(chosen, rows, segments.offsets, segments.perm, reduce)
 
 
 def scatter_add(
@@ -176,15 +197,12 @@ def scatter_add(
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     rows = _rows_of(src)
-    if chosen == "cpp":
-        out = torch.ops.dynkernels.scatter_add(rows, index, num_segments)
+    if chosen == "cpp" or (chosen == "cuda" and not deterministic):
+        out = torch.ops.dynkernels.scatter_reduce(rows, index, num_segments, "sum")
     elif deterministic:
-        segments = sort_segments(index, num_segments)
-        out = _segment_reduce(chosen, rows.index_select(0, segments.perm), segments.offsets, "sum")
-    elif chosen == "triton":
-        out = torch.ops.dynkernels.scatter_add_triton(rows, index, num_segments)
+        out = _sorted_reduce(chosen, rows, index, num_segments, "sum")
     else:
-        out = torch.ops.dynkernels.scatter_add(rows, index, num_segments)
+        out = torch.ops.dynkernels.scatter_add_triton(rows, index, num_segments)
     return out.reshape(num_segments, *src.shape[1:])
 
 
@@ -194,7 +212,10 @@ def scatter_reduce(
     """out (S, *), out[s] = sum / mean / max of the rows i with index[i] == s
     (0 for an empty s), as ``torch.zeros(S, ...).scatter_reduce(0, index,
     src, reduce, include_self=False)`` gives it; entries outside [0, S) are
-    dropped. Sorted by index, then reduced in row order: deterministic.
+    dropped. Deterministic everywhere: the C++ kernel reduces in row order;
+    the GPU backends sort by index (stable) and reduce each segment in a fixed
+    order (the CUDA kernel row by row, as the C++ one: equal bits; Triton in
+    blocks of 16 rows).
     backend: None (auto), "reference" (torch.scatter_reduce), "cpp", "cuda" or "triton"."""
     _check_src(src)
     _check_keys("index", index, src.shape[0])
@@ -204,22 +225,12 @@ def scatter_reduce(
     chosen = resolve("scatter_reduce", src.device, backend)
     if chosen == "reference":
         return reference.scatter_reduce(src, index, num_segments, reduce)
-    segments = sort_segments(index, num_segments)
-    out = _segment_reduce(chosen, _rows_of(src).index_select(0, segments.perm), segments.offsets, reduce)
+    rows = _rows_of(src)
+    if chosen == "cpp":
+        out = torch.ops.dynkernels.scatter_reduce(rows, index, num_segments, reduce)
+    else:
+        out = _sorted_reduce(chosen, rows, index, num_segments, reduce)
     return out.reshape(num_segments, *src.shape[1:])
-
-
-# ---- torch.library registrations: fake kernels and autograd ----------------
-
-
-@torch.library.custom_op("dynkernels::segment_reduce_triton", mutates_args=())
-def _segment_reduce_triton(src: torch.Tensor, offsets: torch.Tensor, reduce: str) -> torch.Tensor:
-    return family_kernels(FAMILY).segment_reduce(src, offsets, reduce)
-
-
-@torch.library.custom_op("dynkernels::scatter_add_triton", mutates_args=())
-def _scatter_add_triton(src: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
-    return family_kernels(FAMILY).scatter_add(src, index, num_segments)
 
 
 def segment_ids(offsets: torch.Tensor, rows: int) -> torch.Tensor:
@@ -230,53 +241,104 @@ def segment_ids(offsets: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.where(r >= offsets[0], seg, offsets.numel() - 1)
 
 
+# ---- torch.library registrations: fake kernels and autograd ----------------
+#
+# The gradients are written with gather_rows (torch's index_select) and the
+# ops themselves (the count of tied maxima), so they are differentiable again.
+
+
+@torch.library.custom_op("dynkernels::segment_reduce_triton", mutates_args=())
+def _segment_reduce_triton(
+    src: torch.Tensor, offsets: torch.Tensor, perm: torch.Tensor | None, reduce: str
+) -> torch.Tensor:
+    return family_kernels(FAMILY).segment_reduce(src, offsets, perm, reduce)
+
+
+@torch.library.custom_op("dynkernels::scatter_add_triton", mutates_args=())
+def _scatter_add_triton(src: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
+    return family_kernels(FAMILY).scatter_add(src, index, num_segments)
+
+
+def _shares(reduce: str, values, at_max_of, grad_of, count_ties, counts) -> torch.Tensor:
+    """Each row's (position's) gradient: grad_of(t) gathers t (S, D) to the
+    rows; max shares it evenly among the tied maxima."""
+    if reduce == "sum":
+        return grad_of(None)
+    if reduce == "mean":
+        return grad_of(counts.clamp_min(1).to(values.dtype)[:, None])
+    at_max = at_max_of()
+    hit = (values == at_max) | (values.isnan() & at_max.isnan())
+    ties = count_ties(hit.to(values.dtype))
+    return torch.where(hit, grad_of(ties.clamp_min(1)), 0)
+
+
 def _segment_reduce_setup(ctx, inputs, output):
-    src, offsets, reduce = inputs
-    ctx.reduce = reduce
-    ctx.save_for_backward(src, offsets, output if reduce == "max" else None)
+    src, offsets, perm, reduce = inputs
+    ctx.reduce, ctx.has_perm = reduce, perm is not None
+    ctx.save_for_backward(src, offsets, perm, output if reduce == "max" else None)
 
 
 def _segment_reduce_backward_for(op):
     def backward(ctx, grad):
-        src, offsets, out = ctx.saved_tensors
-        seg = segment_ids(offsets, src.shape[0])
-        if ctx.reduce == "sum":
-            return gather_rows(grad, seg), None, None
-        counts = (offsets[1:] - offsets[:-1]).clamp_min(1).to(grad.dtype)
-        if ctx.reduce == "mean":
-            return gather_rows(grad / counts[:, None], seg), None, None
-        # max: the gradient shared evenly among each segment's tied maxima
-        at_max = gather_rows(out, seg)
-        hit = (src == at_max) | (src.isnan() & at_max.isnan())
-        hit &= (seg < counts.numel())[:, None]
-        ties = op(hit.to(src.dtype), offsets, "sum").clamp_min(1)
-        return torch.where(hit, gather_rows(grad / ties, seg), 0), None, None
+        src, offsets, perm, out = ctx.saved_tensors
+        positions = perm.shape[0] if ctx.has_perm else src.shape[0]
+        seg = segment_ids(offsets, positions)  # S for positions in no segment: a zero row
+        values = src if not ctx.has_perm or ctx.reduce != "max" else src.index_select(0, perm)
+        share = _shares(
+            ctx.reduce,
+            values,
+            lambda: gather_rows(out, seg),
+            lambda scale: gather_rows(grad if scale is None else grad / scale, seg),
+            lambda hit: op(hit, offsets, None, "sum"),
+            offsets[1:] - offsets[:-1],
+        )
+        if ctx.has_perm:
+            share = torch.zeros_like(src).index_add(0, perm, share)
+        return share, None, None, None
 
     return backward
 
 
-def _scatter_add_setup(ctx, inputs, output):
-    _, index, _ = inputs
-    ctx.save_for_backward(index)
+def _scatter_setup(ctx, inputs, output):
+    src, index, num_segments, *rest = inputs
+    ctx.reduce = rest[0] if rest else "sum"
+    ctx.inputs = len(inputs)
+    ctx.num_segments = num_segments
+    ctx.save_for_backward(src, index, output if ctx.reduce == "max" else None)
 
 
-def _scatter_add_backward(ctx, grad):
-    (index,) = ctx.saved_tensors
-    return gather_rows(grad, index), None, None
+def _scatter_backward(ctx, grad):
+    src, index, out = ctx.saved_tensors
+    segments = ctx.num_segments
+    k = index.long()
+    seg = torch.where((k >= 0) & (k < segments), k, segments)
+    counts = None
+    if ctx.reduce == "mean":
+        counts = scatter_add(torch.ones_like(src[:, :1]), index, segments)[:, 0]
+    share = _shares(
+        ctx.reduce,
+        src,
+        lambda: gather_rows(out, seg),
+        lambda scale: gather_rows(grad if scale is None else grad / scale, seg),
+        lambda hit: torch.ops.dynkernels.scatter_reduce(hit, index, segments, "sum"),
+        counts,
+    )
+    return (share,) + (None,) * (ctx.inputs - 1)
 
 
-def _fake_segment_reduce(src, offsets, reduce):
+def _fake_segment_reduce(src, offsets, perm, reduce):
     return src.new_empty((offsets.shape[0] - 1, src.shape[1]))
 
 
-def _fake_scatter_add(src, index, num_segments):
+def _fake_scatter(src, index, num_segments, reduce="sum"):
     return src.new_empty((num_segments, src.shape[1]))
 
 
-for _name in ["dynkernels::segment_reduce"] * has_extension() + ["dynkernels::segment_reduce_triton"]:
-    _op = torch.ops.dynkernels.segment_reduce if _name.endswith("reduce") else torch.ops.dynkernels.segment_reduce_triton
+_SEGMENT_OPS = (["dynkernels::segment_reduce"] if has_extension() else []) + ["dynkernels::segment_reduce_triton"]
+for _name in _SEGMENT_OPS:
+    _op = getattr(torch.ops.dynkernels, _name.split("::")[1]).default
     torch.library.register_fake(_name)(_fake_segment_reduce)
     torch.library.register_autograd(_name, _segment_reduce_backward_for(_op), setup_context=_segment_reduce_setup)
-for _name in ["dynkernels::scatter_add"] * has_extension() + ["dynkernels::scatter_add_triton"]:
-    torch.library.register_fake(_name)(_fake_scatter_add)
-    torch.library.register_autograd(_name, _scatter_add_backward, setup_context=_scatter_add_setup)
+for _name in (["dynkernels::scatter_reduce"] if has_extension() else []) + ["dynkernels::scatter_add_triton"]:
+    torch.library.register_fake(_name)(_fake_scatter)
+    torch.library.register_autograd(_name, _scatter_backward, setup_context=_scatter_setup)
