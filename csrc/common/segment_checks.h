@@ -55,9 +55,15 @@ inline void check_perm_cpu(const at::Tensor& perm, const at::Tensor& offsets, in
   }
 }
 
+struct ScatterArgs {
+  int64_t segments;
+  Reduce reduce;
+};
+
 // src (M, D) floating, index (M,) int32/int64 on src's device, num_segments >= 0.
-inline Reduce check_scatter_args(const at::Tensor& src, const at::Tensor& index, int64_t segments,
-                                 c10::string_view reduce) {
+inline ScatterArgs check_scatter_args(const at::Tensor& src, const at::Tensor& index, const c10::SymInt& num_segments,
+                                      c10::string_view reduce) {
+  const int64_t segments = num_segments.expect_int();
   DK_CHECK_DIM(src, 2);
   TORCH_CHECK(at::isFloatingType(src.scalar_type()), "src must be a floating tensor, got ", src.scalar_type());
   DK_CHECK_INDEX_DTYPE(index);
@@ -65,7 +71,7 @@ inline Reduce check_scatter_args(const at::Tensor& src, const at::Tensor& index,
               ", got ", index.sizes());
   TORCH_CHECK(index.device() == src.device(), "index must be on src's device");
   TORCH_CHECK(segments >= 0, "num_segments must be >= 0, got ", segments);
-  return parse_reduce(reduce);
+  return {segments, parse_reduce(reduce)};
 }
 
 }  // namespace segment

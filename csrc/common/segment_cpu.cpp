@@ -128,8 +128,9 @@ at::Tensor segment_reduce_cpu(const at::Tensor& src, const at::Tensor& offsets, 
 at::Tensor scatter_reduce_cpu(const at::Tensor& src, const at::Tensor& index, c10::SymInt num_segments,
                               c10::string_view reduce_name) {
   DK_CHECK_CPU(src);
-  const int64_t segments = num_segments.expect_int();
-  const Reduce reduce = dynkernels::segment::check_scatter_args(src, index, segments, reduce_name);
+  const auto args = dynkernels::segment::check_scatter_args(src, index, num_segments, reduce_name);
+  const int64_t segments = args.segments;  // (a structured binding could not be captured below in C++17)
+  const Reduce reduce = args.reduce;
   const at::Tensor x = src.contiguous(), idx = index.contiguous().to(at::kLong);
   const int64_t m = x.size(0), d = x.size(1);
   const bool is_max = reduce == Reduce::kMax;

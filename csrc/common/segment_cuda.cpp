@@ -27,8 +27,7 @@ at::Tensor segment_reduce_cuda(const at::Tensor& src, const at::Tensor& offsets,
 at::Tensor scatter_reduce_cuda(const at::Tensor& src, const at::Tensor& index, c10::SymInt num_segments,
                                c10::string_view reduce_name) {
   DK_CHECK_CUDA(src);
-  const int64_t segments = num_segments.expect_int();
-  const auto reduce = dynkernels::segment::check_scatter_args(src, index, segments, reduce_name);
+  const auto [segments, reduce] = dynkernels::segment::check_scatter_args(src, index, num_segments, reduce_name);
   TORCH_CHECK(reduce == dynkernels::segment::Reduce::kSum, "scatter_reduce on CUDA takes reduce='sum' (atomics)");
   const c10::cuda::CUDAGuard guard(src.device());
   const at::Tensor x = src.contiguous(), idx = index.contiguous();

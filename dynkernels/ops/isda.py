@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from .. import reference
 from .._backends import resolve
 from .._extension import has_extension
 from .._registry import register_op
 from .._triton import family_kernels
+from ..reference.isda import check_estimator_shapes
 from ._validation import check_floating, check_no_self_overlap, check_same_device, check_tensor
 from .segment import gather_rows, scatter_add, segment_ids, segment_reduce, sort_segments
 
@@ -55,7 +57,7 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 # Memory for one chunk of gathered per-class covariances in the full loss
 # (the table is built a chunk of classes at a time, never K x A x A at once).
-_CHUNK_BYTES = 256 << 20
+_CHUNK_BYTES = 64 << 20
 
 
 def _check_labels(labels: torch.Tensor, classes: int, check) -> None:
@@ -85,17 +87,7 @@ def _check_update_args(features, labels, cov, mean, amount) -> None:
         raise ValueError(f"labels must be int32 or int64 class indices, got {labels.dtype}")
     for name, t in (("features", features), ("cov", cov), ("mean", mean), ("amount", amount)):
         check_floating(name, t)
-    if mean.dim() != 2:
-        raise ValueError(f"mean must be (C, A), got {tuple(mean.shape)}")
-    classes, dim = mean.shape
-    if features.dim() != 2 or features.shape[1] != dim:
-        raise ValueError(f"features must be (N, A) with A = {dim} channels, got {tuple(features.shape)}")
-    if cov.shape not in ((classes, dim, dim), (classes, dim)):
-        raise ValueError(f"cov must be (C, A, A) or (C, A) = ({classes}, {dim}), got {tuple(cov.shape)}")
-    if amount.shape != (classes,):
-        raise ValueError(f"amount must be (C,) = ({classes},), got {tuple(amount.shape)}")
-    if labels.shape != (features.shape[0],):
-        raise ValueError(f"labels must be (N,) = ({features.shape[0]},), got {tuple(labels.shape)}")
+    check_estimator_shapes(features, labels, cov, mean, amount)
     for name, t in (("cov", cov), ("mean", mean), ("amount", amount)):
         check_no_self_overlap(name, t)
 
@@ -259,17 +251,23 @@ def isda_update_(
 def _quad_table_full(weight: torch.Tensor, present: torch.Tensor, cov: torch.Tensor, symmetric: bool):
     """q[k, c] = (w_c - w_{p_k})^T Sigma_{p_k} (w_c - w_{p_k}) for the present labels
     p, and D sym(Sigma) (K, C, A) for the backward (D Sigma when Sigma is
-    known to be exactly symmetric). The Sigma_{p_k} are gathered a chunk of
-    classes at a time (at most _CHUNK_BYTES), never K x A x A at once; the
-    chunk bounds are host integers from shapes (no sync)."""
+    known to be exactly symmetric). No K x A x A gather: on CPU each Sigma_c
+    is read in place (the labels are host memory there: no sync); on GPUs a
+    chunk of classes at a time (at most _CHUNK_BYTES) is gathered on the
+    device, the chunk bounds being host integers from shapes (no sync)."""
     d = weight.unsqueeze(0) - weight[present].unsqueeze(1)  # (K, C, A)
     ds = torch.empty_like(d)
+    # d^T S d = d^T sym(S) d, and sym(S) d is the gradient's direction for any
+    # S, as autograd of the official form gives (S d for a covariance).
+    if present.device.type == "cpu":
+        for k, c in enumerate(present.tolist()):  # a CPU tensor: no device sync
+            sigma = cov[c].to(weight.dtype)
+            torch.matmul(d[k], sigma if symmetric else 0.5 * (sigma + sigma.T), out=ds[k])
+        return (ds * d).sum(2), ds
     dim = weight.shape[1]
     chunk = max(1, _CHUNK_BYTES // max(1, dim * dim * weight.element_size()))
     for k0 in range(0, present.shape[0], chunk):
         sigma = cov.index_select(0, present[k0 : k0 + chunk]).to(weight.dtype)
-        # d^T S d = d^T sym(S) d, and sym(S) d is the gradient's direction for
-        # any S, as autograd of the official form gives (S d for a covariance).
         if not symmetric:
             sigma = 0.5 * (sigma + sigma.transpose(1, 2))
         torch.bmm(d[k0 : k0 + chunk], sigma, out=ds[k0 : k0 + chunk])
@@ -429,14 +427,8 @@ if has_extension():
 
 
 def isda_consistency_loss(
-    logits: torch.Tensor,
-    weight: torch.Tensor,
-    cov: torch.Tensor,
-    lam: float,
-    *,
-    detach_target: bool = True,
-    backend: str | None = None,
-) -> torch.Tensor:
+    logits: Tensor, weight: Tensor, cov: Tensor, lam: float, *, detach_target: bool = True, backend: str | None = None
+) -> Tensor:
     """Semi-supervised ISDA's consistency bound (derivation in
     :func:`dynkernels.reference.isda.isda_consistency_loss`), per predicted
     class: Q_k[c, j] = (w_j - w_c)^T Sigma_k (w_j - w_c) = s_jj + s_cc - 2 s_cj

@@ -40,9 +40,12 @@ __all__ = [
 ]
 
 
-def _check_estimator(features: torch.Tensor, labels: torch.Tensor, cov: torch.Tensor, mean: torch.Tensor, amount):
+def check_estimator_shapes(features: torch.Tensor, labels: torch.Tensor, cov: torch.Tensor, mean, amount) -> None:
+    """The estimator's shapes (shared with dynkernels.ops.isda_update_)."""
     if features.dim() != 2:
         raise ValueError(f"features must be (N, A), got {tuple(features.shape)}")
+    if mean.dim() != 2:
+        raise ValueError(f"mean must be (C, A), got {tuple(mean.shape)}")
     classes, dim = mean.shape
     if features.shape[1] != dim:
         raise ValueError(f"features have {features.shape[1]} channels, the estimator {dim}")
@@ -52,6 +55,11 @@ def _check_estimator(features: torch.Tensor, labels: torch.Tensor, cov: torch.Te
         raise ValueError(f"amount must be (C,) = ({classes},), got {tuple(amount.shape)}")
     if labels.shape != (features.shape[0],):
         raise ValueError(f"labels must be (N,) = ({features.shape[0]},), got {tuple(labels.shape)}")
+
+
+def _check_estimator(features: torch.Tensor, labels: torch.Tensor, cov: torch.Tensor, mean: torch.Tensor, amount):
+    check_estimator_shapes(features, labels, cov, mean, amount)
+    classes = mean.shape[0]
     if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
         raise ValueError(f"labels must lie in [0, {classes}), got [{labels.min().item()}, {labels.max().item()}]")
 
