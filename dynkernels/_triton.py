@@ -4,7 +4,6 @@ that family only, with the reason in the error and in ``dynkernels info``."""
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -16,15 +15,22 @@ _MODULES: dict[str, ModuleType] = {}
 _ERRORS: dict[str, str] = {}
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    """Looked up once: resolve() asks on every call that considers Triton."""
-    return importlib.util.find_spec("triton") is not None
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None
+        return False
+
+
+# Looked up once, at import (find_spec does not import triton): resolve() asks
+# on every call that considers Triton, and a plain constant keeps
+# torch.compile from tracing a cached function (which it warns about).
+_TRITON_INSTALLED = _find_triton()
 
 
 def triton_device_error(device_type: str) -> str | None:
     """Why Triton kernels cannot run on this device type, or None if they can."""
-    if not _triton_installed():
+    if not _TRITON_INSTALLED:
         return "triton is not installed (`pip install triton`)"
     if device_type == "cuda":
         return None
