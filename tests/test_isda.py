@@ -425,7 +425,7 @@ def test_per_sample_variance_loss_matches_its_reference_with_gradients():
     for x, y in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves), strict=True):
         torch.testing.assert_close(x, y)
     assert torch.autograd.gradcheck(lambda z, w, v: ops.isda_cross_entropy_per_sample(z, w, labels, v, 0.7), leaves)
-    with pytest.raises(ValueError, match="variance must be"):
+    with pytest.raises(ValueError, match=r"variance \(N, A\) and weight \(C, A\) must agree on A"):
         ops.isda_cross_entropy_per_sample(logits, weight, labels, variance[:, :3], 0.7)
 
 
@@ -587,3 +587,81 @@ def test_gpu_paths_do_not_sync_with_the_host():
                 ops.scatter_reduce(src, t, 6, "max", backend=backend)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- issue 12: every bad input a clear error naming the argument ------------
+
+
+def _bad_isda_cases():
+    g = torch.Generator().manual_seed(30)
+    x, t = torch.randn(4, 3, generator=g), torch.tensor([0, 1, 1, 2])
+    state = lambda full=True: _state(3, 3, full, torch.float32)  # noqa: E731
+    z, w = torch.randn(4, 3, generator=g), torch.randn(3, 3, generator=g)
+    cov = torch.rand(3, 3, generator=g)
+    crit = dnn.ISDALoss(3, 3, 0.5)
+    fc = torch.nn.Linear(3, 3)
+    return [
+        ("float labels", lambda: ops.isda_update_(x, t.float(), *state()), ValueError, "labels must be int32 or int64"),
+        ("bool labels", lambda: ops.isda_update_(x, t > 0, *state()), ValueError, "labels must be int32 or int64"),
+        ("complex features", lambda: ops.isda_update_(x.to(torch.complex64), t, *state()), TypeError, "features"),
+        ("negative amount", lambda: ops.isda_update_(x, t, *state()[:2], -torch.ones(3)), ValueError, "amount"),
+        ("expanded cov", lambda: ops.isda_update_(x, t, state()[0][:1].expand(3, 3, 3), *state()[1:]), ValueError, "overlap"),
+        ("numpy features", lambda: ops.isda_update_(x.numpy(), t, *state()), TypeError, "features must be a torch.Tensor"),
+        ("int64 mean", lambda: ops.isda_update_(x, t, state()[0], torch.zeros(3, 3, dtype=torch.long), state()[2]), TypeError, "mean"),
+        ("labels on meta", lambda: ops.isda_update_(x, t.to("meta"), *state()), ValueError, "one device"),
+        ("int64 logits", lambda: ops.isda_cross_entropy(z.long(), w, t, cov, 0.5), TypeError, "logits"),
+        ("lam None", lambda: ops.isda_cross_entropy(z, w, t, cov, None), TypeError, "lam must be a real number"),
+        ("lam str", lambda: ops.isda_cross_entropy(z, w, t, cov, "0.5"), TypeError, "lam must be a real number"),
+        ("lam nan", lambda: ops.isda_cross_entropy(z, w, t, cov, float("nan")), ValueError, "lam must be finite"),
+        ("empty batch", lambda: ops.isda_cross_entropy(z[:0], w, t[:0], cov, 0.5), ValueError, "non-empty batch"),
+        ("empty per-sample", lambda: ops.isda_cross_entropy_per_sample(z[:0], w, t[:0], x[:0], 0.5), ValueError, "non-empty batch"),
+        ("empty consistency", lambda: ops.isda_consistency_loss(z[:0], w, cov, 0.5), ValueError, "non-empty batch"),
+        ("consistency cov (C,)", lambda: ops.isda_consistency_loss(z, w, cov[:, 0], 0.5), ValueError, "cov must be"),
+        ("consistency cov wrong C", lambda: ops.isda_consistency_loss(z, w, cov[:2], 0.5), ValueError, "cov must be"),
+        ("per-sample wrong A in weight", lambda: ops.isda_cross_entropy_per_sample(z, w[:, :2], t, x, 0.5), ValueError, "must agree on A"),
+        ("loss labels float", lambda: ops.isda_cross_entropy(z, w, t.float(), cov, 0.5), ValueError, "labels must be"),
+        ("criterion float targets", lambda: crit(x, fc, t.float(), 0.5), ValueError, "targets must be int32 or int64"),
+        ("criterion progress None", lambda: crit(x, fc, t, None), TypeError, "progress must be a real number"),
+        ("criterion progress nan", lambda: crit(x, fc, t, float("nan")), ValueError, "progress must be finite"),
+        ("criterion numpy features", lambda: crit(x.numpy(), fc, t, 0.5), TypeError, "features must be a torch.Tensor"),
+        ("consistency mismatched fc", lambda: dnn.ISDAConsistencyLoss(crit, 0.5)(x, torch.nn.Linear(3, 5), 0.5), ValueError, "final layer's weight"),
+        ("consistency empty", lambda: dnn.ISDAConsistencyLoss(crit, 0.5)(x[:0], fc, 0.5), ValueError, "non-empty batch"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_isda_cases(), ids=lambda c: c[0])
+def test_bad_inputs_give_clear_errors(case):
+    _, fn, error, match = case
+    with pytest.raises(error, match=match):
+        fn()
+
+
+def test_module_errors_come_at_construction():
+    for kwargs, error, match in (
+        (dict(num_features=0, num_classes=3, lambda0=0.5), ValueError, "num_features"),
+        (dict(num_features=3, num_classes=3.0, lambda0=0.5), TypeError, "num_classes"),
+        (dict(num_features=3, num_classes=3, lambda0="0.5"), TypeError, "lambda0"),
+        (dict(num_features=3, num_classes=3, lambda0=0.5, covariance="low-rank"), ValueError, "covariance"),
+        (dict(num_features=3, num_classes=3, lambda0=0.5, ignore_index="void"), TypeError, "ignore_index"),
+        (dict(num_features=3, num_classes=3, lambda0=0.5, backend="gpu"), ValueError, "backend must be"),
+    ):
+        with pytest.raises(error, match=match):
+            dnn.ISDALoss(**kwargs)
+    with pytest.raises(TypeError, match="estimator must be"):
+        dnn.ISDAConsistencyLoss(torch.nn.Linear(3, 3), 0.5)
+
+
+@pytest.mark.parametrize("covariance", ["full", "diagonal"])
+def test_an_all_ignored_segmentation_batch_gives_a_zero_loss_in_the_graph(covariance):
+    crit = dnn.ISDALoss(4, 3, 0.5, covariance=covariance, ignore_index=255)
+    fc = torch.nn.Linear(4, 3)
+    warm = torch.randn(2, 4, 3, 3)
+    crit(warm, fc, torch.randint(0, 3, (2, 3, 3)), 0.5)
+    before = {k: v.clone() for k, v in crit.state_dict().items()}
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    loss = crit(x, fc, torch.full((2, 3, 3), 255), 0.5)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(fc.weight.grad, torch.zeros_like(fc.weight))
+    for name, value in crit.state_dict().items():  # no class row changed; row C (the ignored pixels) did
+        assert torch.equal(value[:3], before[name][:3]), name

@@ -9,8 +9,17 @@ from torch import nn
 
 from .. import ops
 from .._backends import op_backend
+from .._registry import op_spec
+from ..ops._validation import check_finite_real, check_int, check_tensor
 
 __all__ = ["ISDAConsistencyLoss", "ISDALoss"]
+
+
+def _check_backend(backend) -> None:
+    """At construction: a backend name some ISDA op has, or None."""
+    names = {b for op in ("isda_update_", "isda_cross_entropy", "isda_consistency_loss") for b in op_spec(op).backends}
+    if backend is not None and backend not in names:
+        raise ValueError(f"backend must be None or one of {sorted(names)}, got {backend!r}")
 
 
 class ISDALoss(nn.Module):
@@ -59,9 +68,14 @@ class ISDALoss(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        num_features, num_classes = check_int("num_features", num_features, 1), check_int("num_classes", num_classes, 1)
+        lambda0 = check_finite_real("lambda0", lambda0)
         if covariance not in ("full", "diagonal"):
             raise ValueError(f"covariance must be 'full' or 'diagonal', got {covariance!r}")
-        self.num_features, self.num_classes, self.lambda0 = num_features, num_classes, float(lambda0)
+        if ignore_index is not None:
+            ignore_index = check_int("ignore_index", ignore_index)
+        _check_backend(backend)
+        self.num_features, self.num_classes, self.lambda0 = num_features, num_classes, lambda0
         self.covariance_kind, self.ignore_index, self.sync = covariance, ignore_index, sync
         self.backend = backend
         rows = num_classes + (1 if ignore_index is not None else 0)
@@ -86,17 +100,47 @@ class ISDALoss(nn.Module):
             weight, bias = fc.weight, fc.bias
         return weight.reshape(weight.shape[0], -1), bias
 
-    def forward(self, features: torch.Tensor, fc, targets: torch.Tensor, progress: float) -> torch.Tensor:
+    def _check_fc(self, fc):
+        """The final layer's (weight (C, A), bias) as the estimator expects them."""
+        if isinstance(fc, tuple):
+            if len(fc) != 2 or not isinstance(fc[0], torch.Tensor):
+                raise TypeError("fc must be an nn.Linear, a 1x1 nn.Conv2d or a (weight, bias) pair of tensors")
+        elif not isinstance(getattr(fc, "weight", None), torch.Tensor):
+            raise TypeError(f"fc must be an nn.Linear, a 1x1 nn.Conv2d or a (weight, bias) pair, got {type(fc).__name__}")
         weight, bias = self._weight_bias(fc)
-        if features.dim() == 4:  # segmentation: pixels as samples
-            features = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-            targets = targets.reshape(-1)
-        if features.dim() != 2 or features.shape[1] != self.num_features:
-            raise ValueError(f"features must be (N, {self.num_features}) or (N, {self.num_features}, H, W)")
         if weight.shape != (self.num_classes, self.num_features):
             raise ValueError(
                 f"the final layer's weight must be ({self.num_classes}, {self.num_features}), got {tuple(weight.shape)}"
             )
+        return weight, bias
+
+    def _pixels(self, features) -> torch.Tensor:
+        """features (N, A) or (N, A, H, W) -> (samples, A)."""
+        check_tensor("features", features)
+        if features.dim() == 4:  # segmentation: pixels as samples
+            features = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        if features.dim() != 2 or features.shape[1] != self.num_features:
+            raise ValueError(
+                f"features must be (N, {self.num_features}) or (N, {self.num_features}, H, W), got {tuple(features.shape)}"
+            )
+        return features
+
+    def forward(self, features: torch.Tensor, fc, targets: torch.Tensor, progress: float) -> torch.Tensor:
+        """The loss of one step; the estimator is updated first. A
+        segmentation batch whose every pixel is ignore_index is legal: the
+        loss is 0, connected to the graph (zero gradients), and no class row
+        of the estimator changes (the ignored pixels enter row C, as in the
+        official code). N = 0 samples is a ValueError."""
+        weight, bias = self._check_fc(fc)
+        progress = check_finite_real("progress", progress)
+        image_shape = features.shape if isinstance(features, torch.Tensor) else None
+        features = self._pixels(features)
+        check_tensor("targets", targets)
+        if targets.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"targets must be int32 or int64 class indices, got {targets.dtype}")
+        targets = targets.reshape(-1) if image_shape is not None and len(image_shape) == 4 else targets
+        if targets.shape != (features.shape[0],):
+            raise ValueError(f"targets must hold one class per sample ({features.shape[0]}), got {tuple(targets.shape)}")
         estimator_targets = targets
         if self.ignore_index is not None:
             ignored = targets == self.ignore_index
@@ -111,7 +155,7 @@ class ISDALoss(nn.Module):
             backend=op_backend(self.backend, "isda_update_"),
         )
         logits = F.linear(features, weight, bias)
-        lam = self.lambda0 * float(progress)
+        lam = self.lambda0 * progress
         return ops.isda_cross_entropy(
             logits,
             weight,
@@ -146,20 +190,26 @@ class ISDAConsistencyLoss(nn.Module):
         self, estimator: ISDALoss, lambda0: float, *, detach_target: bool = True, backend: str | None = None
     ) -> None:
         super().__init__()
+        lambda0 = check_finite_real("lambda0", lambda0)
+        _check_backend(backend)
+        if not isinstance(estimator, ISDALoss):
+            raise TypeError(f"estimator must be the ISDALoss trained on the labeled samples, got {type(estimator).__name__}")
         self.estimator, self.backend = estimator, backend
         self.lambda0, self.detach_target = float(lambda0), detach_target
 
     def forward(self, features: torch.Tensor, fc, progress: float) -> torch.Tensor:
-        weight, bias = ISDALoss._weight_bias(fc)
-        if features.dim() == 4:
-            features = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        """The consistency term of unlabeled features (N, A) or (N, A, H, W);
+        fc as the estimator's (C, A). N = 0 samples is a ValueError."""
+        weight, bias = self.estimator._check_fc(fc)
+        progress = check_finite_real("progress", progress)
+        features = self.estimator._pixels(features)
         logits = F.linear(features, weight, bias)
         cov = self.estimator.covariance[: self.estimator.num_classes]
         return ops.isda_consistency_loss(
             logits,
             weight,
             cov,
-            self.lambda0 * float(progress),
+            self.lambda0 * progress,
             detach_target=self.detach_target,
             backend=op_backend(self.backend, "isda_consistency_loss"),
         )

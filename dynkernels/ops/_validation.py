@@ -56,6 +56,15 @@ def check_real(name: str, value: object) -> float:
     return float(value)
 
 
+def check_finite_real(name: str, value: object) -> float:
+    """A real number (not bool, not a tensor), finite: NaN or inf here would
+    silently give a NaN result."""
+    out = check_real(name, value)
+    if out != out or out in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {out}")
+    return out
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:

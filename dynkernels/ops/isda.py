@@ -27,7 +27,14 @@ from .._extension import has_extension
 from .._registry import register_op
 from .._triton import family_kernels
 from ..reference.isda import check_estimator_shapes
-from ._validation import check_floating, check_no_self_overlap, check_same_device, check_tensor
+from ._validation import (
+    check_finite_real,
+    check_floating,
+    check_int,
+    check_no_self_overlap,
+    check_same_device,
+    check_tensor,
+)
 from .segment import gather_rows, scatter_add, segment_ids, segment_reduce, sort_segments
 
 __all__ = [
@@ -60,23 +67,29 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 _CHUNK_BYTES = 64 << 20
 
 
-def _check_labels(labels: torch.Tensor, classes: int, check) -> None:
-    """The label range, per check_labels: True: on CPU an eager ValueError
-    (free); on GPUs a device-side assert (torch._assert_async: no host sync;
-    like torch's own index kernels it fails at the next sync and leaves the
-    CUDA context unusable). "sync": the eager ValueError on GPUs too (one host
-    sync per call). False: no check; labels outside [0, C) are then dropped
-    by the kernels (they belong to no class)."""
-    if check is False or labels.numel() == 0 or torch.compiler.is_compiling():
+def _check_labels(labels: torch.Tensor, classes: int, check, amount: torch.Tensor | None = None) -> None:
+    """The values a kernel cannot check for free: labels in [0, C) and, for
+    the update, counts amount >= 0 (a negative one would give a NaN
+    covariance). Per check: True: on CPU an eager ValueError (free); on GPUs
+    a device-side assert (torch._assert_async: no host sync; like torch's own
+    index kernels it fails at the next sync and leaves the CUDA context
+    unusable). "sync": the eager ValueError on GPUs too (one host sync per
+    call). False: no check; labels outside [0, C) are then dropped by the
+    kernels (they belong to no class)."""
+    if check is False or torch.compiler.is_compiling():
         return
     if check not in (True, "sync"):
         raise ValueError(f"check_labels must be True, 'sync' or False, got {check!r}")
     inside = ((labels >= 0) & (labels < classes)).all()
+    counts_ok = (amount >= 0).all() if amount is not None else torch.ones((), dtype=torch.bool, device=labels.device)
     if labels.device.type == "cuda" and check is True:
-        torch._assert_async(inside, f"labels must lie in [0, {classes})")
-    elif not bool(inside):
+        torch._assert_async(inside & counts_ok, f"labels must lie in [0, {classes}) and amount must be >= 0")
+        return
+    if not bool(inside):
         low, high = int(labels.min()), int(labels.max())
         raise ValueError(f"labels must lie in [0, {classes}), got values in [{low}, {high}]")
+    if not bool(counts_ok):
+        raise ValueError(f"amount (the per-class counts) must be >= 0, got a minimum of {float(amount.min())}")
 
 
 def _check_update_args(features, labels, cov, mean, amount) -> None:
@@ -184,10 +197,10 @@ def isda_update_(
     Non-contiguous estimators are updated through contiguous copies; an
     estimator that overlaps itself (an expand()ed view) is refused.
 
-    check_labels: the label range check (see :func:`_check_labels`): True
-    (CPU: ValueError; GPUs: a device-side assert, no sync), "sync" (ValueError
-    everywhere, one host sync on GPUs) or False (labels outside [0, C) are
-    dropped).
+    check_labels: the value checks, labels in [0, C) and amount >= 0 (see
+    :func:`_check_labels`): True (CPU: ValueError; GPUs: a device-side
+    assert, no sync), "sync" (ValueError everywhere, one host sync on GPUs)
+    or False (labels outside [0, C) are dropped).
 
     sync=True (under torch.distributed) makes every rank's estimator see the
     global batch: the full covariance all-gathers the features and labels
@@ -197,7 +210,7 @@ def isda_update_(
     one process would hold after the concatenated batch (rank order)."""
     _check_update_args(features, labels, cov, mean, amount)
     classes = mean.shape[0]
-    _check_labels(labels, classes, check_labels)
+    _check_labels(labels, classes, check_labels, amount)
     labels = labels.long()
     x = features.detach().to(mean.dtype)
     syncing = sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
@@ -290,7 +303,7 @@ def _quad_table_diagonal(weight: torch.Tensor, present: torch.Tensor, var: torch
 class _ISDACrossEntropy(torch.autograd.Function):
     """keep: None (every row counts) or (N,) bool, the rows whose label is not
     ignored (their labels already replaced by a valid class); the loss is the
-    mean over the kept rows (NaN when none is, as torch's cross_entropy)."""
+    mean over the kept rows (0 when none is)."""
 
     @staticmethod
     def forward(ctx, logits, weight, labels, cov, lam, symmetric, keep):
@@ -315,7 +328,7 @@ class _ISDACrossEntropy(torch.autograd.Function):
             row_weight = torch.full_like(lse, 1.0 / logits.shape[0])
         else:
             kept = keep.to(per_row.dtype)
-            row_weight = kept / kept.sum()
+            row_weight = kept / kept.sum().clamp_min(1)  # every row ignored: 0, not 0/0
             loss = (torch.where(keep, per_row, 0) * row_weight).sum()
         # Saved: the (K, C) table and the row log-sum-exps, not the (N, C)
         # augmented logits (rebuilt in the backward from the logits).
@@ -360,10 +373,21 @@ def _check_loss_args(logits: torch.Tensor, weight: torch.Tensor) -> None:
         )
 
 
-def _check_loss_labels(labels: torch.Tensor, n: int, classes: int) -> None:
-    """Labels (N,) int32/int64; their range is checked on CPU (free). On GPUs
-    the losses' gathers trip a device-side assert on a bad label (no sync)."""
+def _check_batch(logits: torch.Tensor, op: str) -> None:
+    """One rule for the three losses: an empty batch (N = 0) is a ValueError
+    (a mean over nothing). ISDALoss's all-ignored segmentation batch is not
+    empty: its rows are weighted out and the loss is 0 (see ignore_index)."""
+    if logits.shape[0] == 0:
+        raise ValueError(f"{op} needs a non-empty batch, got N = 0 rows of logits")
+
+
+def _check_loss_labels(labels: torch.Tensor, logits: torch.Tensor) -> None:
+    """Labels (N,) int32/int64 on the logits' device; their range is checked
+    on CPU (free). On GPUs the losses' gathers trip a device-side assert on a
+    bad label (no sync)."""
+    n, classes = logits.shape
     check_tensor("labels", labels)
+    check_same_device(logits=logits, labels=labels)
     if labels.dtype not in _INDEX_DTYPES or labels.shape != (n,):
         raise ValueError(
             f"labels must be (N,) = ({n},) int32/int64 class indices, got {tuple(labels.shape)} {labels.dtype}"
@@ -389,30 +413,35 @@ def isda_cross_entropy(
     the official form gives them for any Sigma. assume_symmetric=True skips
     symmetrising each full Sigma_k for the weight gradient: pass it only for
     an exactly symmetric Sigma (what :func:`isda_update_` reports).
-    ignore_index: rows with this label are left out (the mean over the rest,
-    NaN if none is left, as ``F.cross_entropy(ignore_index=...)``), without
-    selecting them (a host sync on GPUs).
+    ignore_index: rows with this label are left out: the mean over the rest,
+    weighted rather than selected (a selection syncs on GPUs). A batch in
+    which every row is ignored is legal (a segmentation crop of void pixels)
+    and gives 0, connected to the graph (zero gradients); torch's
+    cross_entropy gives NaN there. N = 0 rows is a ValueError.
     backend: None (auto: "composite", the per-label table) or "reference"
     (:func:`dynkernels.reference.isda.isda_loss`, per sample)."""
     _check_loss_args(logits, weight)
+    lam = check_finite_real("lam", lam)
     classes = logits.shape[1]
+    check_tensor("labels", labels)
     keep = None
     if ignore_index is not None:
-        keep = labels != ignore_index
+        keep = labels != check_int("ignore_index", ignore_index)
         labels = torch.where(keep, labels, 0)
-    _check_loss_labels(labels, logits.shape[0], classes)
+    _check_loss_labels(labels, logits)
     if cov.shape not in ((classes, weight.shape[1], weight.shape[1]), (classes, weight.shape[1])):
         raise ValueError(
             f"cov must be (C, A, A) or (C, A) with C={classes}, A={weight.shape[1]}, got {tuple(cov.shape)}"
         )
-    if labels.numel() == 0:
-        raise ValueError("isda_cross_entropy needs a non-empty batch")
+    _check_batch(logits, "isda_cross_entropy")
     chosen = resolve("isda_cross_entropy", logits.device, backend)
     if chosen == "reference":
         if keep is not None:
+            if not bool(keep.any()):  # every row ignored: 0, in the graph
+                return (logits * 0).sum() + (weight * 0).sum()
             logits, labels = logits[keep], labels[keep]
-        return reference.isda_loss(logits, weight, labels.long(), cov, float(lam))
-    return _ISDACrossEntropy.apply(logits, weight, labels.long(), cov, float(lam), bool(assume_symmetric), keep)
+        return reference.isda_loss(logits, weight, labels.long(), cov, lam)
+    return _ISDACrossEntropy.apply(logits, weight, labels.long(), cov, lam, bool(assume_symmetric), keep)
 
 
 if has_extension():
@@ -441,9 +470,12 @@ def isda_consistency_loss(
     Autograd gives the gradients (Sigma detached, W not).
     backend: None (auto: "composite") or "reference" (per sample)."""
     _check_loss_args(logits, weight)
+    lam = check_finite_real("lam", lam)
     classes, dim = weight.shape
+    check_tensor("cov", cov)
     if cov.shape not in ((classes, dim, dim), (classes, dim)):
         raise ValueError(f"cov must be (C, A, A) or (C, A) with C={classes}, A={dim}, got {tuple(cov.shape)}")
+    _check_batch(logits, "isda_consistency_loss")
     chosen = resolve("isda_consistency_loss", logits.device, backend)
     if chosen == "reference":
         return reference.isda_consistency_loss(logits, weight, cov, lam, detach_target=detach_target)
@@ -492,14 +524,22 @@ def isda_cross_entropy_per_sample(
     centred first (q depends only on their differences).
     backend: None (auto: "composite") or "reference" (the difference tensor)."""
     _check_loss_args(logits, weight)
+    lam = check_finite_real("lam", lam)
     check_tensor("variance", variance)
-    if variance.shape != (logits.shape[0], weight.shape[1]):
-        raise ValueError(f"variance must be (N, A) = {(logits.shape[0], weight.shape[1])}, got {tuple(variance.shape)}")
-    _check_loss_labels(labels, logits.shape[0], logits.shape[1])
+    check_same_device(logits=logits, variance=variance)
+    if variance.dim() != 2 or variance.shape[0] != logits.shape[0]:
+        raise ValueError(f"variance must be (N, A) with N = {logits.shape[0]}, got {tuple(variance.shape)}")
+    if variance.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"variance (N, A) and weight (C, A) must agree on A, got variance {tuple(variance.shape)} "
+            f"and weight {tuple(weight.shape)}"
+        )
+    _check_loss_labels(labels, logits)
+    _check_batch(logits, "isda_cross_entropy_per_sample")
     labels = labels.long()
     chosen = resolve("isda_cross_entropy_per_sample", logits.device, backend)
     if chosen == "reference":
-        return reference.isda_loss_per_sample(logits, weight, labels, variance, float(lam))
+        return reference.isda_loss_per_sample(logits, weight, labels, variance, lam)
     wc = weight - weight.mean(0, keepdim=True).detach()
     wy = wc[labels]
     vwy = variance * wy
