@@ -121,14 +121,16 @@ def test_gradients_by_gradcheck(device, backend):
     fast = dict(fast_mode=backend == "triton")
     perm = torch.randperm(23, generator=g).to(device)
     for reduce in REDUCTIONS:  # distinct values: max is differentiable
-        torch.autograd.gradcheck(lambda x: ops.scatter_reduce(x, index, 6, reduce, backend=backend), (src,), **fast)
-        torch.autograd.gradcheck(lambda x: ops.segment_reduce(x, offsets, reduce, backend=backend), (src,), **fast)
         torch.autograd.gradcheck(
-            lambda x: ops.segment_reduce(x, offsets, reduce, perm=perm, backend=backend), (src,), **fast
+            lambda x, r=reduce: ops.scatter_reduce(x, index, 6, r, backend=backend), (src,), **fast
+        )
+        torch.autograd.gradcheck(lambda x, r=reduce: ops.segment_reduce(x, offsets, r, backend=backend), (src,), **fast)
+        torch.autograd.gradcheck(
+            lambda x, r=reduce: ops.segment_reduce(x, offsets, r, perm=perm, backend=backend), (src,), **fast
         )
     for deterministic in (True, False):
         torch.autograd.gradcheck(
-            lambda x: ops.scatter_add(x, index, 6, deterministic=deterministic, backend=backend), (src,), **fast
+            lambda x, d=deterministic: ops.scatter_add(x, index, 6, deterministic=d, backend=backend), (src,), **fast
         )
     torch.autograd.gradgradcheck(lambda x: ops.scatter_add(x, index, 6, backend=backend), (src,), **fast)
 
@@ -187,7 +189,9 @@ def test_ops_pass_opcheck_and_compile():
             torch.library.opcheck(torch.ops.dynkernels.scatter_reduce.default, (src, index, 5, reduce))
     if "triton" in names:
         torch.library.opcheck(torch.ops.dynkernels.segment_reduce_triton.default, (src, offsets, None, "mean"))
-        torch.library.opcheck(torch.ops.dynkernels.segment_reduce_triton.default, (src, offsets, torch.randperm(40), "max"))
+        torch.library.opcheck(
+            torch.ops.dynkernels.segment_reduce_triton.default, (src, offsets, torch.randperm(40), "max")
+        )
         torch.library.opcheck(torch.ops.dynkernels.scatter_add_triton.default, (src, index, 5))
 
     def fn(x):

@@ -54,7 +54,10 @@ def cases(size: str, device: str) -> list:
             ("point max-pool B=2 M=2048 ns=64 C=64", 2 * 2048 * 64, 64, 2 * 2048, "max"),
         ]
     else:
-        adds = [("MoE combine T=8192 top-2 d=768", 16384, 768, 8192), ("MoE combine T=32768 top-2 d=1024", 65536, 1024, 32768)]
+        adds = [
+            ("MoE combine T=8192 top-2 d=768", 16384, 768, 8192),
+            ("MoE combine T=32768 top-2 d=1024", 65536, 1024, 32768),
+        ]
         reduces = [
             ("ToMe merge B=64 N=197 r=98 d=768", 64 * 197, 768, 64 * 99, "mean"),
             ("ISDA class means ImageNet N=256 C=1000 A=2048", 256, 2048, 1000, "mean"),

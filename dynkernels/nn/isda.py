@@ -106,7 +106,9 @@ class ISDALoss(nn.Module):
             if len(fc) != 2 or not isinstance(fc[0], torch.Tensor):
                 raise TypeError("fc must be an nn.Linear, a 1x1 nn.Conv2d or a (weight, bias) pair of tensors")
         elif not isinstance(getattr(fc, "weight", None), torch.Tensor):
-            raise TypeError(f"fc must be an nn.Linear, a 1x1 nn.Conv2d or a (weight, bias) pair, got {type(fc).__name__}")
+            raise TypeError(
+                f"fc must be an nn.Linear, a 1x1 nn.Conv2d or a (weight, bias) pair, got {type(fc).__name__}"
+            )
         weight, bias = self._weight_bias(fc)
         if weight.shape != (self.num_classes, self.num_features):
             raise ValueError(
@@ -140,7 +142,9 @@ class ISDALoss(nn.Module):
             raise ValueError(f"targets must be int32 or int64 class indices, got {targets.dtype}")
         targets = targets.reshape(-1) if image_shape is not None and len(image_shape) == 4 else targets
         if targets.shape != (features.shape[0],):
-            raise ValueError(f"targets must hold one class per sample ({features.shape[0]}), got {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets must hold one class per sample ({features.shape[0]}), got {tuple(targets.shape)}"
+            )
         estimator_targets = targets
         if self.ignore_index is not None:
             ignored = targets == self.ignore_index
@@ -193,7 +197,9 @@ class ISDAConsistencyLoss(nn.Module):
         lambda0 = check_finite_real("lambda0", lambda0)
         _check_backend(backend)
         if not isinstance(estimator, ISDALoss):
-            raise TypeError(f"estimator must be the ISDALoss trained on the labeled samples, got {type(estimator).__name__}")
+            raise TypeError(
+                f"estimator must be the ISDALoss trained on the labeled samples, got {type(estimator).__name__}"
+            )
         self.estimator, self.backend = estimator, backend
         self.lambda0, self.detach_target = float(lambda0), detach_target
 

@@ -56,9 +56,7 @@ register_op(
     reference=reference.isda_loss_per_sample,
     differentiable=_LOSSES,
 )
-register_op(
-    "isda_consistency_loss", FAMILY, _LOSSES, reference=reference.isda_consistency_loss, differentiable=_LOSSES
-)
+register_op("isda_consistency_loss", FAMILY, _LOSSES, reference=reference.isda_consistency_loss, differentiable=_LOSSES)
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -486,7 +484,9 @@ def isda_consistency_loss(
     present, inverse = torch.unique(predicted, return_inverse=True)
     wc = weight - weight.mean(0, keepdim=True).detach()
     itemsize = weight.element_size()
-    chunk = max(1, _CHUNK_BYTES // max(1, (dim * dim if cov.dim() == 3 else dim) * itemsize + classes * classes * itemsize))
+    chunk = max(
+        1, _CHUNK_BYTES // max(1, (dim * dim if cov.dim() == 3 else dim) * itemsize + classes * classes * itemsize)
+    )
     tables = []
     for k0 in range(0, present.shape[0], chunk):
         sigma = cov.index_select(0, present[k0 : k0 + chunk]).to(weight.dtype)
