@@ -317,8 +317,8 @@ def test_criterion_bad_inputs_and_symmetry_after_load():
 
 
 def test_loss_op_under_torch_compile():
-    # The per-label table has a data-dependent size (the distinct labels), so
-    # compiled code breaks its graph there; values and gradients are unchanged.
+    # Compiled, the per-label table has a fixed-size axis (every class here,
+    # C <= N) instead of the distinct labels: one graph, the same values and gradients.
     g = torch.Generator().manual_seed(9)
     z = torch.randn(8, 5, generator=g, requires_grad=True)
     w = torch.randn(5, 4, generator=g, requires_grad=True)
@@ -326,7 +326,7 @@ def test_loss_op_under_torch_compile():
     a = torch.rand(5, 4, 4, generator=g)
     cov = a @ a.transpose(1, 2)
     fn = lambda z, w: ops.isda_cross_entropy(z, w, t, cov, 0.5)  # noqa: E731
-    eager, compiled = fn(z, w), torch.compile(fn, backend="aot_eager")(z, w)
+    eager, compiled = fn(z, w), torch.compile(fn, backend="aot_eager", fullgraph=True)(z, w)
     torch.testing.assert_close(compiled, eager)
     for x, y in zip(torch.autograd.grad(compiled, (z, w)), torch.autograd.grad(eager, (z, w)), strict=True):
         torch.testing.assert_close(x, y)
@@ -700,3 +700,33 @@ def test_an_all_ignored_segmentation_batch_gives_a_zero_loss_in_the_graph(covari
     assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(fc.weight.grad, torch.zeros_like(fc.weight))
     for name, value in crit.state_dict().items():  # no class row changed; row C (the ignored pixels) did
         assert torch.equal(value[:3], before[name][:3]), name
+
+
+@pytest.mark.parametrize("covariance", ["full", "diagonal"])
+@pytest.mark.parametrize("n", [16, 3])  # C <= N: a class axis; C > N: a sample axis
+def test_one_training_step_compiles_as_one_graph(covariance, n):
+    """torch.compile(fullgraph=True) of the estimator update, the loss and the
+    consistency term, forward and backward, equal to eager."""
+    torch.manual_seed(31)
+    fc = torch.nn.Linear(6, 5).double()
+    crits = [dnn.ISDALoss(6, 5, 0.5, covariance=covariance, ignore_index=255).double() for _ in range(2)]
+    cons = [dnn.ISDAConsistencyLoss(c, 0.3) for c in crits]
+    x = torch.randn(n, 6, dtype=torch.float64)
+    t = torch.randint(0, 5, (n,))
+    t[0] = 255
+    u = torch.randn(4, 6, dtype=torch.float64)
+    warm = torch.randn(12, 6, dtype=torch.float64)
+
+    def step(crit, con, x, t, u):
+        return crit(x, fc, t, 0.7) + con(u, fc, 0.7)
+
+    results = []
+    for i, fn in enumerate((step, torch.compile(step, fullgraph=True, backend="aot_eager"))):
+        crits[i](warm, fc, torch.arange(12) % 5, 0.7)  # a warm estimator
+        xi = x.clone().requires_grad_()
+        fc.zero_grad()
+        loss = fn(crits[i], cons[i], xi, t, u)
+        loss.backward()
+        results.append((loss.detach(), xi.grad, fc.weight.grad.clone(), *crits[i].state_dict().values()))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)

@@ -259,6 +259,21 @@ def isda_update_(
     return True
 
 
+def _table_rows(labels: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of the per-label table and each sample's row: eagerly the K_u
+    distinct labels (torch.unique: its size is a host sync on GPUs). Under
+    torch.compile a fixed-size axis instead, so one step compiles as one
+    graph: every class when C <= N, else every sample (rows may repeat; the
+    backward's index_add sums them). At most min(C, N) / K_u times the table's
+    work."""
+    if not torch.compiler.is_compiling():
+        return torch.unique(labels, return_inverse=True)
+    n = labels.shape[0]
+    if classes <= n:
+        return torch.arange(classes, device=labels.device), labels
+    return labels, torch.arange(n, device=labels.device)
+
+
 def _quad_table_full(weight: torch.Tensor, present: torch.Tensor, cov: torch.Tensor, symmetric: bool):
     """q[k, c] = (w_c - w_{p_k})^T Sigma_{p_k} (w_c - w_{p_k}) for the present labels
     p, and D sym(Sigma) (K, C, A) for the backward (D Sigma when Sigma is
@@ -270,7 +285,7 @@ def _quad_table_full(weight: torch.Tensor, present: torch.Tensor, cov: torch.Ten
     ds = torch.empty_like(d)
     # d^T S d = d^T sym(S) d, and sym(S) d is the gradient's direction for any
     # S, as autograd of the official form gives (S d for a covariance).
-    if present.device.type == "cpu":
+    if present.device.type == "cpu" and not torch.compiler.is_compiling():
         for k, c in enumerate(present.tolist()):  # a CPU tensor: no device sync
             sigma = cov[c].to(weight.dtype)
             torch.matmul(d[k], sigma if symmetric else 0.5 * (sigma + sigma.T), out=ds[k])
@@ -305,7 +320,7 @@ class _ISDACrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, weight, labels, cov, lam, symmetric, keep):
-        present, inverse = torch.unique(labels, return_inverse=True)
+        present, inverse = _table_rows(labels, logits.shape[1])
         cov = cov.detach()
         ctx.full = cov.dim() == 3
         if ctx.full:
@@ -481,7 +496,7 @@ def isda_consistency_loss(
     probs = torch.softmax(logits, dim=1)
     target = probs.detach() if detach_target else probs
     predicted = logits.detach().argmax(1)
-    present, inverse = torch.unique(predicted, return_inverse=True)
+    present, inverse = _table_rows(predicted, classes)
     wc = weight - weight.mean(0, keepdim=True).detach()
     itemsize = weight.element_size()
     chunk = max(
