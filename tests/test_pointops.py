@@ -312,6 +312,38 @@ def test_compile_fullgraph(device, backend):
     torch.testing.assert_close(g_compiled, g_eager)
 
 
+def test_compile_dynamic_batch_compiles_once():
+    """Shape-generic fakes and checks: torch.compile(dynamic=True) over three
+    batch sizes builds one graph, and mark_dynamic on the batch holds (the
+    batch check used to hash the sizes, which specialised them)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def pipeline(xyz, features):
+        idx = ops.furthest_point_sample(xyz, 16)
+        centers = torch.gather(xyz, 1, idx.unsqueeze(-1).expand(-1, -1, 3))
+        nbr = ops.ball_query(xyz, centers, 0.3, 8)
+        dist, near = ops.knn(xyz, centers, 4)
+        return ops.grouping_operation(features, nbr).sum() + dist.sum() + near.sum()
+
+    compiled = torch.compile(pipeline, backend=counting, dynamic=True)
+    for batch in (2, 3, 5):
+        xyz, features = random_cloud(batch, 64), torch.randn(batch, 4, 64)
+        assert torch.equal(compiled(xyz, features), pipeline(xyz, features))
+    assert len(graphs) == 1
+    torch._dynamo.reset()
+    graphs.clear()
+    xyz, features = random_cloud(2, 64), torch.randn(2, 4, 64)
+    torch._dynamo.mark_dynamic(xyz, 0)
+    torch._dynamo.mark_dynamic(features, 0)
+    torch.compile(pipeline, backend=counting)(xyz, features)  # raised ConstraintViolationError before
+    assert len(graphs) == 1
+
+
 # ---- bad inputs ------------------------------------------------------------
 
 

@@ -156,3 +156,7 @@ def test_opcheck_neighbour_ops():
     torch.library.opcheck(
         torch.ops.dynkernels.three_interpolate.default, (features.requires_grad_(True), idx, weight, False)
     )
+    # a weight that requires grad too (issue 12: test_aot_dispatch_dynamic used to fail on it)
+    torch.library.opcheck(
+        torch.ops.dynkernels.three_interpolate.default, (features, idx, weight.clone().requires_grad_(True), False)
+    )

@@ -73,10 +73,14 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 
 
 def check_same_batch(**tensors: torch.Tensor) -> None:
-    sizes = {name: t.shape[0] for name, t in tensors.items()}
-    if len(set(sizes.values())) > 1:
-        listing = ", ".join(f"{name}: {size}" for name, size in sizes.items())
-        raise ValueError(f"batch sizes must match, got {listing}")
+    """Equal leading sizes, compared pairwise (a set of sizes would hash them,
+    which specialises a symbolic batch size under torch.compile(dynamic=True))."""
+    items = list(tensors.items())
+    first = items[0][1]
+    for name, t in items[1:]:
+        if t.shape[0] != first.shape[0]:
+            listing = ", ".join(f"{n}: {v.shape[0]}" for n, v in items)
+            raise ValueError(f"batch sizes must match, got {listing}")
 
 
 def check_index_range(name: str, idx: torch.Tensor, size: int, lowest: int = -1) -> None:
