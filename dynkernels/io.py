@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .ops._validation import check_tensor
+
 __all__ = ["from_open3d", "read_points", "to_open3d", "write_points"]
 
 
@@ -41,13 +43,24 @@ def from_open3d(cloud, *, dtype: torch.dtype = torch.float32, with_colors: bool 
 
 def to_open3d(xyz: torch.Tensor, colors: torch.Tensor | None = None):
     """``(N, 3)`` points (any float dtype or device) -> ``open3d.geometry.PointCloud``.
-    colors: ``(N, 3)`` or one ``(3,)`` color, values in [0, 1]."""
+    colors: ``(N, 3)`` or one ``(3,)`` color, values in [0, 1] (others are
+    refused: Open3D would store them as they are, and every viewer clips)."""
     o3d = _open3d()
+    check_tensor("xyz", xyz)
     if xyz.dim() != 2 or xyz.shape[1] != 3:
         raise ValueError(f"xyz must have shape (N, 3), got {tuple(xyz.shape)}")
+    if not (xyz.is_floating_point() or xyz.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"xyz must be a real tensor, got dtype {xyz.dtype}")
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz.detach().double().cpu().numpy()))
     if colors is not None:
+        check_tensor("colors", colors)
+        if colors.is_complex() or colors.dtype == torch.bool:
+            raise TypeError(f"colors must be a real tensor with values in [0, 1], got dtype {colors.dtype}")
         rgb = colors.detach().double().cpu()
+        if rgb.numel() and not bool(((rgb >= 0) & (rgb <= 1)).all()):  # NaN fails too
+            raise ValueError(
+                f"colors must lie in [0, 1], got values in [{float(rgb.min())}, {float(rgb.max())}] (scale 0-255 colors by 1/255)"
+            )
         if rgb.dim() == 1:
             rgb = rgb.expand(xyz.shape[0], 3)
         if rgb.shape != xyz.shape:
@@ -70,6 +83,17 @@ def read_points(path: str | Path, *, dtype: torch.dtype = torch.float32) -> torc
 
 
 def write_points(path: str | Path, xyz: torch.Tensor, colors: torch.Tensor | None = None) -> None:
-    """Write ``(N, 3)`` points (optionally colored) with Open3D; the suffix picks the format."""
-    if not _open3d().io.write_point_cloud(str(path), to_open3d(xyz, colors)):
-        raise OSError(f"Open3D could not write {path}")
+    """Write ``(N, 3)`` points (optionally colored) with Open3D; the suffix
+    picks the format. Raises ValueError for an empty cloud (no format Open3D
+    writes holds zero points) and OSError naming the likely cause when Open3D
+    refuses (a missing folder, an unknown suffix)."""
+    cloud = to_open3d(xyz, colors)
+    path = Path(path)
+    if xyz.shape[0] == 0:
+        raise ValueError(f"cannot write {path}: the cloud has no points (Open3D writes no empty clouds)")
+    if not path.parent.is_dir():
+        raise OSError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if not _open3d().io.write_point_cloud(str(path), cloud):
+        raise OSError(
+            f"Open3D could not write {path} (is {path.suffix!r} a point-cloud format it writes: .ply, .pcd, .xyz, .pts?)"
+        )

@@ -195,3 +195,85 @@ def test_position_encoding_paths_train_batchnorm_alike(momentum):
     torch.testing.assert_close(bn_k.running_mean, bn_r.running_mean)
     torch.testing.assert_close(bn_k.running_var, bn_r.running_var)
     assert int(bn_k.num_batches_tracked) == int(bn_r.num_batches_tracked) == 2
+
+
+# ---- issue 12: bad inputs are clear errors, at construction or the first call ----
+
+
+def _bad_pointformer_cases():
+    from dynkernels import ops
+
+    q = torch.randn(4, 2, 8, 5)
+    backbone = dnn.PointformerBackbone(SMALL)
+    glob = dnn.GlobalTransformer(16, 32, 2)
+    local_global = dnn.LocalGlobalTransformer(16, 2)
+    few = SMALL["npoint"][0] - 1
+    return [
+        ("local_attention D=0", lambda: ops.local_attention(q[..., :0], q[..., :0], q[..., :0]), ValueError, "D >= 1"),
+        ("local_attention H=0", lambda: ops.local_attention(q[:, :0], q[:, :0], q[:, :0]), ValueError, "H >= 1"),
+        (
+            "packed heads=True",
+            lambda: ops.local_attention_packed(torch.randn(4, 8, 30), True),
+            TypeError,
+            "heads must be an int",
+        ),
+        (
+            "packed heads=2.0",
+            lambda: ops.local_attention_packed(torch.randn(4, 8, 30), 2.0),
+            TypeError,
+            "heads must be an int",
+        ),
+        (
+            "config of unequal tuples",
+            lambda: dnn.PointformerBackbone(dict(SMALL, radius=(0.2,))),
+            ValueError,
+            "one length",
+        ),
+        ("config name", lambda: dnn.PointformerBackbone("kitti"), ValueError, "config must be one of"),
+        (
+            "use_decoder per block",
+            lambda: dnn.PointformerBackbone(SMALL, use_decoder=(True,)),
+            ValueError,
+            "use_decoder",
+        ),
+        ("fewer points than npoint", lambda: backbone(torch.rand(1, few, 4)), ValueError, r"npoint\[0\]"),
+        ("numpy points", lambda: backbone(torch.rand(1, 300, 4).numpy()), TypeError, "points must be a torch.Tensor"),
+        (
+            "global channels",
+            lambda: glob(torch.rand(2, 10, 3), torch.rand(2, 15, 10)),
+            ValueError,
+            "GlobalTransformer: features",
+        ),
+        (
+            "global points",
+            lambda: glob(torch.rand(2, 9, 3), torch.rand(2, 16, 10)),
+            ValueError,
+            "GlobalTransformer: features",
+        ),
+        (
+            "local-global channels",
+            lambda: local_global(
+                torch.rand(2, 5, 3), torch.rand(2, 16, 5), torch.rand(2, 10, 3), torch.rand(2, 12, 10)
+            ),
+            ValueError,
+            r"LocalGlobalTransformer \(xyz, features\)",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_pointformer_cases(), ids=lambda c: c[0])
+def test_bad_inputs_give_clear_errors(case):
+    _, fn, error, match = case
+    with pytest.raises(error, match=match):
+        fn()
+
+
+def test_backbone_on_an_empty_batch_returns_empty_outputs_of_every_shape():
+    backbone = dnn.PointformerBackbone(SMALL).eval()
+    points = torch.rand(2, SMALL["npoint"][0] * 2, 4)
+    full, empty = backbone(points), backbone(points[:0])
+    assert full.keys() == empty.keys()
+    for key in full:
+        assert len(full[key]) == len(empty[key])
+        for a, b in zip(full[key], empty[key], strict=True):
+            assert b.shape == (0, *a.shape[1:]) and b.dtype == a.dtype, key

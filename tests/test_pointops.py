@@ -347,6 +347,76 @@ def test_compile_dynamic_batch_compiles_once():
 # ---- bad inputs ------------------------------------------------------------
 
 
+def _bad_module_and_io_cases():
+    from dynkernels import io
+    from dynkernels import nn as dnn
+
+    xyz = random_cloud(2, 64)
+    centers = xyz[:, :16].contiguous()
+    group = dnn.QueryAndGroup(0.3, 8)
+    return [
+        (
+            "features with N + 1 points",
+            lambda: group(xyz, centers, torch.randn(2, 5, 65)),
+            ValueError,
+            r"features must be \(B, C, N\)",
+        ),
+        (
+            "features with N - 10 points",
+            lambda: group(xyz, centers, torch.randn(2, 5, 54)),
+            ValueError,
+            r"features must be \(B, C, N\)",
+        ),
+        (
+            "features (B, N, C)",
+            lambda: group(xyz, centers, torch.randn(2, 64, 5)),
+            ValueError,
+            r"features must be \(B, C, N\)",
+        ),
+        ("module backend unknown", lambda: dnn.QueryAndGroup(0.3, 8, backend="gpu"), ValueError, "backend must be"),
+        ("module radius", lambda: dnn.QueryAndGroup(-0.3, 8), ValueError, "min_radius < radius"),
+        ("module num_samples", lambda: dnn.QueryAndGroup(0.3, 0), ValueError, "num_samples"),
+        (
+            "colors outside [0, 1]",
+            lambda: io.to_open3d(torch.rand(4, 3), torch.full((4, 3), 7.0)),
+            ValueError,
+            r"colors must lie in \[0, 1\]",
+        ),
+        ("numpy points", lambda: io.to_open3d(torch.rand(4, 3).numpy()), TypeError, "xyz must be a torch.Tensor"),
+        (
+            "write an empty cloud",
+            lambda: io.write_points("/tmp/dk-empty.ply", torch.zeros(0, 3)),
+            ValueError,
+            "no points",
+        ),
+        (
+            "write into no folder",
+            lambda: io.write_points("/nonexistent-dk/a.ply", torch.zeros(2, 3)),
+            OSError,
+            "does not exist",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_module_and_io_cases(), ids=lambda c: c[0])
+def test_module_and_io_bad_inputs_give_clear_errors(case):
+    _, fn, error, match = case
+    with pytest.raises(error, match=match):
+        fn()
+
+
+def test_query_and_group_with_backend_triton_queries_on_auto():
+    """ball query has no Triton kernel: the module's backend goes to the ops that have it."""
+    from dynkernels import nn as dnn
+
+    if "triton" not in [c.values[1] for c in kernel_cases("grouping_operation")]:
+        pytest.skip("triton is not usable here")
+    xyz = random_cloud(2, 64)
+    centers, features = xyz[:, :16].contiguous(), torch.randn(2, 5, 64)
+    want = dnn.QueryAndGroup(0.3, 8, backend="reference")(xyz, centers, features)
+    assert torch.equal(dnn.QueryAndGroup(0.3, 8, backend="triton")(xyz, centers, features), want)
+
+
 @pytest.mark.parametrize(
     "call,error,match",
     [

@@ -23,6 +23,7 @@ from torch.profiler import record_function
 
 from .. import ops, reference
 from .._backends import op_backend
+from ..ops._validation import check_tensor
 from .pointformer_layers import PointformerDecoderLayer, PointformerEncoderLayer, PositionEncoding
 
 __all__ = [
@@ -57,6 +58,49 @@ CONFIGS = {
 CONFIGS["sunrgbd"] = dict(
     CONFIGS["scannet"], cloud_points=20000, nsample=(16, 16, 16, 16), nhead=4, prenorm=False, global_drop=0.1
 )
+
+
+_PER_BLOCK = ("npoint", "radius", "nsample", "d_model", "out_channels")
+_KEYS = (*_PER_BLOCK, "nhead", "prenorm", "global_drop", "local_drop", "fp_channels", "in_channels")
+
+
+def _check_config(config) -> dict:
+    """A config name or dict, checked at construction: every key, one entry
+    per block in each per-block tuple, at most blocks - 1 FP stages."""
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"config must be one of {sorted(CONFIGS)} or a dict, got {config!r}")
+        return dict(CONFIGS[config])
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a name or a dict, got {type(config).__name__}")
+    cfg = dict(config)
+    missing = [k for k in _KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"config lacks {missing}")
+    lengths = {k: len(cfg[k]) for k in _PER_BLOCK}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"config's per-block entries must have one length (one entry per block), got {lengths}")
+    if len(cfg["fp_channels"]) > lengths["npoint"] - 1:
+        raise ValueError(f"config's fp_channels has {len(cfg['fp_channels'])} stages, more than blocks - 1")
+    return cfg
+
+
+def _check_points_and_features(owner: str, xyz, features, d_model: int) -> None:
+    """xyz (B, M, 3) and features (B, d_model, M) of one set of points."""
+    check_tensor("xyz", xyz)
+    check_tensor("features", features)
+    if xyz.dim() != 3 or xyz.shape[2] != 3:
+        raise ValueError(f"{owner}: xyz must be (B, M, 3), got {tuple(xyz.shape)}")
+    if (
+        features.dim() != 3
+        or features.shape[1] != d_model
+        or features.shape[0] != xyz.shape[0]
+        or features.shape[2] != xyz.shape[1]
+    ):
+        raise ValueError(
+            f"{owner}: features must be (B, d_model, M) = ({xyz.shape[0]}, {d_model}, {xyz.shape[1]}), "
+            f"got {tuple(features.shape)}"
+        )
 
 
 def _path(backend: str | None) -> str:
@@ -284,6 +328,7 @@ class GlobalTransformer(nn.Module):
 
     @record_function("pointformer.global_attention")
     def forward(self, xyz: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        _check_points_and_features("GlobalTransformer", xyz, features, self.fc.in_channels)
         path = _path(self.backend)
         if path == "reference":
             x = (features + self.pe.reference(xyz.transpose(1, 2))).transpose(1, 2)
@@ -314,12 +359,14 @@ class LocalGlobalTransformer(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        self.backend = backend
+        self.backend, self.d_model = backend, d_model
         self.pe = PositionEncoding(d_model)
         self.layer = PointformerDecoderLayer(d_model, nhead, dim_feedforward or 2 * d_model, dropout, prenorm)
 
     @record_function("pointformer.local_global_attention")
     def forward(self, centers, local, xyz, features, lengths: list[int] | None = None):
+        _check_points_and_features("LocalGlobalTransformer (centers, local)", centers, local, self.d_model)
+        _check_points_and_features("LocalGlobalTransformer (xyz, features)", xyz, features, self.d_model)
         path = _path(self.backend)
         pad = None
         if lengths is not None:
@@ -452,10 +499,12 @@ class PointformerBackbone(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        cfg = dict(CONFIGS[config]) if isinstance(config, str) else dict(config)
+        cfg = _check_config(config)
         self.config = cfg
         blocks = len(cfg["npoint"])
         decoders = (use_decoder,) * blocks if isinstance(use_decoder, bool) else tuple(use_decoder)
+        if len(decoders) != blocks:
+            raise ValueError(f"use_decoder must be a bool or one per block ({blocks}), got {len(decoders)}")
         self.backend = backend
         self.feature_conv = nn.Conv1d(cfg["in_channels"], cfg["d_model"][0], 1)
         self.blocks = nn.ModuleList()
@@ -486,10 +535,19 @@ class PointformerBackbone(nn.Module):
             prev = channels[-1]
 
     def forward(self, points: torch.Tensor, lengths: torch.Tensor | None = None) -> dict:
+        """B = 0 gives every output empty, with its shape."""
+        check_tensor("points", points)
         if points.dim() != 3 or points.shape[-1] != 3 + self.config["in_channels"]:
             raise ValueError(f"points must be (B, N, 3 + {self.config['in_channels']}), got {tuple(points.shape)}")
         batch, n = points.shape[:2]
-        counts = check_lengths(lengths, batch, n, self.config["npoint"][0])
+        first = self.config["npoint"][0]
+        if n < first:
+            raise ValueError(
+                f"points has N = {n} points per cloud, fewer than the config's npoint[0] = {first} samples"
+            )
+        counts = check_lengths(lengths, batch, n, first)
+        if batch == 0:
+            return self._empty(points, n)
         xyz = points[..., :3].contiguous()
         features = self.feature_conv(points[..., 3:].transpose(1, 2))
         sa_xyz, sa_features = [xyz], [features]
@@ -510,6 +568,28 @@ class PointformerBackbone(nn.Module):
             fp_xyz=fp_xyz,
             fp_features=fp_features,
             fp_indices=fp_indices,
+            sa_xyz=sa_xyz,
+            sa_features=sa_features,
+            sa_indices=sa_indices,
+        )
+
+    def _empty(self, points: torch.Tensor, n: int) -> dict:
+        """The outputs of a batch of no clouds: each of its shape, empty."""
+        cfg = self.config
+        sizes = [n, *cfg["npoint"]]
+        widths = [cfg["d_model"][0], *cfg["out_channels"]]
+        sa_xyz = [points.new_zeros((0, m, 3)) for m in sizes]
+        sa_features = [points.new_zeros((0, c, m)) for c, m in zip(widths, sizes, strict=True)]
+        sa_indices = [torch.zeros((0, m), dtype=torch.long, device=points.device) for m in sizes]
+        top = len(self.blocks)
+        fp_features = [sa_features[-1]] + [
+            points.new_zeros((0, channels[-1], sizes[top - i - 1])) for i, channels in enumerate(cfg["fp_channels"])
+        ]
+        picks = [top - i for i in range(len(fp_features))]
+        return dict(
+            fp_xyz=[sa_xyz[t] for t in picks],
+            fp_features=fp_features,
+            fp_indices=[sa_indices[t] for t in picks],
             sa_xyz=sa_xyz,
             sa_features=sa_features,
             sa_indices=sa_indices,

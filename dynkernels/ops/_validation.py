@@ -77,7 +77,7 @@ def check_same_batch(**tensors: torch.Tensor) -> None:
     which specialises a symbolic batch size under torch.compile(dynamic=True))."""
     items = list(tensors.items())
     first = items[0][1]
-    for name, t in items[1:]:
+    for _, t in items[1:]:
         if t.shape[0] != first.shape[0]:
             listing = ", ".join(f"{n}: {v.shape[0]}" for n, v in items)
             raise ValueError(f"batch sizes must match, got {listing}")

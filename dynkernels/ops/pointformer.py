@@ -18,7 +18,14 @@ from .._registry import register_op
 from .._triton import family_kernels
 from ..reference.pointops import squared_distance
 from ._registration import register_kernel_pairs
-from ._validation import check_floating, check_index, check_index_range, check_same_device, check_tensor
+from ._validation import (
+    check_floating,
+    check_index,
+    check_index_range,
+    check_int,
+    check_same_device,
+    check_tensor,
+)
 
 __all__ = ["centroid_row_index", "coordinate_refinement", "local_attention", "local_attention_packed"]
 
@@ -134,6 +141,9 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_index: tor
             raise ValueError(f"{name} must have shape (G, H, S, D), got {tuple(t.shape)}")
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k and v must share one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] == 0 or q.shape[3] == 0:
+        # H = 0 leaves the head-averaged weights undefined; D = 0 has no scores to scale
+        raise ValueError(f"q, k and v need H >= 1 heads and D >= 1 channels, got (G, H, S, D) = {tuple(q.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_same_device(q=q, k=k, v=v)
@@ -203,7 +213,8 @@ def local_attention_packed(
     packed gradient directly, so no head split or merge is copied."""
     check_tensor("qkv", qkv)
     check_floating("qkv", qkv)
-    if qkv.dim() != 3 or heads < 1 or qkv.shape[2] % (3 * heads) != 0:
+    heads = check_int("heads", heads, 1)
+    if qkv.dim() != 3 or qkv.shape[2] % (3 * heads) != 0:
         raise ValueError(f"qkv must have shape (G, S, 3 * heads * D) with heads={heads}, got {tuple(qkv.shape)}")
     g, s, c3 = qkv.shape
     q, k, v = qkv.view(g, s, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
