@@ -68,6 +68,17 @@ def assert_close_to_float64(kernel: torch.Tensor, torch_same_dtype: torch.Tensor
     assert ours <= 2 * theirs + floor, f"error {ours:.3g} > 2 x torch's {theirs:.3g} + {floor:g} ({kernel.dtype})"
 
 
+def bad_input_params(rows) -> list:
+    """pytest params from a bad-input table of (name, call, error, match) rows."""
+    return [pytest.param(call, error, match, id=name) for name, call, error, match in rows]
+
+
+def assert_clear_error(call, error, match) -> None:
+    """call() raises `error` whose message matches `match` (it names the argument)."""
+    with pytest.raises(error, match=match):
+        call()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_to_float64, kernel_cases, requires_cuda
+from conftest import assert_clear_error, assert_close_to_float64, bad_input_params, kernel_cases, requires_cuda
 
 from dynkernels.reference import isda
 
@@ -664,11 +664,9 @@ def _bad_isda_cases():
     ]
 
 
-@pytest.mark.parametrize("case", _bad_isda_cases(), ids=lambda c: c[0])
-def test_bad_inputs_give_clear_errors(case):
-    _, fn, error, match = case
-    with pytest.raises(error, match=match):
-        fn()
+@pytest.mark.parametrize("call,error,match", bad_input_params(_bad_isda_cases()))
+def test_bad_inputs_give_clear_errors(call, error, match):
+    assert_clear_error(call, error, match)
 
 
 def test_module_errors_come_at_construction():

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_clear_error, bad_input_params
 
 from dynkernels import nn as dnn
 from dynkernels.testing import random_cloud
@@ -261,11 +262,9 @@ def _bad_pointformer_cases():
     ]
 
 
-@pytest.mark.parametrize("case", _bad_pointformer_cases(), ids=lambda c: c[0])
-def test_bad_inputs_give_clear_errors(case):
-    _, fn, error, match = case
-    with pytest.raises(error, match=match):
-        fn()
+@pytest.mark.parametrize("call,error,match", bad_input_params(_bad_pointformer_cases()))
+def test_bad_inputs_give_clear_errors(call, error, match):
+    assert_clear_error(call, error, match)
 
 
 def test_backbone_on_an_empty_batch_returns_empty_outputs_of_every_shape():

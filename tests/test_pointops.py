@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, TOLERANCES, kernel_cases, requires_cuda
+from conftest import DEVICES, TOLERANCES, assert_clear_error, bad_input_params, kernel_cases, requires_cuda
 
 import dynkernels
 from dynkernels import ops, reference
@@ -375,7 +375,6 @@ def _bad_module_and_io_cases():
         ),
         ("module backend unknown", lambda: dnn.QueryAndGroup(0.3, 8, backend="gpu"), ValueError, "backend must be"),
         ("module radius", lambda: dnn.QueryAndGroup(-0.3, 8), ValueError, "min_radius < radius"),
-        ("module num_samples", lambda: dnn.QueryAndGroup(0.3, 0), ValueError, "num_samples"),
         (
             "colors outside [0, 1]",
             lambda: io.to_open3d(torch.rand(4, 3), torch.full((4, 3), 7.0)),
@@ -395,14 +394,13 @@ def _bad_module_and_io_cases():
             OSError,
             "does not exist",
         ),
+        ("module num_samples", lambda: dnn.QueryAndGroup(0.3, 0), ValueError, "num_samples"),
     ]
 
 
-@pytest.mark.parametrize("case", _bad_module_and_io_cases(), ids=lambda c: c[0])
-def test_module_and_io_bad_inputs_give_clear_errors(case):
-    _, fn, error, match = case
-    with pytest.raises(error, match=match):
-        fn()
+@pytest.mark.parametrize("call,error,match", bad_input_params(_bad_module_and_io_cases()))
+def test_module_and_io_bad_inputs_give_clear_errors(call, error, match):
+    assert_clear_error(call, error, match)
 
 
 def test_query_and_group_with_backend_triton_queries_on_auto():
