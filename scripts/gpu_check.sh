@@ -58,6 +58,18 @@ for backend in ("cuda", "triton"):
         for _ in range(2):
             feats = torch.randn(50, 70, device="cuda", dtype=dtype)
             ops.isda_update_(feats, torch.randint(0, 10, (50,), device="cuda"), cov, mean, amount, backend=backend)
+        var = torch.zeros(10, 70, device="cuda", dtype=dtype)
+        ops.isda_update_(feats, torch.randint(0, 10, (50,), device="cuda"), var, mean, amount, backend=backend)
+# The segment substrate: every reduce, with and without perm, atomic and deterministic scatters
+src = torch.randn(5000, 33, device="cuda", requires_grad=True)
+index = torch.randint(-1, 70, (5000,), device="cuda")
+for backend in ("cuda", "triton"):
+    for reduce in ("sum", "mean", "max"):
+        ops.scatter_reduce(src, index, 64, reduce, backend=backend).sum().backward()
+    for det in (False, True):
+        ops.scatter_add(src.half(), index, 64, deterministic=det, backend=backend)
+    segs = ops.sort_segments(index, 64)
+    ops.segment_reduce(src, segs.offsets, "max", perm=segs.perm, backend=backend).sum().backward()
 torch.cuda.synchronize()
 print("sanitize run ok")
 PY
