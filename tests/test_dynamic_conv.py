@@ -85,3 +85,107 @@ def test_an_empty_batch_has_the_conv_shape():
     g = torch.Generator().manual_seed(7)
     x, weight, routing, _ = _inputs(0, 6, 10, 3, 1, 4, 11, 8, g)
     assert dynamic_conv2d(x, weight, routing, stride=2, padding=1).shape == (0, 10, 6, 4)
+
+
+# ---- the op: every backend of the registry against the reference ---------
+
+from conftest import assert_clear_error, assert_close_to_float64, bad_input_params, kernel_cases  # noqa: E402
+
+from dynkernels import ops  # noqa: E402
+
+OP_CASES = [c for c in kernel_cases("dynamic_conv2d")]
+
+
+@pytest.mark.parametrize("device,backend", OP_CASES)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda c: f"c{c[0]}-{c[1]}-k{c[2]}-s{c[3]}-d{c[5]}-g{c[6]}")
+def test_op_matches_the_reference(device, backend, geometry):
+    """float64 to the formula; float32 within the two-times rule of torch's own error."""
+    cin, cout, k, stride, padding, dilation, groups, h, w = geometry
+    g = torch.Generator().manual_seed(cout * 10 + k)
+    x, weight, routing, bias = _inputs(3, cin, cout, k, groups, 4, h, w, g)
+    scales = dict(
+        in_scale=torch.rand(3, cin, generator=g, dtype=torch.float64),
+        out_scale=torch.rand(3, cout, generator=g, dtype=torch.float64),
+        kernel_scale=torch.rand(3, k, k, generator=g, dtype=torch.float64),
+    )
+    geo = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    for kwargs in (dict(), dict(bias=bias), dict(bias=bias, **scales)):
+        args = [t.to(device) for t in (x, weight, routing)]
+        kw = {n: t.to(device) for n, t in kwargs.items()}
+        truth = dynamic_conv2d(*args, **geo, **kw)
+        got = ops.dynamic_conv2d(*args, **geo, **kw, backend=backend)
+        torch.testing.assert_close(got, truth, rtol=1e-12, atol=1e-12)
+        args32 = [t.float() for t in args]
+        kw32 = {n: t.float() for n, t in kw.items()}
+        assert_close_to_float64(
+            ops.dynamic_conv2d(*args32, **geo, **kw32, backend=backend), dynamic_conv2d(*args32, **geo, **kw32), truth
+        )
+
+
+@pytest.mark.parametrize("device,backend", OP_CASES)
+def test_op_gradients_by_gradcheck(device, backend):
+    g = torch.Generator().manual_seed(8)
+    x, weight, routing, bias = _inputs(2, 4, 6, 3, 2, 3, 5, 4, g)
+    scales = (torch.rand(2, 4, generator=g, dtype=torch.float64), torch.rand(2, 6, generator=g, dtype=torch.float64))
+    taps = torch.rand(2, 3, 3, generator=g, dtype=torch.float64)
+    leaves = [t.to(device).requires_grad_() for t in (x, weight, routing, bias, *scales, taps)]
+
+    def fn(x, weight, routing, bias, a_c, a_f, a_s):
+        return ops.dynamic_conv2d(
+            x,
+            weight,
+            routing,
+            bias,
+            stride=2,
+            padding=1,
+            groups=2,
+            in_scale=a_c,
+            out_scale=a_f,
+            kernel_scale=a_s,
+            backend=backend,
+        )
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_op_compiles_fullgraph_and_handles_batches_of_one_and_none():
+    g = torch.Generator().manual_seed(9)
+    x, weight, routing, bias = _inputs(1, 4, 6, 3, 1, 4, 7, 7, g)
+
+    def fn(x, routing):
+        return ops.dynamic_conv2d(x, weight, routing, bias, padding=1).square().sum()
+
+    torch.testing.assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(x, routing), fn(x, routing))
+    assert ops.dynamic_conv2d(x[:0], weight, routing[:0], padding=1, stride=2).shape == (0, 6, 4, 4)
+
+
+def _bad_dynamic_conv_cases():
+    x = torch.randn(2, 4, 5, 5)
+    weight, routing = torch.randn(3, 6, 4, 3, 3), torch.rand(2, 3)
+    conv = ops.dynamic_conv2d
+    return [
+        ("routing of another batch", lambda: conv(x, weight, routing[:1]), ValueError, r"routing must be \(B, K\)"),
+        ("routing of another K", lambda: conv(x, weight, routing[:, :2]), ValueError, r"routing must be \(B, K\)"),
+        ("groups not dividing", lambda: conv(x, weight[:, :, :2], routing, groups=3), ValueError, "must divide"),
+        ("weight of Cin/g", lambda: conv(x, weight[:, :, :3], routing), ValueError, "input channels"),
+        ("weight rank", lambda: conv(x, weight[0], routing), ValueError, "weight must be"),
+        ("bias shape", lambda: conv(x, weight, routing, torch.randn(6)), ValueError, "bias must be"),
+        ("in_scale shape", lambda: conv(x, weight, routing, in_scale=torch.rand(2, 6)), ValueError, "in_scale"),
+        ("out_scale shape", lambda: conv(x, weight, routing, out_scale=torch.rand(2, 4)), ValueError, "out_scale"),
+        (
+            "kernel_scale shape",
+            lambda: conv(x, weight, routing, kernel_scale=torch.rand(2, 9)),
+            ValueError,
+            "kernel_scale",
+        ),
+        ("dtype mix", lambda: conv(x, weight.double(), routing), TypeError, "share a dtype"),
+        ("device mix", lambda: conv(x, weight, routing.to("meta")), ValueError, "one device"),
+        ("integer x", lambda: conv(x.long(), weight, routing), TypeError, "x must be a floating-point"),
+        ("stride 0", lambda: conv(x, weight, routing, stride=0), ValueError, "stride"),
+        ("numpy x", lambda: conv(x.numpy(), weight, routing), TypeError, "x must be a torch.Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("call,error,match", bad_input_params(_bad_dynamic_conv_cases()))
+def test_op_bad_inputs_give_clear_errors(call, error, match):
+    assert_clear_error(call, error, match)
