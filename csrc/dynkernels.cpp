@@ -70,6 +70,14 @@ TORCH_LIBRARY(dynkernels, m) {
   m.def("evolve_attention_logits_backward(Tensor? grad_evolved, Tensor? grad_probs, Tensor logits, "
         "Tensor? prev_logits, Tensor weight, Tensor? bias, Tensor probs, Tensor evolved, float w_prev, float w_conv, "
         "int activation, float negative_slope, Tensor? mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ---- dynamic convolution ----
+  // x (B, C, H, W), kernels (B, C, kh, kw): every (sample, channel) plane its own kernel; bias (B, C) or None;
+  // stride, padding, dilation as F.conv2d -> (B, C, Ho, Wo).
+  m.def("per_sample_depthwise_conv2d(Tensor x, Tensor kernels, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation) -> Tensor");
+  // -> (grad_x, grad_kernels, grad_bias (empty without bias))
+  m.def("per_sample_depthwise_conv2d_backward(Tensor grad, Tensor x, Tensor kernels, bool with_bias, int[2] stride, "
+        "int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor)");
   // ---- ISDA ----
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.

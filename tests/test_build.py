@@ -103,42 +103,40 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
     return _run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=str(ROOT))
 
 
-def test_import_without_extension():
-    code = (
-        "import torch, dynkernels\n"
-        "from dynkernels import ops\n"
+# What auto falls back to without a piece, and how the explicit backend says so.
+_WITHOUT = {
+    "extension": (
+        dict(DYNKERNELS_DISABLE_EXTENSION="1"),
+        "",
         "x = torch.rand(1, 50, 3)\n"
         "assert dynkernels.info()['extension']['built'] is False\n"
-        "idx = ops.furthest_point_sample(x, 5)\n"  # auto falls back to the reference
-        "assert torch.equal(idx, dynkernels.reference.furthest_point_sample(x, 5))\n"
-        "try:\n"
-        "    ops.furthest_point_sample(x, 5, backend='cpp')\n"
-        "except dynkernels.BackendUnavailableError as e:\n"
-        "    assert 'pip install --no-build-isolation -e .' in str(e), e\n"
-        "else:\n"
-        "    raise SystemExit('cpp backend did not raise')\n"
-        "print('ok')\n"
-    )
-    result = _python(code, DYNKERNELS_DISABLE_EXTENSION="1")
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
-
-
-def test_import_without_triton():
-    code = (
-        "import sys; sys.modules['triton'] = None\n"
-        "import torch, dynkernels\n"
-        "from dynkernels import ops\n"
+        "got, want = ops.furthest_point_sample(x, 5), dynkernels.reference.furthest_point_sample(x, 5)\n",
+        "ops.furthest_point_sample(x, 5, backend='cpp')",
+        "pip install --no-build-isolation -e .",
+    ),
+    "triton": (
+        dict(TRITON_INTERPRET="1"),
+        "import sys; sys.modules['triton'] = None\n",
         "f, i = torch.rand(1, 4, 9), torch.zeros(1, 3, dtype=torch.long)\n"
-        "assert torch.equal(ops.gather_points(f, i), dynkernels.reference.gather_points(f, i))\n"
-        "try:\n"
-        "    ops.gather_points(f, i, backend='triton')\n"
-        "except dynkernels.BackendUnavailableError as e:\n"
-        "    assert 'triton' in str(e), e\n"
-        "else:\n"
-        "    raise SystemExit('triton backend did not raise')\n"
+        "got, want = ops.gather_points(f, i), dynkernels.reference.gather_points(f, i)\n",
+        "ops.gather_points(f, i, backend='triton')",
+        "triton",
+    ),
+}
+
+
+@pytest.mark.parametrize("missing", sorted(_WITHOUT))
+def test_import_without(missing):
+    env, prelude, auto, explicit, hint = _WITHOUT[missing]
+    code = (
+        f"{prelude}import torch, dynkernels\nfrom dynkernels import ops\n{auto}"
+        "assert torch.equal(got, want)\n"  # auto falls back to the reference
+        f"try:\n    {explicit}\n"
+        f"except dynkernels.BackendUnavailableError as e:\n    assert {hint!r} in str(e), e\n"
+        "else:\n    raise SystemExit('the explicit backend did not raise')\n"
         "print('ok')\n"
     )
-    result = _python(code, TRITON_INTERPRET="1")
+    result = _python(code, **env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 

@@ -16,6 +16,10 @@ GEOMETRIES = [  # (Cin, Cout, k, stride, padding, dilation, groups, H, W)
     (6, 10, 3, 2, 1, 1, 1, 11, 8),  # stride 2, odd sizes
     (6, 6, 3, 1, 2, 2, 2, 10, 10),  # dilation 2, groups 2
     (4, 6, 5, 1, 2, 1, 1, 9, 9),  # 5x5
+    (6, 6, 3, 2, 1, 1, 6, 9, 8),  # depthwise, stride 2, odd and even sizes
+    (6, 6, 5, 1, 4, 2, 6, 12, 11),  # depthwise 5x5, dilation 2
+    (4, 4, 2, 1, 0, 1, 4, 7, 6),  # depthwise 2x2 without padding
+    (8, 12, 1, 2, 0, 1, 2, 9, 7),  # 1x1, stride 2, groups 2
 ]
 
 
@@ -123,37 +127,64 @@ def test_op_matches_the_reference(device, backend, geometry):
 
 
 @pytest.mark.parametrize("device,backend", OP_CASES)
-def test_op_gradients_by_gradcheck(device, backend):
-    g = torch.Generator().manual_seed(8)
-    x, weight, routing, bias = _inputs(2, 4, 6, 3, 2, 3, 5, 4, g)
-    scales = (torch.rand(2, 4, generator=g, dtype=torch.float64), torch.rand(2, 6, generator=g, dtype=torch.float64))
-    taps = torch.rand(2, 3, 3, generator=g, dtype=torch.float64)
-    leaves = [t.to(device).requires_grad_() for t in (x, weight, routing, bias, *scales, taps)]
+@pytest.mark.parametrize(
+    "channels,groups,geometry",
+    [(6, 2, dict(stride=2, padding=1)), (3, 3, dict(stride=2, padding=2, dilation=2))],
+    ids=["groups2-stride2", "depthwise-stride2-dilation2"],
+)
+def test_op_gradients_by_gradcheck(device, backend, channels, groups, geometry):
+    """Every input, bias and all three attentions included; the depthwise case
+    runs the C++ kernel's backward on the cpp backend."""
+    g = torch.Generator().manual_seed(8 + groups)
+    cin = 4 if groups == 2 else 3
+    x, weight, routing, bias = _inputs(2, cin, channels, 3, groups, 3, 9, 8, g)
+    attentions = [
+        torch.rand(*shape, generator=g, dtype=torch.float64) for shape in ((2, cin), (2, channels), (2, 3, 3))
+    ]
+    leaves = [t.to(device).requires_grad_() for t in (x, weight, routing, bias, *attentions)]
 
     def fn(x, weight, routing, bias, a_c, a_f, a_s):
-        return ops.dynamic_conv2d(
-            x,
-            weight,
-            routing,
-            bias,
-            stride=2,
-            padding=1,
-            groups=2,
-            in_scale=a_c,
-            out_scale=a_f,
-            kernel_scale=a_s,
-            backend=backend,
-        )
+        scales = dict(in_scale=a_c, out_scale=a_f, kernel_scale=a_s)
+        return ops.dynamic_conv2d(x, weight, routing, bias, groups=groups, **geometry, **scales, backend=backend)
 
     assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_cpp_depthwise_kernel_opcheck_and_thread_independence():
+    if not any(c.values[1] == "cpp" for c in OP_CASES):
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 5, 10, 9, generator=g).transpose(2, 3)  # non-contiguous
+    kernels = torch.randn(3, 5, 3, 3, generator=g)
+    bias = torch.randn(3, 5, generator=g)
+    args = (x, kernels, bias, [2, 1], [1, 2], [1, 2])
+    torch.library.opcheck(torch.ops.dynkernels.per_sample_depthwise_conv2d.default, args)
+    torch.library.opcheck(
+        torch.ops.dynkernels.per_sample_depthwise_conv2d.default,
+        (x.double(), kernels.double(), None, [1, 1], [0, 0], [1, 1]),
+    )
+    runs, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            xs = x.clone().requires_grad_()
+            y = torch.ops.dynkernels.per_sample_depthwise_conv2d(xs, kernels, bias, [2, 1], [1, 2], [1, 2])
+            runs.append((y, *torch.autograd.grad(y.square().sum(), xs)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_op_compiles_fullgraph_and_handles_batches_of_one_and_none():
     g = torch.Generator().manual_seed(9)
     x, weight, routing, bias = _inputs(1, 4, 6, 3, 1, 4, 7, 7, g)
 
+    depthwise = _inputs(1, 4, 4, 3, 4, 4, 7, 7, g)[1]
+
     def fn(x, routing):
-        return ops.dynamic_conv2d(x, weight, routing, bias, padding=1).square().sum()
+        y = ops.dynamic_conv2d(x, weight, routing, bias, padding=1)
+        return y.square().sum() + ops.dynamic_conv2d(x, depthwise, routing, padding=1, groups=4).sum()
 
     torch.testing.assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(x, routing), fn(x, routing))
     assert ops.dynamic_conv2d(x[:0], weight, routing[:0], padding=1, stride=2).shape == (0, 6, 4, 4)

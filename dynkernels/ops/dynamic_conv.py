@@ -7,18 +7,30 @@ optional attentions (in_scale (B, Cin), out_scale (B, Cout), kernel_scale
 
     y_b = out_scale_b ⊙ conv(in_scale_b ⊙ x_b, kernel_scale_b ⊙ Σ_k pi_bk W_k) + Σ_k pi_bk bias_k
 
-Backends so far: "composite" (auto) and "reference" (the per-sample formula,
-:func:`dynkernels.reference.dynamic_conv2d`). The composite folds all three
-attentions into the per-sample kernels -- conv is linear in x and in the
-kernel, so in_scale scales the kernels' input channels, out_scale their
-output filters, kernel_scale their taps -- and runs one grouped convolution
-(groups = B * groups) on them. It never builds the (B, K, Cout, Cin/g, kh, kw)
-product that ODConv's code sums over K, nor the scaled copies of x and y:
-the aggregated kernels (B, Cout, Cin/g, kh, kw) are the largest tensor it
-holds. Autograd gives every gradient (x, weight, routing, bias and each
-scale); the ones that reduce over the batch (weight, bias) are GEMMs
-through the routing, deterministic on CPU. The C++ and Triton kernels
-(issue 13) come next.
+Every backend but the reference first folds all three attentions into the
+per-sample kernels -- conv is linear in x and in the kernel, so in_scale
+scales the kernels' input channels, out_scale their output filters,
+kernel_scale their taps. It never builds the (B, K, Cout, Cin/g, kh, kw)
+product that ODConv's code sums over K, nor scaled copies of x and y: the
+aggregated kernels (B, Cout, Cin/g, kh, kw) are the largest tensor it holds.
+Then, by layer:
+
+* 1x1 without padding (any stride, any groups): one batched GEMM,
+  ``bmm(kernels_b, x_b)`` over the B * groups blocks (both "cpp" and
+  "composite").
+* depthwise (groups == Cin == Cout): "cpp" runs
+  ``per_sample_depthwise_conv2d`` (csrc/dynamic_conv/depthwise_cpu.cpp), a
+  direct convolution with one kernel per (sample, channel) plane, forward
+  and backward, deterministic; "composite" the grouped conv below.
+* any other kxk: one grouped convolution with groups = B * groups (the
+  public code's trick, on the folded kernels) on both; the C++ implicit
+  GEMM and the Triton kernel are to come (issue 13).
+
+Backends: "cpp" (auto on CPU; float32/float64 -- the C++ depthwise kernel),
+"composite" (PyTorch ops; any dtype and device) and "reference" (the
+per-sample formula, :func:`dynkernels.reference.dynamic_conv2d`). Autograd
+gives every gradient (x, weight, routing, bias and each scale); the ones
+that reduce over the batch (weight, bias) are GEMMs through the routing.
 """
 
 from __future__ import annotations
@@ -28,19 +40,17 @@ import torch.nn.functional as F
 
 from .. import reference
 from .._backends import resolve
+from .._extension import has_extension
 from .._registry import register_op
+from ._registration import register_kernel_pairs
 from ._validation import check_floating, check_int, check_same_device, check_tensor
 
 __all__ = ["dynamic_conv2d"]
 
 FAMILY = "dynamic_conv"
-register_op(
-    "dynamic_conv2d",
-    FAMILY,
-    ("reference", "composite"),
-    reference=reference.dynamic_conv2d,
-    differentiable=("reference", "composite"),
-)
+_BACKENDS = ("reference", "cpp", "composite")
+register_op("dynamic_conv2d", FAMILY, _BACKENDS, reference=reference.dynamic_conv2d, differentiable=_BACKENDS)
+_CPP_DTYPES = (torch.float32, torch.float64)
 
 
 def _pair(name: str, value, low: int) -> tuple[int, int]:
@@ -113,12 +123,18 @@ def dynamic_conv2d(
         return reference.dynamic_conv2d(
             x, weight, routing, bias, in_scale=in_scale, out_scale=out_scale, kernel_scale=kernel_scale, **geometry
         )
-    return _folded(x, weight, routing, bias, in_scale, out_scale, kernel_scale, **geometry)
+    if chosen == "cpp" and x.dtype not in _CPP_DTYPES:
+        if backend is not None:
+            raise ValueError(f"dynamic_conv2d(backend='cpp') takes float32 or float64, got {x.dtype}")
+        chosen = "composite"
+    kernels, biases = _fold(weight, routing, bias, in_scale, out_scale, kernel_scale, groups)
+    return _convolve(chosen, x, kernels, biases, **geometry)
 
 
-def _folded(x, weight, routing, bias, in_scale, out_scale, kernel_scale, *, stride, padding, dilation, groups):
-    """The composite: the attentions folded into the per-sample kernels, one grouped conv."""
-    batch, cin, h, w = x.shape
+def _fold(weight, routing, bias, in_scale, out_scale, kernel_scale, groups):
+    """The per-sample kernels (B, Cout, Cin/g, kh, kw) with the attentions
+    folded in, and the per-sample biases (B, Cout) or None."""
+    batch = routing.shape[0]
     experts, cout, per_group, kh, kw = weight.shape
     kernels = (routing @ weight.reshape(experts, -1)).view(batch, cout, per_group, kh, kw)
     scale = None  # the product of the attentions, broadcast against (B, Cout, Cin/g, kh, kw)
@@ -134,14 +150,70 @@ def _folded(x, weight, routing, bias, in_scale, out_scale, kernel_scale, *, stri
         scale = taps if scale is None else scale * taps
     if scale is not None:
         kernels = kernels * scale
-    biases = (routing @ bias).reshape(-1) if bias is not None else None
+    return kernels, (routing @ bias if bias is not None else None)
+
+
+def _convolve(chosen, x, kernels, biases, *, stride, padding, dilation, groups):
+    batch, cin, h, w = x.shape
+    _, cout, per_group, kh, kw = kernels.shape
+    if kh == kw == 1 and padding == (0, 0):  # 1x1: a batched GEMM over the B * groups blocks
+        xs = x[:, :, :: stride[0], :: stride[1]]
+        ho, wo = xs.shape[-2:]
+        cols = xs.reshape(batch * groups, per_group, ho * wo)
+        y = torch.bmm(kernels.reshape(batch * groups, cout // groups, per_group), cols).view(batch, cout, ho, wo)
+        return y if biases is None else y + biases[:, :, None, None]
+    if chosen == "cpp" and groups == cin == cout:
+        return torch.ops.dynkernels.per_sample_depthwise_conv2d(
+            x, kernels.view(batch, cout, kh, kw), biases, stride, padding, dilation
+        )
     y = F.conv2d(
         x.reshape(1, batch * cin, h, w),
         kernels.reshape(batch * cout, per_group, kh, kw),
-        biases,
+        biases.reshape(-1) if biases is not None else None,
         stride,
         padding,
         dilation,
         groups * batch,
     )
     return y.view(batch, cout, y.shape[-2], y.shape[-1])
+
+
+# ---- torch.library registrations: fake kernels and autograd ----------------
+
+
+def _depthwise_setup(ctx, inputs, output):
+    x, kernels, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, kernels)
+    ctx.with_bias, ctx.geometry = bias is not None, (stride, padding, dilation)
+
+
+def _depthwise_backward(ctx, backward_op, grad):
+    x, kernels = ctx.saved_tensors
+    gx, gk, gb = backward_op(grad.contiguous(), x, kernels, ctx.with_bias, *ctx.geometry)
+    return gx, gk, (gb if ctx.with_bias else None), None, None, None
+
+
+def _out_size(size, k, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _fake_depthwise(x, kernels, bias, stride, padding, dilation):
+    kh, kw = kernels.shape[2:]
+    ho = _out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    wo = _out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], x.shape[1], ho, wo))
+
+
+def _fake_depthwise_backward(grad, x, kernels, with_bias, stride, padding, dilation):
+    gb = x.new_empty(x.shape[:2]) if with_bias else x.new_empty((0,))
+    return x.new_empty(x.shape), kernels.new_empty(kernels.shape), gb
+
+
+if has_extension():
+    register_kernel_pairs(
+        [("dynkernels::per_sample_depthwise_conv2d", "dynkernels::per_sample_depthwise_conv2d_backward")],
+        fake=_fake_depthwise,
+        fake_backward=_fake_depthwise_backward,
+        setup_context=_depthwise_setup,
+        backward=_depthwise_backward,
+    )

@@ -32,21 +32,9 @@ def _mixed(routing: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bk,k...->b...", routing, weight)
 
 
-def dynamic_conv2d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    routing: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups: int = 1,
-    in_scale: torch.Tensor | None = None,
-    out_scale: torch.Tensor | None = None,
-    kernel_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The formula above, one F.conv2d per sample."""
+def dynamic_conv2d(x, weight, routing, bias=None, *, in_scale=None, out_scale=None, kernel_scale=None, **conv):
+    """The formula above, one F.conv2d per sample. conv: stride, padding,
+    dilation and groups, as F.conv2d takes them."""
     kernels = _mixed(routing, weight)
     if kernel_scale is not None:
         kernels = kernels * kernel_scale[:, None, None]  # a_s factors out of the sum over K
@@ -54,33 +42,23 @@ def dynamic_conv2d(
     outputs = []
     for b in range(x.shape[0]):
         xb = x[b : b + 1] if in_scale is None else x[b : b + 1] * in_scale[b, :, None, None]
-        yb = F.conv2d(xb, kernels[b], None, stride, padding, dilation, groups)
+        yb = F.conv2d(xb, kernels[b], None, **conv)
         if out_scale is not None:
             yb = yb * out_scale[b, :, None, None]
         if biases is not None:
             yb = yb + biases[b, :, None, None]
         outputs.append(yb)
     if not outputs:  # B = 0: the shape a conv of this geometry gives
-        empty = F.conv2d(x.new_zeros((1, *x.shape[1:])), weight[0], None, stride, padding, dilation, groups)
+        empty = F.conv2d(x.new_zeros((1, *x.shape[1:])), weight[0], None, **conv)
         return empty[:0]
     return torch.cat(outputs)
 
 
 def dynamic_conv2d_official(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    routing: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups: int = 1,
-    in_scale: torch.Tensor | None = None,
-    out_scale: torch.Tensor | None = None,
-    kernel_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The public code's formulation: one conv with groups = B * groups over
+    x, weight, routing, bias=None, *, groups=1, in_scale=None, out_scale=None, kernel_scale=None, **conv
+):
+    """The public code's formulation (conv: stride, padding, dilation as
+    F.conv2d takes them): one conv with groups = B * groups over
     x viewed as (1, B * Cin, H, W). With kernel_scale (ODConv), the per-sample
     kernels are ``(kernel_scale[:, None] * routing[..., None] * W[None]).sum(1)``,
     the (B, K, Cout, Cin/g, kh, kw) product ODConv builds; otherwise
@@ -99,10 +77,8 @@ def dynamic_conv2d_official(
         x.reshape(1, batch * cin, h, w),
         kernels.reshape(batch * cout, *weight.shape[2:]),
         None if out_scale is not None else biases,
-        stride,
-        padding,
-        dilation,
-        groups * batch,
+        groups=groups * batch,
+        **conv,
     )
     y = y.view(batch, cout, y.shape[-2], y.shape[-1])
     if out_scale is not None:
