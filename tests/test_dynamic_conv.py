@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dynkernels.reference import dynamic_conv2d, dynamic_conv2d_official
 
@@ -220,3 +221,79 @@ def _bad_dynamic_conv_cases():
 @pytest.mark.parametrize("call,error,match", bad_input_params(_bad_dynamic_conv_cases()))
 def test_op_bad_inputs_give_clear_errors(call, error, match):
     assert_clear_error(call, error, match)
+
+
+# ---- modules: drop-ins with the public code's parameter layouts ------------
+
+from dynkernels import nn as dnn  # noqa: E402
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3), dict(kernel_size=1), dict(kernel_size=3, stride=2, groups=8)])
+def test_condconv2d_loads_a_timm_state_dict_and_matches_timm(kwargs):
+    timm_layers = pytest.importorskip("timm.layers")
+    theirs = timm_layers.CondConv2d(8, 16, bias=True, num_experts=4, **kwargs).double()
+    ours = dnn.CondConv2d(8, 16, bias=True, num_experts=4, **kwargs).double()
+    ours.load_state_dict(theirs.state_dict())
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 8, 11, 10, generator=g, dtype=torch.float64)
+    routing = torch.sigmoid(torch.randn(3, 4, generator=g, dtype=torch.float64))
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [theirs(xs[0], routing), ours(xs[1], routing)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    grads = [
+        torch.autograd.grad(o.square().sum(), (xi, *m.parameters()))
+        for o, xi, m in zip(outs, xs, (theirs, ours), strict=True)
+    ]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def _official_dy_cnn(module, x):
+    """A float64 transcription of the official Dynamic_conv2d.forward
+    (kaijieshi7/Dynamic-convolution-Pytorch): attention2d, then the batched
+    grouped conv over the softmax mixture of the experts."""
+    att = module.attention
+    pooled = F.adaptive_avg_pool2d(x, 1)
+    routing = torch.softmax(att.fc2(F.relu(att.fc1(pooled))).view(x.shape[0], -1) / module.temperature, 1)
+    batch, cin, h, w = x.shape
+    k = module.num_experts
+    kernels = (routing @ module.weight.view(k, -1)).view(batch * module.out_channels, *module.expert_shape[1:])
+    bias = (routing @ module.bias).view(-1) if module.bias is not None else None
+    y = F.conv2d(
+        x.view(1, -1, h, w), kernels, bias, module.stride, module.padding, module.dilation, module.groups * batch
+    )
+    return y.view(batch, module.out_channels, y.shape[-2], y.shape[-1])
+
+
+@pytest.mark.parametrize(
+    "geometry", [dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=1, groups=4, stride=2)]
+)
+def test_dynamicconv2d_matches_the_official_forward_through_the_temperature_schedule(geometry):
+    module = dnn.DynamicConv2d(8, 12, num_experts=4, **geometry).double()
+    x = torch.randn(3, 8, 9, 9, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    temperatures = []
+    for _ in range(13):  # 34 -> 1, then it stays at 1
+        torch.testing.assert_close(module(x), _official_dy_cnn(module, x), rtol=1e-12, atol=1e-12)
+        temperatures.append(module.temperature)
+        module.update_temperature()
+    assert temperatures == [34, 31, 28, 25, 22, 19, 16, 13, 10, 7, 4, 1, 1]
+    assert set(module.state_dict()) == {
+        "weight",
+        "bias",
+        "attention.fc1.weight",
+        "attention.fc2.weight",
+        "attention.fc2.bias",
+    }
+    assert module.attention.fc1.out_channels == int(8 * 0.25) + 1
+
+
+def test_modules_check_their_arguments_at_construction():
+    for build, error, match in (
+        (lambda: dnn.CondConv2d(8, 12, 3, groups=3), ValueError, "groups=3 must divide"),
+        (lambda: dnn.CondConv2d(8, 12, 3, num_experts=0), ValueError, "num_experts"),
+        (lambda: dnn.CondConv2d(8, 12, 3, backend="gpu"), ValueError, "backend must be"),
+        (lambda: dnn.DynamicConv2d(8, 12, 3, temperature=30), ValueError, "temperature"),
+        (lambda: dnn.DynamicConv2d(8.0, 12, 3), TypeError, "in_channels"),
+    ):
+        with pytest.raises(error, match=match):
+            build()
