@@ -78,3 +78,11 @@ def op_backend(backend: str | None, op: str) -> str | None:
     if backend is None or backend in op_spec(op).backends:
         return backend
     return None
+
+
+def check_module_backend(backend: str | None, *ops: str) -> None:
+    """At a module's construction: None, or a backend at least one of the ops
+    it calls has (each op then gets it through :func:`op_backend`)."""
+    names = sorted({b for op in ops for b in op_spec(op).backends})
+    if backend is not None and backend not in names:
+        raise ValueError(f"backend must be None or one of {names}, got {backend!r}")

@@ -12,20 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .._registry import op_spec
+from .._backends import check_module_backend
 from ..ops._validation import check_int
+from ..ops.dynamic_conv import _pair
 
 __all__ = ["CondConv2d", "DynamicConv2d"]
-
-
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
-def _check_backend(backend) -> None:
-    names = op_spec("dynamic_conv2d").backends
-    if backend is not None and backend not in names:
-        raise ValueError(f"backend must be None or one of {names}, got {backend!r}")
 
 
 class _ExpertConv(nn.Module):
@@ -40,14 +31,15 @@ class _ExpertConv(nn.Module):
         self.num_experts = check_int("num_experts", experts, 1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.kernel_size = _pair("kernel_size", kernel_size, 1)
+        self.stride, self.dilation = _pair("stride", stride, 1), _pair("dilation", dilation, 1)
         if padding == "":  # timm's default: symmetric "same"-ish padding, ((s - 1) + d (k - 1)) // 2
             padding = tuple(
                 ((s - 1) + d * (k - 1)) // 2
                 for k, s, d in zip(self.kernel_size, self.stride, self.dilation, strict=True)
             )
-        self.padding = _pair(padding)
-        _check_backend(backend)
+        self.padding = _pair("padding", padding, 0)
+        check_module_backend(backend, "dynamic_conv2d")
         self.backend = backend
         self.expert_shape = (out_channels, in_channels // groups, *self.kernel_size)
 

@@ -8,18 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .._backends import op_backend
-from .._registry import op_spec
+from .._backends import check_module_backend, op_backend
 from ..ops._validation import check_finite_real, check_int, check_tensor
 
 __all__ = ["ISDAConsistencyLoss", "ISDALoss"]
 
-
-def _check_backend(backend) -> None:
-    """At construction: a backend name some ISDA op has, or None."""
-    names = {b for op in ("isda_update_", "isda_cross_entropy", "isda_consistency_loss") for b in op_spec(op).backends}
-    if backend is not None and backend not in names:
-        raise ValueError(f"backend must be None or one of {sorted(names)}, got {backend!r}")
+_OPS = ("isda_update_", "isda_cross_entropy", "isda_consistency_loss")
 
 
 class ISDALoss(nn.Module):
@@ -74,7 +68,7 @@ class ISDALoss(nn.Module):
             raise ValueError(f"covariance must be 'full' or 'diagonal', got {covariance!r}")
         if ignore_index is not None:
             ignore_index = check_int("ignore_index", ignore_index)
-        _check_backend(backend)
+        check_module_backend(backend, *_OPS)
         self.num_features, self.num_classes, self.lambda0 = num_features, num_classes, lambda0
         self.covariance_kind, self.ignore_index, self.sync = covariance, ignore_index, sync
         self.backend = backend
@@ -135,12 +129,13 @@ class ISDALoss(nn.Module):
         official code). N = 0 samples is a ValueError."""
         weight, bias = self._check_fc(fc)
         progress = check_finite_real("progress", progress)
-        image_shape = features.shape if isinstance(features, torch.Tensor) else None
+        segmentation = isinstance(features, torch.Tensor) and features.dim() == 4
         features = self._pixels(features)
         check_tensor("targets", targets)
         if targets.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"targets must be int32 or int64 class indices, got {targets.dtype}")
-        targets = targets.reshape(-1) if image_shape is not None and len(image_shape) == 4 else targets
+        if segmentation:  # (N, H, W) pixels, as the features
+            targets = targets.reshape(-1)
         if targets.shape != (features.shape[0],):
             raise ValueError(
                 f"targets must hold one class per sample ({features.shape[0]}), got {tuple(targets.shape)}"
@@ -195,7 +190,7 @@ class ISDAConsistencyLoss(nn.Module):
     ) -> None:
         super().__init__()
         lambda0 = check_finite_real("lambda0", lambda0)
-        _check_backend(backend)
+        check_module_backend(backend, *_OPS)
         if not isinstance(estimator, ISDALoss):
             raise TypeError(
                 f"estimator must be the ISDALoss trained on the labeled samples, got {type(estimator).__name__}"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._backends import op_backend
-from .._registry import op_spec
+from .._backends import check_module_backend, op_backend
 from ..ops import ball_query, grouping_operation
 from ..ops._validation import check_finite_real, check_int, check_tensor
 
@@ -43,9 +42,7 @@ class QueryAndGroup(nn.Module):
         if radius <= 0 or not 0 <= min_radius < radius:
             raise ValueError(f"need 0 <= min_radius < radius, got min_radius={min_radius}, radius={radius}")
         num_samples = check_int("num_samples", num_samples, 1)
-        names = set(op_spec("ball_query").backends) | set(op_spec("grouping_operation").backends)
-        if backend is not None and backend not in names:
-            raise ValueError(f"backend must be None or one of {sorted(names)}, got {backend!r}")
+        check_module_backend(backend, "ball_query", "grouping_operation")
         self.radius, self.num_samples, self.min_radius = radius, num_samples, min_radius
         self.use_xyz, self.backend = use_xyz, backend
 

@@ -79,14 +79,15 @@ def _check_labels(labels: torch.Tensor, classes: int, check, amount: torch.Tenso
     if check not in (True, "sync"):
         raise ValueError(f"check_labels must be True, 'sync' or False, got {check!r}")
     inside = ((labels >= 0) & (labels < classes)).all()
-    counts_ok = (amount >= 0).all() if amount is not None else torch.ones((), dtype=torch.bool, device=labels.device)
+    counts_ok = (amount >= 0).all() if amount is not None else None
     if labels.device.type == "cuda" and check is True:
-        torch._assert_async(inside & counts_ok, f"labels must lie in [0, {classes}) and amount must be >= 0")
+        valid = inside if counts_ok is None else inside & counts_ok
+        torch._assert_async(valid, f"labels must lie in [0, {classes}) and amount must be >= 0")
         return
     if not bool(inside):
         low, high = int(labels.min()), int(labels.max())
         raise ValueError(f"labels must lie in [0, {classes}), got values in [{low}, {high}]")
-    if not bool(counts_ok):
+    if counts_ok is not None and not bool(counts_ok):
         raise ValueError(f"amount (the per-class counts) must be >= 0, got a minimum of {float(amount.min())}")
 
 
