@@ -297,3 +297,170 @@ def test_modules_check_their_arguments_at_construction():
     ):
         with pytest.raises(error, match=match):
             build()
+
+
+def _official_odconv(module, x):
+    """A float64 transcription of the official ODConv2d forward
+    (OSVAI/ODConv modules/odconv.py): the attention branch (GAP, fc, BN,
+    ReLU, four heads over the temperature; a skipped head is 1), then
+    ``_forward_impl_common``: x scaled by the channel attention, the
+    (B, K, Cout, Cin/g, k, k) product of spatial and kernel attentions with
+    the experts summed over K, one conv with groups = B * groups, and the
+    filter attention on the output; a 1x1 layer with K = 1 takes the official
+    ``_forward_impl_pw1x`` instead (one conv with the shared kernel)."""
+    att, batch = module.attention, x.shape[0]
+    h = F.relu(att.bn(att.fc(x.mean((2, 3), keepdim=True))))
+    t = att.temperature
+    channel = torch.sigmoid(att.channel_fc(h).view(batch, -1, 1, 1) / t)
+    filt = 1.0 if att.filter_fc is None else torch.sigmoid(att.filter_fc(h).view(batch, -1, 1, 1) / t)
+    k = module.kernel_size
+    spatial = 1.0 if att.spatial_fc is None else torch.sigmoid(att.spatial_fc(h).view(batch, 1, 1, 1, *k) / t)
+    kernel = 1.0 if att.kernel_fc is None else torch.softmax(att.kernel_fc(h).view(batch, -1, 1, 1, 1, 1) / t, 1)
+    if k == (1, 1) and module.kernel_num == 1:  # the official _forward_impl_pw1x: one shared 1x1 kernel
+        y = F.conv2d(x * channel, module.weight[0], None, module.stride, module.padding, module.dilation, module.groups)
+        return y * filt
+    aggregate = (spatial * kernel * module.weight.unsqueeze(0)).sum(1)
+    xs = (x * channel).reshape(1, -1, *x.shape[2:])
+    y = F.conv2d(
+        xs,
+        aggregate.reshape(-1, *aggregate.shape[2:]),
+        None,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.groups * batch,
+    )
+    return y.view(batch, module.out_channels, *y.shape[-2:]) * filt
+
+
+ODCONV_CASES = {  # (in, out, k, kwargs): the official code's four paths
+    "3x3": (16, 24, 3, dict(padding=1)),
+    "3x3-stride2-groups2-K8": (16, 24, 3, dict(padding=1, stride=2, groups=2, kernel_num=8)),
+    "depthwise": (32, 32, 3, dict(padding=1, groups=32)),  # no filter attention
+    "1x1": (16, 40, 1, dict()),  # no spatial attention
+    "1x1-K1": (16, 40, 1, dict(kernel_num=1)),  # the official pw1x path: no kernel attention either
+    "5x5-dilation2-K1": (8, 8, 5, dict(padding=4, dilation=2, kernel_num=1, reduction=0.5)),
+}
+
+
+@pytest.mark.parametrize("case", list(ODCONV_CASES), ids=list(ODCONV_CASES))
+def test_odconv2d_matches_the_official_forward_and_state_dict(case):
+    cin, cout, k, kwargs = ODCONV_CASES[case]
+    module = dnn.ODConv2d(cin, cout, k, **kwargs).double()
+    kernel_num = kwargs.get("kernel_num", 4)
+    depthwise = kwargs.get("groups", 1) == cin == cout
+    want_keys = {"weight", "attention.fc.weight", "attention.channel_fc.weight", "attention.channel_fc.bias"}
+    want_keys |= {f"attention.bn.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    for head, present in (("filter_fc", not depthwise), ("spatial_fc", k > 1), ("kernel_fc", kernel_num > 1)):
+        if present:
+            want_keys |= {f"attention.{head}.weight", f"attention.{head}.bias"}
+    assert set(module.state_dict()) == want_keys
+    assert module.weight.shape == (kernel_num, cout, cin // kwargs.get("groups", 1), k, k)
+    assert module.attention.fc.out_channels == max(int(cin * kwargs.get("reduction", 0.0625)), 16)
+    g = torch.Generator().manual_seed(cin + k)
+    with torch.no_grad():  # off the official init (zero biases, BN at identity) so that every term is exercised
+        for p in module.attention.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    x = torch.randn(3, cin, 9, 8, generator=g, dtype=torch.float64)
+    for temperature, train in ((1.0, True), (1.0, False), (7.0, True)):
+        module.update_temperature(temperature)
+        module.train(train)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        outs = [_official_odconv(module, xs[0]), module(xs[1])]
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+        grads = [
+            torch.autograd.grad(o.square().sum(), (xi, *module.parameters())) for o, xi in zip(outs, xs, strict=True)
+        ]
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def test_odconv2d_loads_a_state_dict_with_the_official_names():
+    source = dnn.ODConv2d(16, 24, 3, padding=1).double()
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    for name in state:
+        if state[name].is_floating_point():
+            state[name] = torch.randn(state[name].shape, generator=g, dtype=torch.float64)
+    state["attention.bn.running_var"] = state["attention.bn.running_var"].abs() + 0.5
+    target = dnn.ODConv2d(16, 24, 3, padding=1).double().eval()
+    target.load_state_dict(state)
+    x = torch.randn(2, 16, 7, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(target(x), _official_odconv(target, x), rtol=1e-12, atol=1e-12)
+
+
+def test_condconvblock_routes_by_the_sigmoid_of_a_linear_on_the_pooled_input():
+    block = dnn.CondConvBlock(8, 12, 3, padding=1, bias=True, num_experts=4).double()
+    x = torch.randn(2, 8, 7, 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    routing = torch.sigmoid(x.mean((2, 3)) @ block.routing_fn.weight.T + block.routing_fn.bias)
+    want = dynamic_conv2d(x, block.conv.weight.view(4, 12, 8, 3, 3), routing, block.conv.bias, padding=1)
+    torch.testing.assert_close(block(x), want, rtol=1e-12, atol=1e-12)
+
+
+CONVERT_CONVS = {
+    "3x3-bias": dict(in_channels=8, out_channels=12, kernel_size=3, padding=1, bias=True),
+    "depthwise-stride2": dict(in_channels=8, out_channels=8, kernel_size=3, stride=2, padding=1, groups=8, bias=False),
+    "1x1": dict(in_channels=8, out_channels=16, kernel_size=1, bias=False),
+    "5x5-same-dilation2": dict(in_channels=4, out_channels=6, kernel_size=5, padding="same", dilation=2, groups=2),
+}
+
+
+@pytest.mark.parametrize("kind", ["condconv", "dycnn", "odconv"])
+@pytest.mark.parametrize("conv", list(CONVERT_CONVS), ids=list(CONVERT_CONVS))
+def test_convert_conv2d_computes_the_original_conv_and_breaks_the_expert_symmetry(kind, conv):
+    torch.manual_seed(5)
+    original = torch.nn.Conv2d(**CONVERT_CONVS[conv]).double()
+    x = torch.randn(3, original.in_channels, 10, 9, dtype=torch.float64)
+    for experts in (1, 4):
+        dynamic = dnn.convert_conv2d(original, experts, kind)
+        torch.testing.assert_close(dynamic(x), original(x), rtol=1e-12, atol=1e-12)
+        dynamic(x).square().sum().backward()
+        if experts == 1:
+            continue
+        # the symmetry breaks: CondConv's router rows (its experts differ by the zero-sum noise), the
+        # other kinds' experts (their softmax routers differ from the start)
+        grad = dynamic.routing_fn.weight.grad if kind == "condconv" else dynamic.weight.grad
+        assert not torch.allclose(grad[0], grad[1])
+        if kind == "condconv":  # without the noise, identical experts under an identical router stay identical
+            copies = dnn.convert_conv2d(original, experts, kind, noise=0.0)
+            copies(x).square().sum().backward()
+            torch.testing.assert_close(copies.routing_fn.weight.grad[0], copies.routing_fn.weight.grad[1])
+
+
+def test_convert_model_turns_a_torchvision_mobilenet_v2_dynamic_at_its_original_output():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(6)
+    # training mode: BatchNorm on batch statistics keeps the features O(1) through all 52 convs
+    model = torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10, dropout=0.0).double().train()
+    x = torch.randn(4, 3, 48, 48, dtype=torch.float64)
+    want = model(x)
+    convs = sum(type(m) is torch.nn.Conv2d for m in model.modules())
+    dnn.convert_model(model, 4, "condconv")
+    assert sum(isinstance(m, dnn.CondConvBlock) for m in model.modules()) == convs == 52
+    assert not any(type(m) is torch.nn.Conv2d for m in model.modules())
+    torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-10)
+
+
+def test_conversion_errors_are_clear():
+    conv = torch.nn.Conv2d(4, 4, 3)
+    for call, error, match in (
+        (lambda: dnn.convert_conv2d(conv, 4, "moe"), ValueError, "kind must be one of"),
+        (lambda: dnn.convert_conv2d(torch.nn.Linear(2, 2)), TypeError, "takes an nn.Conv2d"),
+        (lambda: dnn.convert_conv2d(conv, 0), ValueError, "num_experts"),
+        (lambda: dnn.convert_conv2d(conv, noise=-1.0), ValueError, "noise"),
+        (
+            lambda: dnn.convert_conv2d(torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")),
+            ValueError,
+            "padding_mode",
+        ),
+        (lambda: dnn.convert_conv2d(torch.nn.Conv2d(4, 4, 2, padding="same")), ValueError, "asymmetric"),
+        (
+            lambda: dnn.convert_model(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding_mode="circular"))),
+            ValueError,
+            "cannot convert '0'",
+        ),
+        (lambda: dnn.convert_model(conv), TypeError, "convert_conv2d"),
+        (lambda: dnn.ODConv2d(8, 8, 3, reduction=0), ValueError, "reduction"),
+    ):
+        with pytest.raises(error, match=match):
+            call()
