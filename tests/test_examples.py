@@ -86,3 +86,17 @@ def test_isda_synthetic_example():
     assert [line.split()[0] for line in lines] == ["cross-entropy", "ISDA"]
     for line in lines:
         assert 0.0 <= float(line.split("accuracy")[1].split()[0]) <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["condconv", "odconv"])
+def test_dynamic_conv_mobilenet_example_trains_the_same_through_kernel_and_reference(kind):
+    pytest.importorskip("torchvision")
+    cmd = [sys.executable, str(ROOT / "examples" / "dynamic_conv_mobilenet.py"), "--steps", "3", "--kind", kind]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"converted 52 convs to {kind}")
+    losses = {line.split(":")[0].strip(): line.split("losses")[1].split() for line in lines[1:3]}
+    assert set(losses) == {"kernel", "reference"} and len(losses["kernel"]) == 3
+    for a, b in zip(losses["kernel"], losses["reference"], strict=True):
+        assert abs(float(a) - float(b)) <= 1e-6 * abs(float(b))  # six printed decimals of a loss near 2.3
