@@ -148,7 +148,41 @@ def test_op_gradients_by_gradcheck(device, backend, channels, groups, geometry):
         scales = dict(in_scale=a_c, out_scale=a_f, kernel_scale=a_s)
         return ops.dynamic_conv2d(x, weight, routing, bias, groups=groups, **geometry, **scales, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=backend == "triton" and device == "cpu")
+
+
+@pytest.mark.parametrize("device,backend", OP_CASES)
+def test_op_takes_channels_last_inputs(device, backend):
+    """A channels-last x gives the values of its contiguous copy, forward and
+    backward (the Triton kernels address x and y by strides and write y
+    channels-last)."""
+    g = torch.Generator().manual_seed(21)
+    for cin, cout, groups in ((6, 8, 2), (6, 6, 6)):
+        x, weight, routing, bias = (t.to(device) for t in _inputs(2, cin, cout, 3, groups, 4, 9, 7, g))
+        a_c = torch.rand(2, cin, generator=g, dtype=torch.float64).to(device)
+        outs = []
+        for xi in (x.contiguous(), x.to(memory_format=torch.channels_last)):
+            leaf = xi.clone(memory_format=torch.preserve_format).requires_grad_()
+            w = weight.clone().requires_grad_()
+            y = ops.dynamic_conv2d(
+                leaf, w, routing, bias, padding=1, stride=2, groups=groups, in_scale=a_c, backend=backend
+            )
+            outs.append((y, *torch.autograd.grad(y.square().sum(), (leaf, w))))
+        for a, b in zip(*outs, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_triton_ops_pass_opcheck():
+    if not any(c.values[1] == "triton" for c in OP_CASES):
+        pytest.skip("Triton is not usable here")
+    g = torch.Generator().manual_seed(22)
+    x, weight, routing, bias = _inputs(2, 4, 6, 3, 2, 3, 7, 6, g)
+    scales = [torch.rand(*shape, generator=g, dtype=torch.float64) for shape in ((2, 4), (2, 6), (2, 3, 3))]
+    forward = torch.ops.dynkernels.dynamic_conv2d_triton.default
+    torch.library.opcheck(forward, (x, weight, routing, bias, *scales, [2, 1], [1, 1], [1, 2], 2))
+    torch.library.opcheck(
+        forward, (x.float(), weight.float(), routing.float(), None, None, None, None, [1, 1], [0, 0], [1, 1], 2)
+    )
 
 
 def test_cpp_depthwise_kernel_opcheck_and_thread_independence():

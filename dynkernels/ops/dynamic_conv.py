@@ -42,13 +42,14 @@ from .. import reference
 from .._backends import resolve
 from .._extension import has_extension
 from .._registry import register_op
+from .._triton import family_kernels
 from ._registration import register_kernel_pairs
 from ._validation import check_floating, check_int, check_same_device, check_tensor
 
 __all__ = ["dynamic_conv2d"]
 
 FAMILY = "dynamic_conv"
-_BACKENDS = ("reference", "cpp", "composite")
+_BACKENDS = ("reference", "cpp", "triton", "composite")
 register_op("dynamic_conv2d", FAMILY, _BACKENDS, reference=reference.dynamic_conv2d, differentiable=_BACKENDS)
 _CPP_DTYPES = (torch.float32, torch.float64)
 
@@ -123,6 +124,10 @@ def dynamic_conv2d(
         return reference.dynamic_conv2d(
             x, weight, routing, bias, in_scale=in_scale, out_scale=out_scale, kernel_scale=kernel_scale, **geometry
         )
+    if chosen == "triton":  # mixes the experts inside the kernel: no folded kernels in memory
+        return torch.ops.dynkernels.dynamic_conv2d_triton(
+            x, weight, routing, bias, in_scale, out_scale, kernel_scale, stride, padding, dilation, groups
+        )
     if chosen == "cpp" and x.dtype not in _CPP_DTYPES:
         if backend is not None:
             raise ValueError(f"dynamic_conv2d(backend='cpp') takes float32 or float64, got {x.dtype}")
@@ -131,23 +136,35 @@ def dynamic_conv2d(
     return _convolve(chosen, x, kernels, biases, **geometry)
 
 
+def _scales(in_scale, out_scale, kernel_scale, groups, cout, per_group):
+    """The attentions as factors broadcast against (B, Cout, Cin/g, kh, kw)."""
+    factors = {}
+    if out_scale is not None:
+        factors["out_scale"] = out_scale[:, :, None, None, None]
+    if in_scale is not None:
+        # filter o of group o // (Cout/g) reads input channels (o // (Cout/g)) * Cin/g + j
+        batch = in_scale.shape[0]
+        channels = in_scale.view(batch, groups, 1, per_group).expand(batch, groups, cout // groups, per_group)
+        factors["in_scale"] = channels.reshape(batch, cout, per_group, 1, 1)
+    if kernel_scale is not None:
+        factors["kernel_scale"] = kernel_scale[:, None, None]
+    return factors
+
+
+def _product(factors):
+    out = None
+    for f in factors:
+        out = f if out is None else out * f
+    return out
+
+
 def _fold(weight, routing, bias, in_scale, out_scale, kernel_scale, groups):
     """The per-sample kernels (B, Cout, Cin/g, kh, kw) with the attentions
     folded in, and the per-sample biases (B, Cout) or None."""
     batch = routing.shape[0]
     experts, cout, per_group, kh, kw = weight.shape
     kernels = (routing @ weight.reshape(experts, -1)).view(batch, cout, per_group, kh, kw)
-    scale = None  # the product of the attentions, broadcast against (B, Cout, Cin/g, kh, kw)
-    if out_scale is not None:
-        scale = out_scale[:, :, None, None, None]
-    if in_scale is not None:
-        # filter o of group o // (Cout/g) reads input channels (o // (Cout/g)) * Cin/g + j
-        channels = in_scale.view(batch, groups, 1, per_group).expand(batch, groups, cout // groups, per_group)
-        channels = channels.reshape(batch, cout, per_group, 1, 1)
-        scale = channels if scale is None else scale * channels
-    if kernel_scale is not None:
-        taps = kernel_scale[:, None, None]
-        scale = taps if scale is None else scale * taps
+    scale = _product(_scales(in_scale, out_scale, kernel_scale, groups, cout, per_group).values())
     if scale is not None:
         kernels = kernels * scale
     return kernels, (routing @ bias if bias is not None else None)
@@ -217,3 +234,126 @@ if has_extension():
         setup_context=_depthwise_setup,
         backward=_depthwise_backward,
     )
+
+
+# ---- the Triton backend: opaque custom ops (see ops/pointops.py) -------------
+
+
+@torch.library.custom_op("dynkernels::dynamic_conv2d_triton", mutates_args=())
+def _triton_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    routing: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_scale: torch.Tensor | None,
+    out_scale: torch.Tensor | None,
+    kernel_scale: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    return family_kernels(FAMILY).forward(
+        x, weight, routing, bias, in_scale, out_scale, kernel_scale, stride, padding, dilation, groups
+    )
+
+
+@torch.library.custom_op("dynkernels::dynamic_conv2d_backward_triton", mutates_args=())
+def _triton_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    routing: torch.Tensor,
+    in_scale: torch.Tensor | None,
+    out_scale: torch.Tensor | None,
+    kernel_scale: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return family_kernels(FAMILY).backward(
+        grad, x, weight, routing, in_scale, out_scale, kernel_scale, stride, padding, dilation, groups
+    )
+
+
+def _fake_triton(x, weight, routing, bias, in_scale, out_scale, kernel_scale, stride, padding, dilation, groups):
+    kh, kw = weight.shape[3:]
+    ho = _out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    wo = _out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], weight.shape[1], ho, wo))
+
+
+def _fake_triton_backward(
+    grad, x, weight, routing, in_scale, out_scale, kernel_scale, stride, padding, dilation, groups
+):
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], *weight.shape[1:]), dtype=compute)
+
+
+def _triton_setup(ctx, inputs, output):
+    x, weight, routing, bias, in_scale, out_scale, kernel_scale, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight, routing, bias, in_scale, out_scale, kernel_scale)
+    ctx.geometry = (stride, padding, dilation, groups)
+
+
+def _triton_chain(ctx, backward_op, grad):
+    """dx and G (the folded kernels' gradient) from the Triton kernels, then
+    the chain through the fold in closed form: G times the attentions gives
+    the mixture's gradient H, whence W's (pi^T H) and the routing's (H W^T);
+    G times the mixture M gives each attention's, summed over the other
+    axes. Every reduction over the batch is a GEMM or a sum: deterministic."""
+    x, weight, routing, bias, in_scale, out_scale, kernel_scale = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    grad = grad.contiguous()
+    dx, gk = backward_op(grad, x, weight, routing, in_scale, out_scale, kernel_scale, stride, padding, dilation, groups)
+    batch, experts = routing.shape
+    _, cout, per_group = weight.shape[:3]
+    pi, flat = routing.to(gk.dtype), weight.reshape(experts, -1).to(gk.dtype)
+    factors = _scales(
+        *(None if t is None else t.to(gk.dtype) for t in (in_scale, out_scale, kernel_scale)), groups, cout, per_group
+    )
+    scaled = gk if not factors else gk * _product(factors.values())
+    g_weight = (pi.T @ scaled.reshape(batch, -1)).view(weight.shape)
+    g_routing = scaled.reshape(batch, -1) @ flat.T
+    g_bias = None
+    if bias is not None:
+        g_sum = grad.sum((2, 3), dtype=gk.dtype)
+        g_bias = pi.T @ g_sum
+        g_routing = g_routing + g_sum @ bias.to(gk.dtype).T
+    g_scales = {}
+    if factors:
+        mixed = gk * (pi @ flat).view(gk.shape)
+        others = lambda name: _product(f for n, f in factors.items() if n != name)
+        for name in factors:
+            rest = others(name)
+            term = mixed if rest is None else mixed * rest
+            if name == "out_scale":
+                g_scales[name] = term.sum((2, 3, 4))
+            elif name == "kernel_scale":
+                g_scales[name] = term.sum((1, 2))
+            else:  # (B, Cout, Cin/g) -> (B, groups, Cout/g, Cin/g) -> (B, Cin)
+                g_scales[name] = (
+                    term.sum((3, 4)).view(batch, groups, cout // groups, per_group).sum(2).reshape(batch, -1)
+                )
+    cast = lambda g, like: None if g is None else g.to(like.dtype)
+    return (
+        dx,
+        cast(g_weight, weight),
+        cast(g_routing, routing),
+        cast(g_bias, weight),
+        *(cast(g_scales.get(n), x) for n in ("in_scale", "out_scale", "kernel_scale")),
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+register_kernel_pairs(
+    [("dynkernels::dynamic_conv2d_triton", "dynkernels::dynamic_conv2d_backward_triton")],
+    fake=_fake_triton,
+    fake_backward=_fake_triton_backward,
+    setup_context=_triton_setup,
+    backward=_triton_chain,
+)
