@@ -151,25 +151,71 @@ def test_op_gradients_by_gradcheck(device, backend, channels, groups, geometry):
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=backend == "triton" and device == "cpu")
 
 
+CHANNELS_LAST = [  # (C in, C out, groups, k, stride, padding, dilation)
+    (6, 8, 2, 3, 2, 1, 1),
+    (6, 6, 6, 3, 2, 1, 1),
+    (70, 70, 70, 3, 1, 1, 1),  # depthwise: a full channel block of the C++ kernel and a tail
+    (70, 70, 70, 5, 2, 4, 2),
+    (9, 9, 9, 2, 1, 0, 1),
+    (12, 20, 1, 1, 2, 0, 1),  # 1x1: the (B, HW, Cin) GEMM
+]
+
+
 @pytest.mark.parametrize("device,backend", OP_CASES)
-def test_op_takes_channels_last_inputs(device, backend):
-    """A channels-last x gives the values of its contiguous copy, forward and
-    backward (the Triton kernels address x and y by strides and write y
-    channels-last)."""
-    g = torch.Generator().manual_seed(21)
-    for cin, cout, groups in ((6, 8, 2), (6, 6, 6)):
-        x, weight, routing, bias = (t.to(device) for t in _inputs(2, cin, cout, 3, groups, 4, 9, 7, g))
-        a_c = torch.rand(2, cin, generator=g, dtype=torch.float64).to(device)
-        outs = []
-        for xi in (x.contiguous(), x.to(memory_format=torch.channels_last)):
-            leaf = xi.clone(memory_format=torch.preserve_format).requires_grad_()
-            w = weight.clone().requires_grad_()
-            y = ops.dynamic_conv2d(
-                leaf, w, routing, bias, padding=1, stride=2, groups=groups, in_scale=a_c, backend=backend
-            )
-            outs.append((y, *torch.autograd.grad(y.square().sum(), (leaf, w))))
-        for a, b in zip(*outs, strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("geometry", CHANNELS_LAST, ids=lambda c: f"c{c[0]}-{c[1]}-g{c[2]}-k{c[3]}-s{c[4]}-d{c[6]}")
+def test_op_takes_channels_last_inputs(device, backend, geometry):
+    """A channels-last x gives the formula's values and gradients (float64),
+    and float32 within the two-times rule (the C++ depthwise kernel and the
+    Triton kernels address x by strides and write y channels-last)."""
+    cin, cout, groups, k, stride, padding, dilation = geometry
+    g = torch.Generator().manual_seed(21 + cin + k)
+    x, weight, routing, bias = (t.to(device) for t in _inputs(2, cin, cout, k, groups, 4, 11, 9, g))
+    a_c = torch.rand(2, cin, generator=g, dtype=torch.float64).to(device)
+    geo = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, in_scale=a_c)
+    outs = []
+    for xi, fn in ((x, dynamic_conv2d), (x.to(memory_format=torch.channels_last), ops.dynamic_conv2d)):
+        leaf = xi.clone(memory_format=torch.preserve_format).requires_grad_()
+        w = weight.clone().requires_grad_()
+        kw = dict(backend=backend) if fn is ops.dynamic_conv2d else {}
+        y = fn(leaf, w, routing, bias, **geo, **kw)
+        outs.append((y, *torch.autograd.grad(y.square().sum(), (leaf, w))))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    x32 = x.float().to(memory_format=torch.channels_last)
+    args32 = [t.float() for t in (weight, routing, bias)]
+    geo32 = dict(geo, in_scale=a_c.float())
+    assert_close_to_float64(
+        ops.dynamic_conv2d(x32, *args32, **geo32, backend=backend),
+        dynamic_conv2d(x.float(), *args32, **geo32),
+        outs[0][0],
+    )
+
+
+def test_cpp_channels_last_depthwise_gradcheck_and_thread_independence():
+    if not any(c.values[1] == "cpp" for c in OP_CASES):
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(23)
+    op = torch.ops.dynkernels.per_sample_depthwise_conv2d
+    x = torch.randn(2, 5, 7, 6, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last)
+    kernels = torch.randn(2, 5, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, kernels, bias)]
+    assert torch.autograd.gradcheck(lambda a, b, c: op(a, b, c, [2, 1], [1, 2], [1, 2]), leaves)
+    assert op(x, kernels, bias, [1, 1], [1, 1], [1, 1]).is_contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(op.default, (x.float(), kernels.float(), bias.float(), [2, 1], [1, 2], [1, 2]))
+    big = torch.randn(3, 80, 17, 15, generator=g).to(memory_format=torch.channels_last)
+    kb, bb = torch.randn(3, 80, 3, 3, generator=g), torch.randn(3, 80, generator=g)
+    runs, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            xs, ks, bs = (t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (big, kb, bb))
+            y = op(xs, ks, bs, [1, 1], [1, 1], [1, 1])
+            runs.append((y, *torch.autograd.grad(y.square().sum(), (xs, ks, bs))))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_triton_ops_pass_opcheck():

@@ -10,6 +10,16 @@
 // plane's input (one thread owns a plane: no races, a fixed order), dk as one
 // dot product per tap, dbias as the plane's sum. Deterministic.
 // Threads: the B * C planes (at::parallel_for); float32 and float64; NCHW.
+//
+// Channels-last x (B, H, W, C in memory) runs the NHWC kernels instead, with
+// the kernels transposed to (B, kh*kw, C) so that every tap is a contiguous
+// channel vector: each output pixel is a sum of up to kh*kw axpys over the C
+// channels (vectorised over channels whatever the stride), and y and dx come
+// back channels-last. Forward: threads over (sample, output row). dx: the
+// gather form, threads over (sample, input row), each input pixel summing the
+// output taps that read it (no scatter, no races). dk and dbias: per sample,
+// a fixed number of row chunks (set by the shape, not the thread count) each
+// into its own partial, summed in chunk order. Deterministic.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -109,6 +119,241 @@ DK_INLINE void backward_plane(const T* gy, const T* x, const T* k, const Geometr
 }
 DK_ISA_DISPATCH(backward_plane)
 
+// ---- channels-last (NHWC) ---------------------------------------------------
+
+// Channel blocks held in registers across the taps: 64 float32 (four AVX-512
+// vectors) or 32 float64 lanes; the tail of C runs the same loop on a partial block.
+template <typename T>
+constexpr int64_t kChannelBlock = 256 / sizeof(T);
+
+// out[0, n) = init[0, n) (or 0) + sum over the valid taps of tap_t[0, n) * src_t[0, n),
+// with src_t = base + offset_t; n <= kChannelBlock<T>.
+template <typename T, int64_t N>
+DK_INLINE void tap_sum(const T* init, const T* const* srcs, const T* const* taps, int64_t count, T* out) {
+  T acc[N];
+  for (int64_t ch = 0; ch < N; ++ch) acc[ch] = init != nullptr ? init[ch] : T(0);
+  for (int64_t t = 0; t < count; ++t) {
+    const T* __restrict__ src = srcs[t];
+    const T* __restrict__ tap = taps[t];
+    for (int64_t ch = 0; ch < N; ++ch) acc[ch] += tap[ch] * src[ch];
+  }
+  for (int64_t ch = 0; ch < N; ++ch) out[ch] = acc[ch];
+}
+
+template <typename T>
+DK_INLINE void tap_sum_tail(const T* init, const T* const* srcs, const T* const* taps, int64_t count, int64_t n,
+                            T* out) {
+  for (int64_t ch = 0; ch < n; ++ch) out[ch] = init != nullptr ? init[ch] : T(0);
+  for (int64_t t = 0; t < count; ++t) {
+    const T* __restrict__ src = srcs[t];
+    const T* __restrict__ tap = taps[t];
+    for (int64_t ch = 0; ch < n; ++ch) out[ch] += tap[ch] * src[ch];
+  }
+}
+
+// One pixel's C channels: the valid taps' (source, kernel) channel vectors, in tap order.
+template <typename T>
+DK_INLINE void pixel_sum(const T* init, const T** srcs, const T** taps, int64_t count, int64_t c, T* out) {
+  constexpr int64_t N = kChannelBlock<T>;
+  int64_t ch = 0;
+  for (; ch + N <= c; ch += N) {
+    tap_sum<T, N>(init ? init + ch : nullptr, srcs, taps, count, out + ch);
+    for (int64_t t = 0; t < count; ++t) srcs[t] += N, taps[t] += N;
+  }
+  if (ch < c) tap_sum_tail<T>(init ? init + ch : nullptr, srcs, taps, count, c - ch, out + ch);
+}
+
+constexpr int64_t kMaxTaps = 49;  // 7x7; larger kernels take the unblocked loop
+
+template <typename T, CpuIsa I>
+DK_INLINE void forward_row_nhwc(const T* x, const T* kt, const T* bias, const Geometry& g, int64_t c, int64_t oy,
+                                T* y) {
+  // x: one sample (H, W, C); kt: its kernels (taps, C); y: output row oy (Wo, C)
+  const T* srcs[kMaxTaps];
+  const T* taps[kMaxTaps];
+  for (int64_t ox = 0; ox < g.ow; ++ox) {
+    T* __restrict__ out = y + ox * c;
+    int64_t count = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t iy = oy * g.sy - g.py + i * g.dy;
+      if (iy < 0 || iy >= g.h) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t ix = ox * g.sx - g.px + j * g.dx;
+        if (ix < 0 || ix >= g.w) continue;
+        if (g.kh * g.kw <= kMaxTaps) {
+          srcs[count] = x + (iy * g.w + ix) * c;
+          taps[count++] = kt + (i * g.kw + j) * c;
+        } else {
+          if (count++ == 0) {
+            for (int64_t ch = 0; ch < c; ++ch) out[ch] = bias != nullptr ? bias[ch] : T(0);
+          }
+          const T* __restrict__ src = x + (iy * g.w + ix) * c;
+          const T* __restrict__ tap = kt + (i * g.kw + j) * c;
+          for (int64_t ch = 0; ch < c; ++ch) out[ch] += tap[ch] * src[ch];
+        }
+      }
+    }
+    if (g.kh * g.kw <= kMaxTaps) {
+      pixel_sum<T>(bias, srcs, taps, count, c, out);
+    } else if (count == 0) {
+      for (int64_t ch = 0; ch < c; ++ch) out[ch] = bias != nullptr ? bias[ch] : T(0);
+    }
+  }
+}
+DK_ISA_DISPATCH(forward_row_nhwc)
+
+// The output index o with o * s - p + t * d == n_in, or -1.
+inline int64_t source_index(int64_t n_in, int64_t t, int64_t s, int64_t p, int64_t d, int64_t n_out) {
+  const int64_t n = n_in + p - t * d;
+  if (n < 0 || n % s != 0 || n / s >= n_out) return -1;
+  return n / s;
+}
+
+template <typename T, CpuIsa I>
+DK_INLINE void grad_input_row_nhwc(const T* gy, const T* kt, const Geometry& g, int64_t c, int64_t iy, T* gx) {
+  // gy: one sample (Ho, Wo, C); gx: input row iy (W, C)
+  const T* srcs[kMaxTaps];
+  const T* taps[kMaxTaps];
+  for (int64_t ix = 0; ix < g.w; ++ix) {
+    T* __restrict__ out = gx + ix * c;
+    int64_t count = 0;
+    bool started = false;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t oy = source_index(iy, i, g.sy, g.py, g.dy, g.oh);
+      if (oy < 0) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t ox = source_index(ix, j, g.sx, g.px, g.dx, g.ow);
+        if (ox < 0) continue;
+        if (g.kh * g.kw <= kMaxTaps) {
+          srcs[count] = gy + (oy * g.ow + ox) * c;
+          taps[count++] = kt + (i * g.kw + j) * c;
+        } else {
+          if (!started) std::fill(out, out + c, T(0));
+          started = true;
+          const T* __restrict__ src = gy + (oy * g.ow + ox) * c;
+          const T* __restrict__ tap = kt + (i * g.kw + j) * c;
+          for (int64_t ch = 0; ch < c; ++ch) out[ch] += tap[ch] * src[ch];
+        }
+      }
+    }
+    if (g.kh * g.kw <= kMaxTaps) {
+      pixel_sum<T>(nullptr, srcs, taps, count, c, out);
+    } else if (!started) {
+      std::fill(out, out + c, T(0));
+    }
+  }
+}
+DK_ISA_DISPATCH(grad_input_row_nhwc)
+
+template <typename T, CpuIsa I>
+DK_INLINE void grad_kernel_rows_nhwc(const T* gy, const T* x, const Geometry& g, int64_t c, int64_t row0,
+                                     int64_t row1, T* part) {
+  // part: (taps + 1, C) -- the taps' sums, then the bias sum -- over output rows [row0, row1)
+  const int64_t taps = g.kh * g.kw;
+  std::fill(part, part + (taps + 1) * c, T(0));
+  T* __restrict__ bias_sum = part + taps * c;
+  for (int64_t oy = row0; oy < row1; ++oy) {
+    for (int64_t ox = 0; ox < g.ow; ++ox) {
+      const T* __restrict__ grad = gy + (oy * g.ow + ox) * c;
+      for (int64_t ch = 0; ch < c; ++ch) bias_sum[ch] += grad[ch];
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t iy = oy * g.sy - g.py + i * g.dy;
+        if (iy < 0 || iy >= g.h) continue;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t ix = ox * g.sx - g.px + j * g.dx;
+          if (ix < 0 || ix >= g.w) continue;
+          const T* __restrict__ src = x + (iy * g.w + ix) * c;
+          T* __restrict__ acc = part + (i * g.kw + j) * c;
+          for (int64_t ch = 0; ch < c; ++ch) acc[ch] += grad[ch] * src[ch];
+        }
+      }
+    }
+  }
+}
+DK_ISA_DISPATCH(grad_kernel_rows_nhwc)
+
+bool is_nhwc(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+}
+
+// (B, C, kh, kw) -> (B, kh*kw, C), contiguous
+at::Tensor taps_by_channel(const at::Tensor& kernels) {
+  return kernels.flatten(2).transpose(1, 2).contiguous();
+}
+
+at::Tensor forward_nhwc(const at::Tensor& x, const at::Tensor& kernels, const at::Tensor& bias, const Geometry& g) {
+  const int64_t batch = x.size(0), c = x.size(1);
+  const at::Tensor kt = taps_by_channel(kernels);
+  at::Tensor y = at::empty({batch, c, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "per_sample_depthwise_nhwc", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* kp = kt.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * g.oh, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / g.oh, oy = r % g.oh;
+        forward_row_nhwc_isa<scalar_t>(xp + b * g.h * g.w * c, kp + b * g.kh * g.kw * c, bp ? bp + b * c : nullptr,
+                                       g, c, oy, yp + (b * g.oh + oy) * g.ow * c);
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_nhwc(const at::Tensor& grad, const at::Tensor& x,
+                                                             const at::Tensor& kernels, bool with_bias,
+                                                             const Geometry& g) {
+  const int64_t batch = x.size(0), c = x.size(1), taps = g.kh * g.kw;
+  const at::Tensor gc = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor kt = taps_by_channel(kernels);
+  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // a fixed chunking of each sample's output rows (by the shape, never the thread count)
+  const int64_t rows = std::max<int64_t>(1, (g.oh + 7) / 8), chunks = (g.oh + rows - 1) / rows;
+  at::Tensor parts = at::empty({batch, chunks, taps + 1, c}, x.options());
+  at::Tensor gk = at::empty(kernels.sizes(), x.options());
+  at::Tensor gb = with_bias ? at::empty({batch, c}, x.options()) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "per_sample_depthwise_backward_nhwc", [&] {
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* kp = kt.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    scalar_t* pp = parts.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * g.h, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / g.h, iy = r % g.h;
+        grad_input_row_nhwc_isa<scalar_t>(gp + b * g.oh * g.ow * c, kp + b * taps * c, g, c, iy,
+                                          gxp + (b * g.h + iy) * g.w * c);
+      }
+    });
+    at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / chunks, k = t % chunks;
+        grad_kernel_rows_nhwc_isa<scalar_t>(gp + b * g.oh * g.ow * c, xp + b * g.h * g.w * c, g, c, k * rows,
+                                            std::min(g.oh, (k + 1) * rows), pp + t * (taps + 1) * c);
+      }
+    });
+    // the chunks' partials summed in chunk order, into dk (B, C, kh, kw) and dbias (B, C)
+    scalar_t* gkp = gk.data_ptr<scalar_t>();
+    scalar_t* gbp = with_bias ? gb.data_ptr<scalar_t>() : nullptr;
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t t = 0; t <= taps; ++t) {
+        if (t == taps && gbp == nullptr) break;
+        for (int64_t ch = 0; ch < c; ++ch) {
+          scalar_t total = scalar_t(0);
+          for (int64_t k = 0; k < chunks; ++k) total += pp[((b * chunks + k) * (taps + 1) + t) * c + ch];
+          if (t < taps) {
+            gkp[(b * c + ch) * taps + t] = total;
+          } else {
+            gbp[b * c + ch] = total;
+          }
+        }
+      }
+    }
+  });
+  return {gx, gk, gb};
+}
+
 Geometry check_args(const at::Tensor& x, const at::Tensor& kernels, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation) {
   DK_CHECK_CPU(x);
@@ -139,8 +384,9 @@ at::Tensor per_sample_depthwise_cpu(const at::Tensor& x, const at::Tensor& kerne
     TORCH_CHECK(bias->sizes() == x.sizes().slice(0, 2) && bias->scalar_type() == x.scalar_type(),
                 "bias must be (B, C) of x's dtype");
   }
-  const at::Tensor xc = x.contiguous(), kc = kernels.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (is_nhwc(x)) return forward_nhwc(x, kernels, bc, g);
+  const at::Tensor xc = x.contiguous(), kc = kernels.contiguous();
   at::Tensor y = at::empty({x.size(0), x.size(1), g.oh, g.ow}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "per_sample_depthwise_cpu", [&] {
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
@@ -164,6 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> per_sample_depthwise_backward_cpu
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) && grad.size(2) == g.oh &&
                   grad.size(3) == g.ow && grad.scalar_type() == x.scalar_type(),
               "grad must be (B, C, Ho, Wo) = the forward's output shape, got ", grad.sizes());
+  if (is_nhwc(x)) return backward_nhwc(grad, x, kernels, with_bias, g);
   const int64_t planes = x.size(0) * x.size(1);
   const at::Tensor gc = grad.contiguous(), xc = x.contiguous(), kc = kernels.contiguous();
   at::Tensor gx = at::empty_like(xc), gk = at::empty_like(kc);

@@ -170,12 +170,22 @@ def _fold(weight, routing, bias, in_scale, out_scale, kernel_scale, groups):
     return kernels, (routing @ bias if bias is not None else None)
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _convolve(chosen, x, kernels, biases, *, stride, padding, dilation, groups):
     batch, cin, h, w = x.shape
     _, cout, per_group, kh, kw = kernels.shape
     if kh == kw == 1 and padding == (0, 0):  # 1x1: a batched GEMM over the B * groups blocks
         xs = x[:, :, :: stride[0], :: stride[1]]
         ho, wo = xs.shape[-2:]
+        if groups == 1 and _channels_last(x):  # (B, HW, Cin) @ (B, Cin, Cout): y channels-last, no copy of x
+            rows = xs.permute(0, 2, 3, 1).reshape(batch, ho * wo, cin)
+            y = torch.bmm(rows, kernels.view(batch, cout, cin).transpose(1, 2))
+            if biases is not None:
+                y = y + biases[:, None, :]
+            return y.view(batch, ho, wo, cout).permute(0, 3, 1, 2)
         cols = xs.reshape(batch * groups, per_group, ho * wo)
         y = torch.bmm(kernels.reshape(batch * groups, cout // groups, per_group), cols).view(batch, cout, ho, wo)
         return y if biases is None else y + biases[:, :, None, None]
@@ -206,7 +216,7 @@ def _depthwise_setup(ctx, inputs, output):
 
 def _depthwise_backward(ctx, backward_op, grad):
     x, kernels = ctx.saved_tensors
-    gx, gk, gb = backward_op(grad.contiguous(), x, kernels, ctx.with_bias, *ctx.geometry)
+    gx, gk, gb = backward_op(grad, x, kernels, ctx.with_bias, *ctx.geometry)  # the kernel takes either layout
     return gx, gk, (gb if ctx.with_bias else None), None, None, None
 
 
@@ -218,12 +228,18 @@ def _fake_depthwise(x, kernels, bias, stride, padding, dilation):
     kh, kw = kernels.shape[2:]
     ho = _out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     wo = _out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    return x.new_empty((x.shape[0], x.shape[1], ho, wo))
+    return torch.empty((x.shape[0], x.shape[1], ho, wo), dtype=x.dtype, device=x.device, memory_format=_layout(x))
+
+
+def _layout(x: torch.Tensor):
+    """The C++ depthwise kernel's output layout: channels-last for a channels-last x."""
+    return torch.channels_last if _channels_last(x) else torch.contiguous_format
 
 
 def _fake_depthwise_backward(grad, x, kernels, with_bias, stride, padding, dilation):
     gb = x.new_empty(x.shape[:2]) if with_bias else x.new_empty((0,))
-    return x.new_empty(x.shape), kernels.new_empty(kernels.shape), gb
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
+    return gx, kernels.new_empty(kernels.shape), gb
 
 
 if has_extension():
