@@ -121,82 +121,24 @@ DK_ISA_DISPATCH(backward_plane)
 
 // ---- channels-last (NHWC) ---------------------------------------------------
 
-// Channel blocks held in registers across the taps: 64 float32 (four AVX-512
-// vectors) or 32 float64 lanes; the tail of C runs the same loop on a partial block.
-template <typename T>
-constexpr int64_t kChannelBlock = 256 / sizeof(T);
-
-// out[0, n) = init[0, n) (or 0) + sum over the valid taps of tap_t[0, n) * src_t[0, n),
-// with src_t = base + offset_t; n <= kChannelBlock<T>.
-template <typename T, int64_t N>
-DK_INLINE void tap_sum(const T* init, const T* const* srcs, const T* const* taps, int64_t count, T* out) {
-  T acc[N];
-  for (int64_t ch = 0; ch < N; ++ch) acc[ch] = init != nullptr ? init[ch] : T(0);
-  for (int64_t t = 0; t < count; ++t) {
-    const T* __restrict__ src = srcs[t];
-    const T* __restrict__ tap = taps[t];
-    for (int64_t ch = 0; ch < N; ++ch) acc[ch] += tap[ch] * src[ch];
-  }
-  for (int64_t ch = 0; ch < N; ++ch) out[ch] = acc[ch];
-}
-
-template <typename T>
-DK_INLINE void tap_sum_tail(const T* init, const T* const* srcs, const T* const* taps, int64_t count, int64_t n,
-                            T* out) {
-  for (int64_t ch = 0; ch < n; ++ch) out[ch] = init != nullptr ? init[ch] : T(0);
-  for (int64_t t = 0; t < count; ++t) {
-    const T* __restrict__ src = srcs[t];
-    const T* __restrict__ tap = taps[t];
-    for (int64_t ch = 0; ch < n; ++ch) out[ch] += tap[ch] * src[ch];
-  }
-}
-
-// One pixel's C channels: the valid taps' (source, kernel) channel vectors, in tap order.
-template <typename T>
-DK_INLINE void pixel_sum(const T* init, const T** srcs, const T** taps, int64_t count, int64_t c, T* out) {
-  constexpr int64_t N = kChannelBlock<T>;
-  int64_t ch = 0;
-  for (; ch + N <= c; ch += N) {
-    tap_sum<T, N>(init ? init + ch : nullptr, srcs, taps, count, out + ch);
-    for (int64_t t = 0; t < count; ++t) srcs[t] += N, taps[t] += N;
-  }
-  if (ch < c) tap_sum_tail<T>(init ? init + ch : nullptr, srcs, taps, count, c - ch, out + ch);
-}
-
-constexpr int64_t kMaxTaps = 49;  // 7x7; larger kernels take the unblocked loop
-
 template <typename T, CpuIsa I>
 DK_INLINE void forward_row_nhwc(const T* x, const T* kt, const T* bias, const Geometry& g, int64_t c, int64_t oy,
                                 T* y) {
-  // x: one sample (H, W, C); kt: its kernels (taps, C); y: output row oy (Wo, C)
-  const T* srcs[kMaxTaps];
-  const T* taps[kMaxTaps];
+  // x: one sample (H, W, C); kt: its kernels (taps, C); y: output row oy (Wo, C). Each
+  // valid tap is one axpy over the pixel's C channels (the output vector stays in L1).
   for (int64_t ox = 0; ox < g.ow; ++ox) {
     T* __restrict__ out = y + ox * c;
-    int64_t count = 0;
+    for (int64_t ch = 0; ch < c; ++ch) out[ch] = bias != nullptr ? bias[ch] : T(0);
     for (int64_t i = 0; i < g.kh; ++i) {
       const int64_t iy = oy * g.sy - g.py + i * g.dy;
       if (iy < 0 || iy >= g.h) continue;
       for (int64_t j = 0; j < g.kw; ++j) {
         const int64_t ix = ox * g.sx - g.px + j * g.dx;
         if (ix < 0 || ix >= g.w) continue;
-        if (g.kh * g.kw <= kMaxTaps) {
-          srcs[count] = x + (iy * g.w + ix) * c;
-          taps[count++] = kt + (i * g.kw + j) * c;
-        } else {
-          if (count++ == 0) {
-            for (int64_t ch = 0; ch < c; ++ch) out[ch] = bias != nullptr ? bias[ch] : T(0);
-          }
-          const T* __restrict__ src = x + (iy * g.w + ix) * c;
-          const T* __restrict__ tap = kt + (i * g.kw + j) * c;
-          for (int64_t ch = 0; ch < c; ++ch) out[ch] += tap[ch] * src[ch];
-        }
+        const T* __restrict__ src = x + (iy * g.w + ix) * c;
+        const T* __restrict__ tap = kt + (i * g.kw + j) * c;
+        for (int64_t ch = 0; ch < c; ++ch) out[ch] += tap[ch] * src[ch];
       }
-    }
-    if (g.kh * g.kw <= kMaxTaps) {
-      pixel_sum<T>(bias, srcs, taps, count, c, out);
-    } else if (count == 0) {
-      for (int64_t ch = 0; ch < c; ++ch) out[ch] = bias != nullptr ? bias[ch] : T(0);
     }
   }
 }
@@ -211,35 +153,20 @@ inline int64_t source_index(int64_t n_in, int64_t t, int64_t s, int64_t p, int64
 
 template <typename T, CpuIsa I>
 DK_INLINE void grad_input_row_nhwc(const T* gy, const T* kt, const Geometry& g, int64_t c, int64_t iy, T* gx) {
-  // gy: one sample (Ho, Wo, C); gx: input row iy (W, C)
-  const T* srcs[kMaxTaps];
-  const T* taps[kMaxTaps];
+  // gy: one sample (Ho, Wo, C); gx: input row iy (W, C); the same axpys as the forward
   for (int64_t ix = 0; ix < g.w; ++ix) {
     T* __restrict__ out = gx + ix * c;
-    int64_t count = 0;
-    bool started = false;
+    for (int64_t ch = 0; ch < c; ++ch) out[ch] = T(0);
     for (int64_t i = 0; i < g.kh; ++i) {
       const int64_t oy = source_index(iy, i, g.sy, g.py, g.dy, g.oh);
       if (oy < 0) continue;
       for (int64_t j = 0; j < g.kw; ++j) {
         const int64_t ox = source_index(ix, j, g.sx, g.px, g.dx, g.ow);
         if (ox < 0) continue;
-        if (g.kh * g.kw <= kMaxTaps) {
-          srcs[count] = gy + (oy * g.ow + ox) * c;
-          taps[count++] = kt + (i * g.kw + j) * c;
-        } else {
-          if (!started) std::fill(out, out + c, T(0));
-          started = true;
-          const T* __restrict__ src = gy + (oy * g.ow + ox) * c;
-          const T* __restrict__ tap = kt + (i * g.kw + j) * c;
-          for (int64_t ch = 0; ch < c; ++ch) out[ch] += tap[ch] * src[ch];
-        }
+        const T* __restrict__ src = gy + (oy * g.ow + ox) * c;
+        const T* __restrict__ tap = kt + (i * g.kw + j) * c;
+        for (int64_t ch = 0; ch < c; ++ch) out[ch] += tap[ch] * src[ch];
       }
-    }
-    if (g.kh * g.kw <= kMaxTaps) {
-      pixel_sum<T>(nullptr, srcs, taps, count, c, out);
-    } else if (!started) {
-      std::fill(out, out + c, T(0));
     }
   }
 }
