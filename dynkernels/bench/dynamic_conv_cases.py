@@ -18,10 +18,12 @@ from .base import Impl as _impl
 
 FAMILY = "dynamic_conv"
 
-# (label, B, Cin, Cout, k, stride, groups, H, K)
+# (label, B, Cin, Cout, k, stride, groups, H, K); "channels-last" in a label runs every
+# implementation (the static conv included) on a channels-last x
 DEFAULT = (
     ("MobileNetV2 1x1 expand 24->144 @56", 8, 24, 144, 1, 1, 1, 56, 4),
     ("MobileNetV2 depthwise 3x3 144 @56", 8, 144, 144, 3, 1, 144, 56, 4),
+    ("MobileNetV2 depthwise 3x3 144 @56 channels-last", 8, 144, 144, 3, 1, 144, 56, 4),
     ("ResNet-50 3x3 64->64 @56", 8, 64, 64, 3, 1, 1, 56, 4),
 )
 QUICK = (("1x1 16->32 @14", 2, 16, 32, 1, 1, 1, 14, 4), ("depthwise 3x3 32 @14", 2, 32, 32, 3, 1, 32, 14, 4))
@@ -30,12 +32,17 @@ FULL = DEFAULT + (
     ("ResNet-50 3x3 64->64 @56 K=8", 8, 64, 64, 3, 1, 1, 56, 8),
     ("ResNet-50 3x3 128->128 @28 B=32", 32, 128, 128, 3, 1, 1, 28, 4),
     ("MobileNetV2 depthwise 3x3 144 @56 B=32", 32, 144, 144, 3, 1, 144, 56, 4),
+    ("MobileNetV2 depthwise 3x3 144 @56 B=32 channels-last", 32, 144, 144, 3, 1, 144, 56, 4),
+    ("MobileNetV2 1x1 expand 24->144 @56 channels-last", 8, 24, 144, 1, 1, 1, 56, 4),
 )
 
 
-def conv_setup(batch, cin, cout, k, stride, groups, size, experts, odconv: bool, backward: bool, device: str):
+def conv_setup(
+    batch, cin, cout, k, stride, groups, size, experts, odconv: bool, backward: bool, device: str, channels_last=False
+):
     g = torch.Generator().manual_seed(batch * 1000 + cin + cout + k)
-    x = torch.randn(batch, cin, size, size, generator=g).to(device).requires_grad_(backward)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, cin, size, size, generator=g).to(device, memory_format=fmt).requires_grad_(backward)
     weight = (0.1 * torch.randn(experts, cout, cin // groups, k, k, generator=g)).to(device).requires_grad_(backward)
     routing = torch.rand(batch, experts, generator=g).to(device).requires_grad_(backward)
     static = (0.1 * torch.randn(cout, cin // groups, k, k, generator=g)).to(device).requires_grad_(backward)
@@ -93,10 +100,20 @@ def cases(size: str, device: str) -> list:
                         FAMILY,
                         f"dynamic_conv2d {op}",
                         f"{label} B={b} K={experts}",
-                        lambda a=(b, cin, cout, k, stride, groups, hw, experts, odconv, backward): conv_setup(
-                            *a, device
+                        lambda a=(b, cin, cout, k, stride, groups, hw, experts, odconv, backward, label): conv_setup(
+                            *a[:-1], device, "channels-last" in a[-1]
                         ),
-                        dict(B=b, Cin=cin, Cout=cout, k=k, stride=stride, groups=groups, H=hw, K=experts),
+                        dict(
+                            B=b,
+                            Cin=cin,
+                            Cout=cout,
+                            k=k,
+                            stride=stride,
+                            groups=groups,
+                            H=hw,
+                            K=experts,
+                            layout="NHWC" if "channels-last" in label else "NCHW",
+                        ),
                         (
                             "dynkernels",
                             "reference (per-sample loop)",
