@@ -226,6 +226,8 @@ def test_triton_ops_pass_opcheck():
     scales = [torch.rand(*shape, generator=g, dtype=torch.float64) for shape in ((2, 4), (2, 6), (2, 3, 3))]
     forward = torch.ops.dynkernels.dynamic_conv2d_triton.default
     torch.library.opcheck(forward, (x, weight, routing, bias, *scales, [2, 1], [1, 1], [1, 2], 2))
+    channels_last = x.to(memory_format=torch.channels_last)  # the fake kernel keeps y's layout
+    torch.library.opcheck(forward, (channels_last, weight, routing, bias, *scales, [1, 1], [1, 1], [1, 1], 2))
     torch.library.opcheck(
         forward, (x.float(), weight.float(), routing.float(), None, None, None, None, [1, 1], [0, 0], [1, 1], 2)
     )

@@ -50,6 +50,18 @@ def _dot(a, b, COMPUTE: tl.constexpr, OPERAND: tl.constexpr):
 
 
 @triton.jit
+def _input_tile(x_ptr, b, first, c, tap, oh, ow, pix_ok, r_ok, H, W, sxb, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW,
+                KW: tl.constexpr, COMPUTE: tl.constexpr):  # fmt: skip
+    """The implicit im2col tile X[p, r]: rows the output pixels (oh, ow),
+    columns the reduction indices (channel first + c, tap), zero off the input."""
+    ih = oh[:, None] * SH - PH + (tap // KW)[None, :] * DH
+    iw = ow[:, None] * SW - PW + (tap % KW)[None, :] * DW
+    ok = pix_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    x_off = b * sxb + (first + c)[None, :] * sxc + ih * sxh + iw * sxw
+    return tl.load(x_ptr + x_off, mask=ok, other=0.0).to(COMPUTE)
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, pi_ptr, bias_ptr, cs_ptr, fs_ptr, ks_ptr, y_ptr,
     H, W, HO, WO, CG, COG, GROUPS, EXPERTS,
@@ -76,11 +88,31 @@ def _forward_kernel(
         r = r0 + tl.arange(0, BLOCK_K)
         r_ok = r < red
         c, tap = r // taps, r % taps
-        ih = oh[:, None] * SH - PH + (tap // KW)[None, :] * DH
-        iw = ow[:, None] * SW - PW + (tap % KW)[None, :] * DW
-        ok = pix_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_off = b * sxb + (grp * CG + c)[None, :] * sxc + ih * sxh + iw * sxw
-        xt = tl.load(x_ptr + x_off, mask=ok, other=0.0).to(COMPUTE)
+        xt = _input_tile(
+            x_ptr,
+            b,
+            grp * CG,
+            c,
+            tap,
+            oh,
+            ow,
+            pix_ok,
+            r_ok,
+            H,
+            W,
+            sxb,
+            sxc,
+            sxh,
+            sxw,
+            SH,
+            SW,
+            PH,
+            PW,
+            DH,
+            DW,
+            KW,
+            COMPUTE,
+        )
         w_ok = r_ok[:, None] & fil_ok[None, :]
         wt = _mixed_tile(w_ptr, pi_ptr, b, EXPERTS, cout * red, co[None, :] * red + r[:, None], w_ok, COMPUTE)
         if HAS_KS:
@@ -172,11 +204,31 @@ def _grad_kernel_kernel(
         oh, ow = pix // WO, pix % WO
         g_off = b * sgb + co[:, None] * sgc + oh[None, :] * sgh + ow[None, :] * sgw
         gt = tl.load(g_ptr + g_off, mask=fil_ok[:, None] & pix_ok[None, :], other=0.0).to(COMPUTE)
-        ih = oh[:, None] * SH - PH + (tap // KW)[None, :] * DH
-        iw = ow[:, None] * SW - PW + (tap % KW)[None, :] * DW
-        ok = pix_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_off = b * sxb + (grp * CG + c)[None, :] * sxc + ih * sxh + iw * sxw
-        xt = tl.load(x_ptr + x_off, mask=ok, other=0.0).to(COMPUTE)
+        xt = _input_tile(
+            x_ptr,
+            b,
+            grp * CG,
+            c,
+            tap,
+            oh,
+            ow,
+            pix_ok,
+            r_ok,
+            H,
+            W,
+            sxb,
+            sxc,
+            sxh,
+            sxw,
+            SH,
+            SW,
+            PH,
+            PW,
+            DH,
+            DW,
+            KW,
+            COMPUTE,
+        )
         acc += _dot(gt, xt, COMPUTE, OPERAND)
     gk_off = (b * COG * GROUPS + co[:, None]) * red + r[None, :]
     tl.store(gk_ptr + gk_off, acc.to(gk_ptr.dtype.element_ty), mask=fil_ok[:, None] & r_ok[None, :])

@@ -224,11 +224,15 @@ def _out_size(size, k, stride, padding, dilation):
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
-def _fake_depthwise(x, kernels, bias, stride, padding, dilation):
-    kh, kw = kernels.shape[2:]
+def _fake_output(x, channels, kh, kw, stride, padding, dilation):
+    """The (B, channels, Ho, Wo) output the kernels write: channels-last for a channels-last x."""
     ho = _out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     wo = _out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    return torch.empty((x.shape[0], x.shape[1], ho, wo), dtype=x.dtype, device=x.device, memory_format=_layout(x))
+    return torch.empty((x.shape[0], channels, ho, wo), dtype=x.dtype, device=x.device, memory_format=_layout(x))
+
+
+def _fake_depthwise(x, kernels, bias, stride, padding, dilation):
+    return _fake_output(x, x.shape[1], *kernels.shape[2:], stride, padding, dilation)
 
 
 def _layout(x: torch.Tensor):
@@ -294,10 +298,7 @@ def _triton_backward(
 
 
 def _fake_triton(x, weight, routing, bias, in_scale, out_scale, kernel_scale, stride, padding, dilation, groups):
-    kh, kw = weight.shape[3:]
-    ho = _out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    wo = _out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    return x.new_empty((x.shape[0], weight.shape[1], ho, wo))
+    return _fake_output(x, weight.shape[1], *weight.shape[3:], stride, padding, dilation)
 
 
 def _fake_triton_backward(
