@@ -78,6 +78,13 @@ TORCH_LIBRARY(dynkernels, m) {
   // -> (grad_x, grad_kernels, grad_bias (empty without bias))
   m.def("per_sample_depthwise_conv2d_backward(Tensor grad, Tensor x, Tensor kernels, bool with_bias, int[2] stride, "
         "int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor)");
+  // x (B, Cin, H, W), kernels (B, Cout, Cin / groups, kh, kw): every sample its own grouped conv;
+  // bias (B, Cout) or None -> (B, Cout, Ho, Wo), channels-last for a channels-last x.
+  m.def("per_sample_conv2d(Tensor x, Tensor kernels, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups) -> Tensor");
+  // -> (grad_x, grad_kernels, grad_bias (empty without bias))
+  m.def("per_sample_conv2d_backward(Tensor grad, Tensor x, Tensor kernels, bool with_bias, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)");
   // ---- ISDA ----
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.

@@ -259,6 +259,52 @@ def test_cpp_depthwise_kernel_opcheck_and_thread_independence():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_cpp_general_kernel_over_row_blocks_opcheck_and_thread_independence(layout):
+    """per_sample_conv2d (im2col + GEMM by output-row blocks of 2^18 elements):
+    Cin/g = 32 at 3x3 is a depth of 288, so 64 output columns make 14-row
+    blocks and 40 rows three blocks, the last one short. float64 values and
+    every gradient equal F.conv2d run per sample; opcheck; bitwise the same
+    at 1 and 2 threads."""
+    if not any(c.values[1] == "cpp" for c in OP_CASES):
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(31)
+    op = torch.ops.dynkernels.per_sample_conv2d
+    x = torch.randn(2, 64, 40, 64, generator=g, dtype=torch.float64).to(memory_format=layout)
+    kernels = torch.randn(2, 10, 32, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(2, 10, generator=g, dtype=torch.float64)
+    geometry = ([1, 1], [1, 1], [1, 1], 2)
+    leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, kernels, bias)]
+    y = op(*leaves, *geometry)
+    assert y.is_contiguous(memory_format=layout)
+    truth = torch.cat([F.conv2d(x[b : b + 1], kernels[b], bias[b], 1, 1, 1, 2) for b in range(2)])
+    torch.testing.assert_close(y, truth, rtol=1e-12, atol=1e-12)
+    gy = torch.randn(truth.shape, generator=g, dtype=torch.float64)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (x, kernels, bias)]
+    ref = torch.cat(
+        [F.conv2d(ref_leaves[0][b : b + 1], ref_leaves[1][b], ref_leaves[2][b], 1, 1, 1, 2) for b in range(2)]
+    )
+    for got, want in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, ref_leaves, gy), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    small = torch.randn(2, 4, 7, 6, generator=g).to(memory_format=layout)
+    small_kernels, small_bias = torch.randn(2, 6, 2, 3, 2, generator=g), torch.randn(2, 6, generator=g)
+    torch.library.opcheck(op.default, (small, small_kernels, small_bias, [2, 1], [1, 2], [1, 2], 2))
+    torch.library.opcheck(op.default, (small.double(), small_kernels.double(), None, [1, 1], [0, 0], [1, 1], 2))
+    runs, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            xs, ks, bs = (
+                t.float().clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, kernels, bias)
+            )
+            out = op(xs, ks, bs, *geometry)
+            runs.append((out, *torch.autograd.grad(out.square().sum(), (xs, ks, bs))))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_op_compiles_fullgraph_and_handles_batches_of_one_and_none():
     g = torch.Generator().manual_seed(9)
     x, weight, routing, bias = _inputs(1, 4, 6, 3, 1, 4, 7, 7, g)

@@ -27,24 +27,16 @@
 
 #include "common/checks.h"
 #include "common/cpu_isa.h"
+#include "dynamic_conv/geometry.h"
 
 namespace {
 
 using dynkernels::CpuIsa;
+using dynkernels::dynamic_conv::Geometry;
+using dynkernels::dynamic_conv::is_nhwc;
+using dynkernels::dynamic_conv::valid_columns;
 
 constexpr int64_t kLanes = 8;  // partial sums of the backward's dot products
-
-struct Geometry {
-  int64_t h, w, kh, kw, sy, sx, py, px, dy, dx, oh, ow;
-};
-
-// The output columns [lo, hi) whose tap column ox*s - p + j*d lies in [0, w).
-inline void valid_columns(const Geometry& g, int64_t j, int64_t& lo, int64_t& hi) {
-  const int64_t off = j * g.dx - g.px;  // input column = ox * sx + off
-  lo = off >= 0 ? 0 : (-off + g.sx - 1) / g.sx;
-  hi = g.w - off <= 0 ? 0 : std::min(g.ow, (g.w - off - 1) / g.sx + 1);
-  if (hi < lo) hi = lo;
-}
 
 template <typename T, CpuIsa I>
 DK_INLINE void forward_plane(const T* x, const T* k, T bias, const Geometry& g, T* y) {
@@ -199,10 +191,6 @@ DK_INLINE void grad_kernel_rows_nhwc(const T* gy, const T* x, const Geometry& g,
 }
 DK_ISA_DISPATCH(grad_kernel_rows_nhwc)
 
-bool is_nhwc(const at::Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-}
-
 // (B, C, kh, kw) -> (B, kh*kw, C), contiguous
 at::Tensor taps_by_channel(const at::Tensor& kernels) {
   return kernels.flatten(2).transpose(1, 2).contiguous();
@@ -289,17 +277,7 @@ Geometry check_args(const at::Tensor& x, const at::Tensor& kernels, at::IntArray
   TORCH_CHECK(kernels.size(0) == x.size(0) && kernels.size(1) == x.size(1),
               "kernels must be (B, C, kh, kw) with (B, C) of x, got ", kernels.sizes(), " for x ", x.sizes());
   TORCH_CHECK(x.scalar_type() == kernels.scalar_type(), "x and kernels must share a dtype");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "float32 or float64");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "stride, padding, dilation: pairs");
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
-                  padding[1] >= 0,
-              "stride and dilation must be >= 1, padding >= 0");
-  Geometry g{x.size(2), x.size(3), kernels.size(2), kernels.size(3), stride[0], stride[1], padding[0], padding[1],
-             dilation[0], dilation[1], 0, 0};
-  g.oh = (g.h + 2 * g.py - g.dy * (g.kh - 1) - 1) / g.sy + 1;
-  g.ow = (g.w + 2 * g.px - g.dx * (g.kw - 1) - 1) / g.sx + 1;
-  TORCH_CHECK(g.oh >= 1 && g.ow >= 1, "the kernel does not fit the padded input: output ", g.oh, " x ", g.ow);
-  return g;
+  return dynkernels::dynamic_conv::make_geometry(x, kernels.size(2), kernels.size(3), stride, padding, dilation);
 }
 
 at::Tensor per_sample_depthwise_cpu(const at::Tensor& x, const at::Tensor& kernels,

@@ -13,7 +13,8 @@ from typing import Any
 
 @dataclass
 class Impl:
-    """One way to compute a case. kind: "kernel", "reference" or "anchor".
+    """One way to compute a case. kind: "kernel" (what dynkernels runs by default),
+    "variant" (another dynkernels backend), "reference" or "anchor".
     `agrees` says whether its output matched dynkernels (None: not comparable)."""
 
     name: str

@@ -17,6 +17,7 @@ from .base import Case as _case
 from .base import Impl as _impl
 
 FAMILY = "dynamic_conv"
+IM2COL = "dynkernels backend='cpp' (C++ im2col + GEMM)"
 
 # (label, B, Cin, Cout, k, stride, groups, H, K); "channels-last" in a label runs every
 # implementation (the static conv included) on a channels-last x
@@ -25,12 +26,15 @@ DEFAULT = (
     ("MobileNetV2 depthwise 3x3 144 @56", 8, 144, 144, 3, 1, 144, 56, 4),
     ("MobileNetV2 depthwise 3x3 144 @56 channels-last", 8, 144, 144, 3, 1, 144, 56, 4),
     ("ResNet-50 3x3 64->64 @56", 8, 64, 64, 3, 1, 1, 56, 4),
+    ("ResNet-50 3x3 64->64 @56 channels-last", 8, 64, 64, 3, 1, 1, 56, 4),
 )
 QUICK = (("1x1 16->32 @14", 2, 16, 32, 1, 1, 1, 14, 4), ("depthwise 3x3 32 @14", 2, 32, 32, 3, 1, 32, 14, 4))
 FULL = DEFAULT + (
     ("MobileNetV2 1x1 project 144->24 @56", 8, 144, 24, 1, 1, 1, 56, 4),
     ("ResNet-50 3x3 64->64 @56 K=8", 8, 64, 64, 3, 1, 1, 56, 8),
     ("ResNet-50 3x3 128->128 @28 B=32", 32, 128, 128, 3, 1, 1, 28, 4),
+    ("ResNet-50 3x3 256->256 @14", 8, 256, 256, 3, 1, 1, 14, 4),
+    ("ResNet-50 3x3 256->256 @14 channels-last", 8, 256, 256, 3, 1, 1, 14, 4),
     ("MobileNetV2 depthwise 3x3 144 @56 B=32", 32, 144, 144, 3, 1, 144, 56, 4),
     ("MobileNetV2 depthwise 3x3 144 @56 B=32 channels-last", 32, 144, 144, 3, 1, 144, 56, 4),
     ("MobileNetV2 1x1 expand 24->144 @56 channels-last", 8, 24, 144, 1, 1, 1, 56, 4),
@@ -76,8 +80,19 @@ def conv_setup(
     if not torch.allclose(a, b, rtol=1e-4, atol=1e-4):
         raise AssertionError("dynamic_conv2d disagrees with the reference; refusing to time a wrong kernel")
     name = "official ODConv" if odconv else "timm CondConv2d (groups=B)"
+    variant = []
+    if device == "cpu" and k > 1 and not groups == cin == cout:  # general kxk: the C++ im2col kernel
+        im2col = run(lambda: ops.dynamic_conv2d(x, weight, routing, **geometry, **scales, backend="cpp"))
+        with torch.no_grad():
+            same = torch.allclose(
+                ops.dynamic_conv2d(x, weight, routing, **geometry, **scales, backend="cpp"), b, 1e-4, 1e-4
+            )
+        if not same:
+            raise AssertionError("dynamic_conv2d(backend='cpp') disagrees with the reference")
+        variant = [_impl(IM2COL, im2col, "variant", True, "per_sample_conv2d", measure_memory=True)]
     return [
         _impl("dynkernels", ours, "kernel", measure_memory=True),
+        *variant,
         _impl("reference (per-sample loop)", loop, "reference", measure_memory=True),
         _impl(name, official, "anchor", True, measure_memory=True),
         _impl("static nn.Conv2d (floor)", static_call, "anchor", None, "same shape, one kernel", measure_memory=True),
@@ -116,6 +131,7 @@ def cases(size: str, device: str) -> list:
                         ),
                         (
                             "dynkernels",
+                            *((IM2COL,) if device == "cpu" and k > 1 and groups != cin else ()),
                             "reference (per-sample loop)",
                             "official ODConv" if odconv else "timm CondConv2d (groups=B)",
                             "static nn.Conv2d (floor)",

@@ -278,7 +278,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     for r in rows:
         groups.setdefault((r["op"], r["size"]), []).append(r)
     fig, axes = plt.subplots(len(groups), 1, figsize=(10, 1.2 + 0.45 * len(rows)), squeeze=False)
-    colors = {"kernel": "#2a7ab0", "reference": "#999999", "anchor": "#e0892b"}
+    colors = {"kernel": "#2a7ab0", "variant": "#7fb3d5", "reference": "#999999", "anchor": "#e0892b"}
     for ax, ((op, size), rs) in zip(axes[:, 0], groups.items(), strict=True):
         names = [r["impl"] for r in rs]
         ms = [r["median_s"] * 1e3 for r in rs]

@@ -22,11 +22,19 @@ Then, by layer:
   ``per_sample_depthwise_conv2d`` (csrc/dynamic_conv/depthwise_cpu.cpp), a
   direct convolution with one kernel per (sample, channel) plane, forward
   and backward, deterministic; "composite" the grouped conv below.
-* any other kxk: one grouped convolution with groups = B * groups (the
-  public code's trick, on the folded kernels) on both; the C++ implicit
-  GEMM and the Triton kernel are to come (issue 13).
+* any other kxk: backend="cpp" runs ``per_sample_conv2d``
+  (csrc/dynamic_conv/per_sample_conv_cpu.cpp), a blocked im2col + GEMM per
+  (sample, group) -- output-row blocks sized to stay in L2, one BLAS GEMM
+  each, channels-first or channels-last --, forward and backward,
+  deterministic, 0.6-0.7x the peak memory of the grouped conv; auto on CPU
+  and "composite" run one grouped convolution with groups = B * groups (the
+  public code's trick, on the folded kernels), because oneDNN's direct
+  convolution measured 1.05-1.5x faster than single-threaded BLAS GEMMs on
+  im2col blocks at these layers (docs/dynamic_conv.md).
+* "triton" (auto on CUDA) instead mixes the experts inside an implicit-GEMM
+  kernel (triton_kernels/dynamic_conv.py): no folded kernels in memory.
 
-Backends: "cpp" (auto on CPU; float32/float64 -- the C++ depthwise kernel),
+Backends: "cpp" (auto on CPU; float32/float64 -- the C++ kernels above),
 "composite" (PyTorch ops; any dtype and device) and "reference" (the
 per-sample formula, :func:`dynkernels.reference.dynamic_conv2d`). Autograd
 gives every gradient (x, weight, routing, bias and each scale); the ones
@@ -114,7 +122,8 @@ def dynamic_conv2d(
     """A per-sample mixture of K expert convolutions (see the module
     docstring). stride, padding, dilation: ints or pairs, as F.conv2d;
     groups divides Cin and Cout. Returns (B, Cout, Ho, Wo).
-    backend: None (auto: "composite") or "reference"."""
+    backend: None (auto: "triton" on CUDA, "cpp" on CPU), "cpp", "triton",
+    "composite" or "reference"."""
     groups = check_int("groups", groups, 1)
     stride, padding, dilation = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
     _check(x, weight, routing, bias, groups, in_scale, out_scale, kernel_scale)
@@ -133,7 +142,9 @@ def dynamic_conv2d(
             raise ValueError(f"dynamic_conv2d(backend='cpp') takes float32 or float64, got {x.dtype}")
         chosen = "composite"
     kernels, biases = _fold(weight, routing, bias, in_scale, out_scale, kernel_scale, groups)
-    return _convolve(chosen, x, kernels, biases, **geometry)
+    # general kxk layers: the C++ im2col kernel when "cpp" is asked for by name; auto takes
+    # oneDNN's grouped conv on the folded kernels, measured faster on CPU (docs/dynamic_conv.md)
+    return _convolve(chosen, x, kernels, biases, im2col=backend == "cpp", **geometry)
 
 
 def _scales(in_scale, out_scale, kernel_scale, groups, cout, per_group):
@@ -174,7 +185,7 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def _convolve(chosen, x, kernels, biases, *, stride, padding, dilation, groups):
+def _convolve(chosen, x, kernels, biases, *, im2col, stride, padding, dilation, groups):
     batch, cin, h, w = x.shape
     _, cout, per_group, kh, kw = kernels.shape
     if kh == kw == 1 and padding == (0, 0):  # 1x1: a batched GEMM over the B * groups blocks
@@ -193,6 +204,8 @@ def _convolve(chosen, x, kernels, biases, *, stride, padding, dilation, groups):
         return torch.ops.dynkernels.per_sample_depthwise_conv2d(
             x, kernels.view(batch, cout, kh, kw), biases, stride, padding, dilation
         )
+    if chosen == "cpp" and im2col:
+        return torch.ops.dynkernels.per_sample_conv2d(x, kernels, biases, stride, padding, dilation, groups)
     y = F.conv2d(
         x.reshape(1, batch * cin, h, w),
         kernels.reshape(batch * cout, per_group, kh, kw),
@@ -208,16 +221,16 @@ def _convolve(chosen, x, kernels, biases, *, stride, padding, dilation, groups):
 # ---- torch.library registrations: fake kernels and autograd ----------------
 
 
-def _depthwise_setup(ctx, inputs, output):
-    x, kernels, bias, stride, padding, dilation = inputs
+def _per_sample_setup(ctx, inputs, output):
+    x, kernels, bias, *geometry = inputs  # stride, padding, dilation (and groups for the general op)
     ctx.save_for_backward(x, kernels)
-    ctx.with_bias, ctx.geometry = bias is not None, (stride, padding, dilation)
+    ctx.with_bias, ctx.geometry = bias is not None, geometry
 
 
-def _depthwise_backward(ctx, backward_op, grad):
+def _per_sample_backward(ctx, backward_op, grad):
     x, kernels = ctx.saved_tensors
-    gx, gk, gb = backward_op(grad, x, kernels, ctx.with_bias, *ctx.geometry)  # the kernel takes either layout
-    return gx, gk, (gb if ctx.with_bias else None), None, None, None
+    gx, gk, gb = backward_op(grad, x, kernels, ctx.with_bias, *ctx.geometry)  # the kernels take either layout
+    return gx, gk, (gb if ctx.with_bias else None), *(None for _ in ctx.geometry)
 
 
 def _out_size(size, k, stride, padding, dilation):
@@ -240,20 +253,25 @@ def _layout(x: torch.Tensor):
     return torch.channels_last if _channels_last(x) else torch.contiguous_format
 
 
-def _fake_depthwise_backward(grad, x, kernels, with_bias, stride, padding, dilation):
-    gb = x.new_empty(x.shape[:2]) if with_bias else x.new_empty((0,))
+def _fake_per_sample(x, kernels, bias, stride, padding, dilation, groups):
+    return _fake_output(x, kernels.shape[1], *kernels.shape[3:], stride, padding, dilation)
+
+
+def _fake_per_sample_backward(grad, x, kernels, with_bias, *geometry):
+    gb = x.new_empty((x.shape[0], kernels.shape[1])) if with_bias else x.new_empty((0,))
     gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
     return gx, kernels.new_empty(kernels.shape), gb
 
 
 if has_extension():
-    register_kernel_pairs(
-        [("dynkernels::per_sample_depthwise_conv2d", "dynkernels::per_sample_depthwise_conv2d_backward")],
-        fake=_fake_depthwise,
-        fake_backward=_fake_depthwise_backward,
-        setup_context=_depthwise_setup,
-        backward=_depthwise_backward,
-    )
+    for name, fake in (("per_sample_depthwise_conv2d", _fake_depthwise), ("per_sample_conv2d", _fake_per_sample)):
+        register_kernel_pairs(
+            [(f"dynkernels::{name}", f"dynkernels::{name}_backward")],
+            fake=fake,
+            fake_backward=_fake_per_sample_backward,
+            setup_context=_per_sample_setup,
+            backward=_per_sample_backward,
+        )
 
 
 # ---- the Triton backend: opaque custom ops (see ops/pointops.py) -------------
