@@ -3,9 +3,11 @@
 // convolution's depthwise layer once its experts are mixed per sample (see
 // dynkernels/ops/dynamic_conv.py). Direct convolution, one plane at a time:
 //   y[b, c, oy, ox] = bias[b, c] + sum_{i, j} k[b, c, i, j] x[b, c, oy*s - p + i*d, ox*s - p + j*d]
-// (zero outside the plane). For each output row and tap the valid ox form
-// one contiguous range, so the inner loop is an axpy over the row
-// (vectorised for stride 1; strided loads otherwise).
+// (zero outside the plane). Column stride 1: the plane is copied into a
+// zero-bordered buffer and each chunk of output columns sums all its taps in
+// registers (forward_plane_padded). Otherwise, for each output row and tap
+// the valid ox form one contiguous range and the inner loop is an axpy over
+// the row with strided loads (forward_plane).
 // Backward, per plane as well: dx by the same loops scattering into the
 // plane's input (one thread owns a plane: no races, a fixed order), dk as one
 // dot product per tap, dbias as the plane's sum. Deterministic.
@@ -63,6 +65,62 @@ DK_INLINE void forward_plane(const T* x, const T* k, T bias, const Geometry& g, 
   }
 }
 DK_ISA_DISPATCH(forward_plane)
+
+// Stride 1: the plane copied once into a zero-bordered buffer (pitch w + 2 px + V, in
+// L1/L2), so that every output chunk of V columns sums all kh*kw taps in registers
+// (kh*kw loads and one store per chunk, no bounds checks) instead of kh*kw passes of
+// loads and stores over the output row. Taps in (i, j) order from the bias, as above;
+// the border's zeros add exact zeros. The last chunk of a row ends at Wo, overlapping
+// the one before it (the overlap is recomputed to the same values), so every store is
+// a full chunk; V is the widest of 2, 1 and 1/2 vectors that fits in Wo.
+template <typename T, CpuIsa I>
+constexpr int64_t chunk_lanes() {
+  return (I == CpuIsa::kAvx512 ? 64 : 32) / int64_t(sizeof(T)) * 2;  // two vectors of accumulators
+}
+
+template <typename T, int64_t V>
+DK_INLINE void padded_rows(const T* pad, int64_t pitch, const T* k, T bias, const Geometry& g, T* y) {
+  for (int64_t oy = 0; oy < g.oh; ++oy) {
+    T* out = y + oy * g.ow;
+    for (int64_t c = 0; c < g.ow; c += V) {
+      const int64_t ox0 = std::min(c, g.ow - V);
+      T acc[V];
+      for (int64_t l = 0; l < V; ++l) acc[l] = bias;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const T* row = pad + (oy * g.sy + i * g.dy) * pitch + ox0;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const T tap = k[i * g.kw + j];
+          const T* __restrict__ src = row + j * g.dx;
+          for (int64_t l = 0; l < V; ++l) acc[l] += tap * src[l];
+        }
+      }
+      for (int64_t l = 0; l < V; ++l) out[ox0 + l] = acc[l];
+    }
+  }
+}
+
+template <typename T, CpuIsa I>
+DK_INLINE void forward_plane_padded(const T* x, const T* k, T bias, const Geometry& g, T* pad, T* y) {
+  constexpr int64_t V = chunk_lanes<T, I>();
+  const int64_t pitch = g.w + 2 * g.px + V, rows = g.h + 2 * g.py;
+  std::fill(pad, pad + rows * pitch, T(0));
+  for (int64_t iy = 0; iy < g.h; ++iy) std::copy(x + iy * g.w, x + (iy + 1) * g.w, pad + (iy + g.py) * pitch + g.px);
+  if (g.ow >= V) {
+    padded_rows<T, V>(pad, pitch, k, bias, g, y);
+  } else if (g.ow >= V / 2) {
+    padded_rows<T, V / 2>(pad, pitch, k, bias, g, y);
+  } else if (g.ow >= V / 4) {
+    padded_rows<T, V / 4>(pad, pitch, k, bias, g, y);
+  } else {
+    padded_rows<T, 1>(pad, pitch, k, bias, g, y);
+  }
+}
+DK_ISA_DISPATCH(forward_plane_padded)
+
+// The padded buffer's size for forward_plane_padded at the widest ISA.
+inline int64_t padded_plane_size(const Geometry& g) {
+  return (g.h + 2 * g.py) * (g.w + 2 * g.px + chunk_lanes<float, CpuIsa::kAvx512>());
+}
 
 template <typename T, CpuIsa I>
 DK_INLINE void backward_plane(const T* gy, const T* x, const T* k, const Geometry& g, T* gx, T* gk, T* gb) {
@@ -299,9 +357,16 @@ at::Tensor per_sample_depthwise_cpu(const at::Tensor& x, const at::Tensor& kerne
     const scalar_t* bp = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> pad(g.sx == 1 ? padded_plane_size(g) : 0);
       for (int64_t p = begin; p < end; ++p) {
-        forward_plane_isa<scalar_t>(xp + p * g.h * g.w, kp + p * g.kh * g.kw, bp ? bp[p] : scalar_t(0), g,
-                                    yp + p * g.oh * g.ow);
+        const scalar_t* xs = xp + p * g.h * g.w;
+        const scalar_t* ks = kp + p * g.kh * g.kw;
+        const scalar_t bias = bp ? bp[p] : scalar_t(0);
+        if (g.sx == 1) {
+          forward_plane_padded_isa<scalar_t>(xs, ks, bias, g, pad.data(), yp + p * g.oh * g.ow);
+        } else {
+          forward_plane_isa<scalar_t>(xs, ks, bias, g, yp + p * g.oh * g.ow);
+        }
       }
     });
   });

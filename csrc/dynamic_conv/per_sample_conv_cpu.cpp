@@ -6,9 +6,9 @@
 //
 // Blocked im2col + GEMM. One task per (sample, group), at::parallel_for over
 // the B * groups tasks; each walks its output rows in blocks whose size is
-// set by the shape alone (an im2col block of about 2^17 elements: 512 KiB in
-// float32, so it stays in the core's L2 between being written and being read
-// by the GEMM) and runs one single-threaded BLAS GEMM per block into y (the
+// set by the shape alone (an im2col block of about 2^18 elements: 1 MiB in
+// float32, so it stays in the core's 2 MiB L2 between being written and being
+// read by the GEMM) and runs one single-threaded BLAS GEMM per block into y (the
 // full (Cin/g*kh*kw, Ho*Wo) im2col matrix is never built). Channels-first x:
 // col is (Cin/g*kh*kw, P) and y_block = K_b (Cout/g, depth) col. Channels-last
 // x: col is (P, kh*kw*Cin/g) -- each tap one contiguous channel vector --,
@@ -18,7 +18,8 @@
 // block after block (a fixed order), dx by col2im of K_b^T dy_block into the
 // task's own channels (no races), dbias as each filter's sum of dy.
 // Deterministic: no reduction crosses tasks, and the blocks are the same
-// whatever the thread count.
+// whatever the thread count, so a run repeats bit for bit; across pool sizes
+// MKL's GEMMs may round differently (as torch's own conv and matmul do).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
