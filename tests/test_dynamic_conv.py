@@ -239,6 +239,7 @@ DEPTHWISE_NCHW = [  # (H, W, k, stride, padding, dilation): the C++ NCHW depthwi
     (12, 11, 5, (1, 1), (4, 2), (2, 1)),  # dilation, asymmetric padding; 11 columns: a narrower chunk
     (6, 3, 2, (1, 1), (0, 1), (1, 1)),  # narrower than any vector
     (7, 20, 3, (1, 2), (1, 1), (1, 1)),  # column stride 2: the row-axpy path
+    (8, 9, 3, (1, 1), (3, 1), (1, 1)),  # padding > d (k - 1): the padded forward, the scatter backward
 ]
 
 
@@ -284,17 +285,18 @@ def test_cpp_depthwise_kernel_opcheck_and_thread_independence():
         torch.ops.dynkernels.per_sample_depthwise_conv2d.default,
         (x.double(), kernels.double(), None, [1, 1], [0, 0], [1, 1]),
     )
-    runs, threads = [], torch.get_num_threads()
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            xs = x.clone().requires_grad_()
-            y = torch.ops.dynkernels.per_sample_depthwise_conv2d(xs, kernels, bias, [2, 1], [1, 2], [1, 2])
-            runs.append((y, *torch.autograd.grad(y.square().sum(), xs)))
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(*runs, strict=True):
-        assert torch.equal(a, b)
+    for geometry in (([2, 1], [1, 2], [1, 2]), ([1, 1], [1, 2], [1, 2])):  # the scatter and the padded backward
+        runs, threads = [], torch.get_num_threads()
+        try:
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                leaves = [t.clone().requires_grad_() for t in (x, kernels, bias)]
+                y = torch.ops.dynkernels.per_sample_depthwise_conv2d(*leaves, *geometry)
+                runs.append((y, *torch.autograd.grad(y.square().sum(), leaves)))
+        finally:
+            torch.set_num_threads(threads)
+        for a, b in zip(*runs, strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])

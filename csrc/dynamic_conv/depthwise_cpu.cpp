@@ -99,12 +99,18 @@ DK_INLINE void padded_rows(const T* pad, int64_t pitch, const T* k, T bias, cons
   }
 }
 
-template <typename T, CpuIsa I>
-DK_INLINE void forward_plane_padded(const T* x, const T* k, T bias, const Geometry& g, T* pad, T* y) {
-  constexpr int64_t V = chunk_lanes<T, I>();
-  const int64_t pitch = g.w + 2 * g.px + V, rows = g.h + 2 * g.py;
+// The plane (h, w) into pad (rows, pitch) at (py, px), zeros around it.
+template <typename T>
+DK_INLINE void pad_plane(const T* x, int64_t h, int64_t w, int64_t py, int64_t px, int64_t rows, int64_t pitch,
+                         T* pad) {
   std::fill(pad, pad + rows * pitch, T(0));
-  for (int64_t iy = 0; iy < g.h; ++iy) std::copy(x + iy * g.w, x + (iy + 1) * g.w, pad + (iy + g.py) * pitch + g.px);
+  for (int64_t iy = 0; iy < h; ++iy) std::copy(x + iy * w, x + (iy + 1) * w, pad + (iy + py) * pitch + px);
+}
+
+// y (oh, ow) from a plane already zero-bordered by (py, px) in pad (pitch >= w + 2 px + V).
+template <typename T, CpuIsa I>
+DK_INLINE void padded_conv(const T* pad, int64_t pitch, const T* k, T bias, const Geometry& g, T* y) {
+  constexpr int64_t V = chunk_lanes<T, I>();
   if (g.ow >= V) {
     padded_rows<T, V>(pad, pitch, k, bias, g, y);
   } else if (g.ow >= V / 2) {
@@ -115,12 +121,79 @@ DK_INLINE void forward_plane_padded(const T* x, const T* k, T bias, const Geomet
     padded_rows<T, 1>(pad, pitch, k, bias, g, y);
   }
 }
+
+template <typename T, CpuIsa I>
+DK_INLINE void forward_plane_padded(const T* x, const T* k, T bias, const Geometry& g, T* pad, T* y) {
+  const int64_t pitch = g.w + 2 * g.px + chunk_lanes<T, I>();
+  pad_plane(x, g.h, g.w, g.py, g.px, g.h + 2 * g.py, pitch, pad);
+  padded_conv<T, I>(pad, pitch, k, bias, g, y);
+}
 DK_ISA_DISPATCH(forward_plane_padded)
 
+constexpr int64_t kMaxLanes = chunk_lanes<float, CpuIsa::kAvx512>();
+
 // The padded buffer's size for forward_plane_padded at the widest ISA.
-inline int64_t padded_plane_size(const Geometry& g) {
-  return (g.h + 2 * g.py) * (g.w + 2 * g.px + chunk_lanes<float, CpuIsa::kAvx512>());
+inline int64_t padded_plane_size(const Geometry& g) { return (g.h + 2 * g.py) * (g.w + 2 * g.px + kMaxLanes); }
+
+// Stride 1 with padding <= d (k - 1) on both axes: dx is the correlation of dy,
+// zero-bordered by d (k - 1) - p, with the flipped kernel -- the forward's
+// register-blocked chunks on the "transposed" geometry below.
+inline bool padded_backward(const Geometry& g) {
+  return g.sy == 1 && g.sx == 1 && g.py <= g.dy * (g.kh - 1) && g.px <= g.dx * (g.kw - 1);
 }
+
+inline Geometry transposed(const Geometry& g) {
+  return Geometry{g.oh, g.ow, g.kh, g.kw, 1, 1, g.dy * (g.kh - 1) - g.py, g.dx * (g.kw - 1) - g.px,
+                  g.dy, g.dx, g.h, g.w};
+}
+
+// The dy buffer's size for backward_plane_padded (dx's bordered dy, then dy's rows padded to chunks).
+inline int64_t padded_grad_size(const Geometry& g) {
+  return std::max(padded_plane_size(transposed(g)), g.oh * (g.ow + kMaxLanes));
+}
+
+// Backward of forward_plane_padded. dx as above; dk: per tap, V lane sums of
+// dy * x over the plane (x zero-bordered as in the forward, dy's rows padded
+// with zeros to whole chunks), summed over the lanes in order; dbias the same
+// over dy. Every sum in a fixed order: deterministic whatever the threads.
+template <typename T, CpuIsa I>
+DK_INLINE void backward_plane_padded(const T* gy, const T* x, const T* k, const Geometry& g, T* pad, T* gpad,
+                                     T* flipped, T* gx, T* gk, T* gb) {
+  constexpr int64_t V = chunk_lanes<T, I>();
+  const int64_t taps = g.kh * g.kw;
+  for (int64_t q = 0; q < taps; ++q) flipped[q] = k[taps - 1 - q];  // both axes flipped
+  const Geometry t = transposed(g);
+  const int64_t pitch_t = t.w + 2 * t.px + V;
+  pad_plane(gy, t.h, t.w, t.py, t.px, t.h + 2 * t.py, pitch_t, gpad);
+  padded_conv<T, I>(gpad, pitch_t, flipped, T(0), t, gx);
+  const int64_t pitch = g.w + 2 * g.px + V, cols = (g.ow + V - 1) / V * V;
+  pad_plane(x, g.h, g.w, g.py, g.px, g.h + 2 * g.py, pitch, pad);
+  pad_plane(gy, g.oh, g.ow, int64_t(0), int64_t(0), g.oh, cols, gpad);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) {
+      T acc[V] = {};
+      for (int64_t oy = 0; oy < g.oh; ++oy) {
+        const T* __restrict__ xr = pad + (oy + i * g.dy) * pitch + j * g.dx;
+        const T* __restrict__ gr = gpad + oy * cols;
+        for (int64_t c = 0; c < cols; c += V) {
+          for (int64_t l = 0; l < V; ++l) acc[l] += gr[c + l] * xr[c + l];
+        }
+      }
+      T dot = T(0);
+      for (int64_t l = 0; l < V; ++l) dot += acc[l];
+      gk[i * g.kw + j] = dot;
+    }
+  }
+  if (gb == nullptr) return;
+  T acc[V] = {};
+  for (int64_t q = 0; q < g.oh * cols; q += V) {
+    for (int64_t l = 0; l < V; ++l) acc[l] += gpad[q + l];
+  }
+  T total = T(0);
+  for (int64_t l = 0; l < V; ++l) total += acc[l];
+  *gb = total;
+}
+DK_ISA_DISPATCH(backward_plane_padded)
 
 template <typename T, CpuIsa I>
 DK_INLINE void backward_plane(const T* gy, const T* x, const T* k, const Geometry& g, T* gx, T* gk, T* gb) {
@@ -392,10 +465,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> per_sample_depthwise_backward_cpu
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     scalar_t* gkp = gk.data_ptr<scalar_t>();
     scalar_t* gbp = with_bias ? gb.data_ptr<scalar_t>() : nullptr;
+    const bool padded = padded_backward(g);
     at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> pad(padded ? padded_plane_size(g) : 0), gpad(padded ? padded_grad_size(g) : 0);
+      std::vector<scalar_t> flipped(g.kh * g.kw);
       for (int64_t p = begin; p < end; ++p) {
-        backward_plane_isa<scalar_t>(gp + p * g.oh * g.ow, xp + p * g.h * g.w, kp + p * g.kh * g.kw, g,
-                                     gxp + p * g.h * g.w, gkp + p * g.kh * g.kw, gbp ? gbp + p : nullptr);
+        const scalar_t* gs = gp + p * g.oh * g.ow;
+        const scalar_t* xs = xp + p * g.h * g.w;
+        const scalar_t* ks = kp + p * g.kh * g.kw;
+        scalar_t* gbs = gbp ? gbp + p : nullptr;
+        if (padded) {
+          backward_plane_padded_isa<scalar_t>(gs, xs, ks, g, pad.data(), gpad.data(), flipped.data(),
+                                              gxp + p * g.h * g.w, gkp + p * g.kh * g.kw, gbs);
+        } else {
+          backward_plane_isa<scalar_t>(gs, xs, ks, g, gxp + p * g.h * g.w, gkp + p * g.kh * g.kw, gbs);
+        }
       }
     });
   });
