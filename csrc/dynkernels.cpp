@@ -85,6 +85,22 @@ TORCH_LIBRARY(dynkernels, m) {
   // -> (grad_x, grad_kernels, grad_bias (empty without bias))
   m.def("per_sample_conv2d_backward(Tensor grad, Tensor x, Tensor kernels, bool with_bias, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)");
+  // ---- sparse execution ----
+  // mask (B, 1, H, W) bool; halo >= 0 dilates it by a (2 halo + 1)^2 square; capacity < 0: exact size
+  // -> (index (capacity or count,) int64 flat b*H*W + y*W + x, -1 padded; count () int64;
+  //     inverse (B, H, W) int64 row or -1, (0, H, W) without with_inverse)
+  m.def("mask_to_index(Tensor mask, int halo, int capacity, bool with_inverse) -> (Tensor, Tensor, Tensor)");
+  // x (B, C, H, W) either layout, index (P,) int64 in [-1, B*H*W) -> rows (P, C), zero where index is -1
+  m.def("gather_pixels(Tensor x, Tensor index) -> Tensor");
+  // a copy of out (B, C, H, W) with rows (P, C) set (mode 0) or added (mode 1) at index; -1 dropped
+  m.def("scatter_pixels(Tensor rows, Tensor index, Tensor out, int mode) -> Tensor");
+  // rows (P_in, C) at the input mask's pixels, inverse (B, H, W) int64 row or -1, out_index (P_out,) flat
+  // output pixels (b*Ho*Wo + y*Wo + x, -1 padding), weight (C, 1, kh, kw), bias (C) or None -> (P_out, C)
+  m.def("masked_depthwise_conv2d(Tensor rows, Tensor inverse, Tensor out_index, Tensor weight, Tensor? bias, "
+        "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // -> (grad_rows, grad_weight, grad_bias (empty without bias))
+  m.def("masked_depthwise_conv2d_backward(Tensor grad, Tensor rows, Tensor inverse, Tensor out_index, Tensor weight, "
+        "bool with_bias, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor)");
   // ---- ISDA ----
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.

@@ -1,0 +1,162 @@
+"""Benchmark cases of spatially sparse execution (issue 14), part 1: the
+compaction and the pixel gather / scatter at MobileNetV2 stage shapes,
+against what the public code does (DynConv: nonzero of the flattened mask,
+the dilated mask by a ones-kernel conv; index_select / index_add_ on the
+(B*H*W, C) view). Floors: the bytes each op must move (mask in, indices out;
+rows in and out) over the measured copy bandwidth."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..reference import sparse_execution as ref
+from .base import Case as _case
+from .base import Impl as _impl
+
+FAMILY = "sparse_execution"
+
+
+def _mask(batch: int, size: int, density: float, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(batch * size + int(density * 100))
+    return (torch.rand(batch, 1, size, size, generator=g) < density).to(device)
+
+
+def _nonzero_dilated(mask: torch.Tensor, halo: int) -> torch.Tensor:
+    """DynConv's path: a ones-kernel conv for the dilation, then nonzero (a host sync on GPUs)."""
+    dilated = F.conv2d(mask.float(), torch.ones(1, 1, 2 * halo + 1, 2 * halo + 1, device=mask.device), padding=halo)
+    return torch.nonzero((dilated > 0.5).reshape(-1)).reshape(-1)
+
+
+def compaction_setup(batch, size, density, halo, device):
+    mask = _mask(batch, size, density, device)
+    index, count = ops.mask_to_index(mask, halo=halo)
+    want = ref.mask_to_index(mask, halo=halo)[0]
+    if not torch.equal(index[: int(count)], want):
+        raise AssertionError("mask_to_index disagrees with the reference; refusing to time a wrong kernel")
+    return [
+        _impl("dynkernels", lambda: ops.mask_to_index(mask, halo=halo), "kernel"),
+        _impl("conv2d dilation + nonzero (DynConv)", lambda: _nonzero_dilated(mask, halo), "anchor", True),
+    ]
+
+
+def gather_setup(batch, channels, size, density, channels_last, scatter, device):
+    g = torch.Generator().manual_seed(channels + size)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, channels, size, size, generator=g).to(device, memory_format=fmt)
+    index, _ = ops.mask_to_index(_mask(batch, size, density, device), halo=0)
+    rows = torch.randn(index.numel(), channels, generator=g).to(device)
+    if not scatter:
+        ours = lambda: ops.gather_pixels(x, index)  # noqa: E731
+        if channels_last:
+            anchor = lambda: x.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, index)  # noqa: E731
+        else:  # DynConv's gather reads NCHW: the per-channel planes at the pixels
+            anchor = lambda: x.reshape(batch, channels, -1)[index // (size * size), :, index % (size * size)]  # noqa: E731
+        name = "index_select"
+    else:
+        ours = lambda: ops.scatter_pixels(rows, index, x, mode="add")  # noqa: E731
+
+        def anchor():
+            out = x.clone(memory_format=fmt)
+            if channels_last:  # (B*H*W, C) is a view of the channels-last copy
+                out.permute(0, 2, 3, 1).view(-1, channels).index_add_(0, index, rows)
+            else:
+                plane = size * size
+                where = (index[:, None] // plane, torch.arange(channels, device=x.device), index[:, None] % plane)
+                out.view(batch, channels, -1).index_put_(where, rows, accumulate=True)
+            return out
+
+        name = "clone + index_add_"
+    if not torch.equal(ours(), anchor()):
+        raise AssertionError("dynkernels disagrees with the anchor; refusing to time a wrong kernel")
+    return [_impl("dynkernels", ours, "kernel"), _impl(name, anchor, "anchor", True)]
+
+
+def masked_depthwise_setup(batch, channels, size, density, device):
+    """The depthwise 3x3 of a MobileNetV2 block on the mask: dynkernels on the
+    gathered rows of the dilated mask, against the dense depthwise conv
+    (oneDNN, NCHW and channels-last) that the masked-dense formulation runs
+    before multiplying by the mask."""
+    g = torch.Generator().manual_seed(channels + size)
+    mask = _mask(batch, size, density, device)
+    x = torch.randn(batch, channels, size, size, generator=g).to(device)
+    weight = torch.randn(channels, 1, 3, 3, generator=g).to(device)
+    in_index, _, inverse = ops.mask_to_index(mask, halo=1, inverse=True)
+    out_index, _ = ops.mask_to_index(mask)
+    rows = ops.gather_pixels(x, in_index)
+    x_last = x.to(memory_format=torch.channels_last)
+    ours = lambda: ops.masked_depthwise_conv2d(rows, inverse, out_index, weight, padding=1)  # noqa: E731
+    dense = lambda: F.conv2d(x, weight, None, 1, 1, 1, channels) * mask  # noqa: E731
+    dense_last = lambda: F.conv2d(x_last, weight, None, 1, 1, 1, channels) * mask  # noqa: E731
+    if not torch.allclose(ours(), ops.gather_pixels(dense(), out_index), rtol=1e-4, atol=1e-4):
+        raise AssertionError("masked_depthwise_conv2d disagrees with the dense conv; refusing to time it")
+    return [
+        _impl("dynkernels", ours, "kernel"),
+        _impl("dense depthwise conv x mask (NCHW)", dense, "anchor"),
+        _impl("dense depthwise conv x mask (channels-last)", dense_last, "anchor"),
+    ]
+
+
+def cases(size: str, device: str) -> list:
+    if size == "quick":
+        masks = [(2, 14, 0.25, 1)]
+        pixels = [(2, 16, 14, 0.25)]
+    else:
+        masks = [(8, 56, 0.25, 1), (8, 56, 0.5, 1), (1, 112, 0.25, 1)]
+        pixels = [(8, 144, 56, 0.25), (8, 144, 56, 0.5)]
+        if size == "full":
+            masks += [(8, 56, 0.05, 1), (8, 56, 0.75, 1), (8, 28, 0.25, 2)]
+            pixels += [(8, 144, 56, 0.05), (8, 32, 112, 0.25)]
+    out = []
+    depthwise = [(2, 16, 14, 0.25)] if size == "quick" else [(8, 144, 56, d) for d in (0.5, 0.25, 0.1)]
+    for b, c, s, dens in depthwise:
+        out.append(
+            _case(
+                FAMILY,
+                "masked_depthwise_conv2d 3x3",
+                f"B={b} C={c} {s}x{s} density={dens}",
+                lambda a=(b, c, s, dens): masked_depthwise_setup(*a, device),
+                dict(B=b, C=c, H=s, W=s, density=dens),
+                (
+                    "dynkernels",
+                    "dense depthwise conv x mask (NCHW)",
+                    "dense depthwise conv x mask (channels-last)",
+                ),
+                floor_bytes=4 * c * b * s * s * dens * 2,  # the active rows in and out (halo not counted)
+            )
+        )
+    for b, s, dens, halo in masks:
+        n = b * s * s
+        out.append(
+            _case(
+                FAMILY,
+                "mask_to_index",
+                f"B={b} {s}x{s} density={dens} halo={halo}",
+                lambda a=(b, s, dens, halo): compaction_setup(*a, device),
+                dict(B=b, H=s, W=s, density=dens, halo=halo),
+                ("dynkernels", "conv2d dilation + nonzero (DynConv)"),
+                floor_bytes=n + 8 * n * min(1.0, dens * (2 * halo + 1) ** 2),  # the mask in, the indices out
+            )
+        )
+    for b, c, s, dens in pixels:
+        for channels_last in (False, True):
+            for scatter in (False, True):
+                layout = "channels-last" if channels_last else "NCHW"
+                rows = int(b * s * s * dens)
+                op = "scatter_pixels add" if scatter else "gather_pixels"
+                moved = 4 * rows * c * 2 + 8 * rows  # rows read and written, indices
+                if scatter:
+                    moved += 4 * b * c * s * s * 2  # out copied into the result
+                out.append(
+                    _case(
+                        FAMILY,
+                        op,
+                        f"B={b} C={c} {s}x{s} density={dens} {layout}",
+                        lambda a=(b, c, s, dens, channels_last, scatter): gather_setup(*a, device),
+                        dict(B=b, C=c, H=s, W=s, density=dens, layout=layout),
+                        ("dynkernels", "clone + index_add_" if scatter else "index_select"),
+                        floor_bytes=moved,
+                    )
+                )
+    return out

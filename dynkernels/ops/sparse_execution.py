@@ -1,0 +1,420 @@
+"""Spatially sparse execution (issue 14): mask compaction, pixel gather and
+scatter, and DynConv's Gumbel gate and sparsity loss.
+
+* ``mask_to_index(mask, *, halo=0, capacity=None, inverse=False)``: the
+  active pixels of a (B, 1, H, W) bool mask (with ``halo``, of the mask
+  dilated by a (2 halo + 1)^2 square, zero outside the image: the input a
+  k x k conv with k = 2 halo + 1 needs on the mask) as flat indices
+  ``b*H*W + y*W + x`` in increasing order, and their count as a 0-dim int64
+  tensor. On CPU the index has exactly ``count`` entries unless ``capacity``
+  is given (then ``capacity`` entries, -1 after the count; more active
+  pixels than that raise). On CUDA it always has ``capacity`` entries
+  (default B*H*W) and the count stays on the device: nothing syncs (an
+  overflow there drops the excess entries; compare ``count`` with the
+  capacity when it matters). ``inverse=True`` adds the inverse map
+  (B, H, W) int64: each pixel's row in the index, or -1.
+* ``gather_pixels(x, index) -> (P, C)``: x's channels at those pixels, a
+  zero row where the index is -1 (a capacity buffer's padding). x
+  channels-first or channels-last.
+* ``scatter_pixels(rows, index, out, *, mode="set"|"add")``: a copy of out
+  with the rows written or added at the pixels (-1 rows dropped); the
+  result keeps out's layout. "set" refuses repeated indices on CPU; "add"
+  sums repeats in row order (deterministic).
+* Gradients: gather's is a scatter-add, scatter's is a gather (to rows) and
+  the output gradient with the set pixels zeroed (to out).
+* ``masked_depthwise_conv2d(rows, inverse_map, out_index, weight, bias=None,
+  *, stride=1, padding=0, dilation=1) -> (P_out, C)``: a depthwise k x k
+  convolution evaluated at the output pixels ``out_index`` only (flat
+  ``b*Ho*Wo + y*Wo + x``; -1 gives a zero row), reading its input from
+  ``rows`` (P_in, C) through ``inverse_map`` (B, H, W) (the input mask's
+  rows, -1 outside it): a tap outside the image or the input mask reads
+  zero. DynConv's ``masked_conv_dw``, which reads ``rows[-1]`` there (its
+  dilated mask is meant to cover every tap). Gradients to rows, weight and
+  bias.
+* ``gumbel_gate`` and ``sparsity_loss``: DynConv's mask unit gate and
+  budget loss (see :mod:`dynkernels.reference.sparse_execution`), plain
+  PyTorch compositions (no kernel of their own).
+
+Backends: "cpp" (auto on CPU; csrc/sparse_execution/pixel_index_cpu.cpp),
+"composite" (auto on CUDA: cumsum compaction and index_select / index_put
+with no host sync) and "reference" (nonzero and indexing)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backends import resolve
+from .._extension import has_extension
+from .._registry import register_op
+from ..reference import sparse_execution as ref
+from ._registration import register_kernel_pairs
+from ._validation import check_int, check_real, check_same_device, check_tensor
+
+__all__ = [
+    "gather_pixels",
+    "gumbel_gate",
+    "mask_to_index",
+    "masked_depthwise_conv2d",
+    "scatter_pixels",
+    "sparsity_loss",
+]
+
+FAMILY = "sparse_execution"
+_AUTO = {"cpu": ("cpp", "composite", "reference"), "cuda": ("composite", "reference")}
+register_op("mask_to_index", FAMILY, ("reference", "cpp", "composite"), reference=ref.mask_to_index, auto=_AUTO)
+for _name in ("gather_pixels", "scatter_pixels"):
+    register_op(
+        _name,
+        FAMILY,
+        ("reference", "cpp", "composite"),
+        reference=getattr(ref, _name),
+        differentiable=("reference", "cpp", "composite"),
+        auto=_AUTO,
+    )
+register_op(
+    "masked_depthwise_conv2d",
+    FAMILY,
+    ("reference", "cpp"),
+    reference=ref.masked_depthwise_conv2d,
+    differentiable=("reference", "cpp"),
+)
+_MODES = {"set": 0, "add": 1}
+
+
+def _check_mask(mask) -> torch.Tensor:
+    mask = check_tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask must be (B, 1, H, W), got {tuple(mask.shape)}")
+    return mask
+
+
+def mask_to_index(
+    mask: torch.Tensor, *, halo: int = 0, capacity: int | None = None, inverse: bool = False, backend=None
+):
+    """See the module docstring. Returns (index, count) or (index, count, inverse)."""
+    mask = _check_mask(mask)
+    halo = check_int("halo", halo, 0)
+    b, _, h, w = mask.shape
+    if halo and (halo >= h or halo >= w):
+        raise ValueError(f"halo={halo} is larger than the image ({h} x {w}): it must be < min(H, W)")
+    if capacity is not None:
+        capacity = check_int("capacity", capacity, 0)
+    chosen = resolve("mask_to_index", mask.device, backend)
+    if chosen == "cpp":
+        index, count, table = torch.ops.dynkernels.mask_to_index(
+            mask, halo, -1 if capacity is None else capacity, inverse
+        )
+    elif chosen == "composite":
+        index, count, table = _mask_to_index_composite(mask, halo, capacity, inverse)
+    else:
+        out = ref.mask_to_index(mask, halo=halo, inverse=inverse)
+        index, count, table = out if inverse else (*out, None)
+        if capacity is not None:
+            if index.numel() > capacity:
+                raise ValueError(
+                    f"capacity overflow: the mask has {index.numel()} active pixels, capacity is {capacity}"
+                )
+            index = torch.cat([index, index.new_full((capacity - index.numel(),), -1)])
+    return (index, count, table) if inverse else (index, count)
+
+
+def _mask_to_index_composite(mask, halo, capacity, inverse):
+    """Device-side compaction: a running count of the active pixels places each
+    one; inactive ones go to a spare slot past the end. No host sync on CUDA."""
+    b, _, h, w = mask.shape
+    active = ref.dilate_mask(mask, halo).reshape(-1)
+    slots = torch.cumsum(active, 0) - 1
+    count = active.sum()
+    if mask.device.type == "cpu" and capacity is None:
+        size = int(count)  # a CPU tensor: no device to sync with
+    else:
+        size = b * h * w if capacity is None else capacity
+        if mask.device.type == "cpu" and int(count) > size:
+            raise ValueError(f"capacity overflow: the mask has {int(count)} active pixels, capacity is {size}")
+    where = torch.where(active & (slots < size), slots, size)
+    index = torch.full((size + 1,), -1, dtype=torch.int64, device=mask.device)
+    index.scatter_(0, where, torch.arange(active.numel(), device=mask.device))
+    index = index[:size]
+    table = torch.where(active, slots, -1).view(b, h, w) if inverse else None
+    return index, count, table
+
+
+def _check_index(index, n: int, backend: str | None = None) -> torch.Tensor:
+    """The dtype and rank; the range too, on CPU, unless the C++ kernel (which checks it itself) runs."""
+    index = check_tensor("index", index)
+    if index.dtype != torch.int64 or index.dim() != 1:
+        raise TypeError(f"index must be a 1-D int64 tensor, got {index.dtype} with shape {tuple(index.shape)}")
+    skip = backend == "cpp" or torch.compiler.is_compiling()
+    if not skip and index.device.type == "cpu" and index.numel():
+        low, high = int(index.min()), int(index.max())
+        if low < -1 or high >= n:
+            raise IndexError(f"index must hold pixels in [-1, B*H*W = {n}), got values in [{low}, {high}]")
+    return index
+
+
+def _check_image(name: str, x) -> torch.Tensor:
+    x = check_tensor(name, x)
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be (B, C, H, W), got {tuple(x.shape)}")
+    return x
+
+
+def gather_pixels(x: torch.Tensor, index: torch.Tensor, *, backend=None) -> torch.Tensor:
+    """x (B, C, H, W), index (P,) int64 in [-1, B*H*W) -> (P, C)."""
+    x = _check_image("x", x)
+    b, c, h, w = x.shape
+    chosen = resolve("gather_pixels", x.device, backend)
+    index = _check_index(index, b * h * w, chosen)
+    check_same_device(x=x, index=index)
+    if chosen == "cpp":
+        return torch.ops.dynkernels.gather_pixels(x, index)
+    if chosen == "composite":
+        return _gather_composite(x, index)
+    return ref.gather_pixels(x, index)
+
+
+def _gather_composite(x, index):
+    b, c, h, w = x.shape
+    valid = (index >= 0).to(x.dtype)[:, None]
+    safe = index.clamp(min=0)
+    if x.is_contiguous(memory_format=torch.channels_last):  # (B*H*W, C) is a view
+        return x.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, safe) * valid
+    planes = x.reshape(b, c, h * w)
+    return planes[safe // (h * w), :, safe % (h * w)] * valid
+
+
+def scatter_pixels(
+    rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor, *, mode: str = "set", backend=None
+) -> torch.Tensor:
+    """A copy of out (B, C, H, W) with rows (P, C) set or added at index (P,)."""
+    out = _check_image("out", out)
+    rows = check_tensor("rows", rows)
+    if mode not in _MODES:
+        raise ValueError(f"mode must be 'set' or 'add', got {mode!r}")
+    b, c, h, w = out.shape
+    chosen = resolve("scatter_pixels", out.device, backend)
+    index = _check_index(index, b * h * w, chosen)
+    if rows.dim() != 2 or rows.shape != (index.numel(), c):
+        raise ValueError(f"rows must be (P, C) = ({index.numel()}, {c}), got {tuple(rows.shape)}")
+    if rows.dtype != out.dtype:
+        raise TypeError(f"rows and out must share a dtype, got {rows.dtype} and {out.dtype}")
+    check_same_device(rows=rows, index=index, out=out)
+    if chosen == "cpp":
+        return torch.ops.dynkernels.scatter_pixels(rows, index, out, _MODES[mode])
+    if chosen == "composite":
+        return _scatter_composite(rows, index, out, mode)
+    return ref.scatter_pixels(rows, index, out, mode=mode)
+
+
+def _scatter_composite(rows, index, out, mode):
+    """Each (row, channel) element's flat position in a copy of out, padding
+    rows aimed at one spare element past the end (so they never touch a real
+    pixel), then one index_put_."""
+    b, c, h, w = out.shape
+    total = out.numel()
+    channels_last = _layout(out) == torch.channels_last
+    storage = out.new_empty(total + 1)
+    body = storage[:total]
+    safe, keep = index.clamp(min=0), index >= 0
+    channels = torch.arange(c, device=out.device)
+    if channels_last:  # memory (B, H, W, C)
+        body.view(b, h, w, c).copy_(out.permute(0, 2, 3, 1))
+        result = body.view(b, h, w, c).permute(0, 3, 1, 2)
+        positions = safe[:, None] * c + channels
+    else:
+        body.view(b, c, h, w).copy_(out)
+        result = body.view(b, c, h, w)
+        plane = h * w
+        positions = ((safe // plane)[:, None] * c + channels) * plane + (safe % plane)[:, None]
+    positions = torch.where(keep[:, None], positions, total)
+    storage.index_put_((positions.reshape(-1),), rows.reshape(-1), accumulate=mode == "add")
+    return result
+
+
+# ---- gradients: gather and scatter are each other's backward -----------------
+
+
+def _gather_setup(ctx, inputs, output):
+    x, index = inputs
+    ctx.save_for_backward(index)
+    ctx.x_shape, ctx.x_layout = x.shape, _layout(x)
+
+
+def _layout(t):
+    return (
+        torch.channels_last
+        if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+        else torch.contiguous_format
+    )
+
+
+def _gather_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    zeros = grad.new_zeros(ctx.x_shape).contiguous(memory_format=ctx.x_layout)
+    return torch.ops.dynkernels.scatter_pixels(grad.contiguous(), index, zeros, 1), None
+
+
+def _scatter_setup(ctx, inputs, output):
+    rows, index, out, mode = inputs
+    ctx.save_for_backward(index)
+    ctx.mode = mode
+
+
+def _scatter_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    g_rows = torch.ops.dynkernels.gather_pixels(grad, index)
+    g_out = grad
+    if ctx.mode == 0:  # the set pixels' old values were overwritten
+        g_out = torch.ops.dynkernels.scatter_pixels(grad.new_zeros(g_rows.shape), index, grad, 0)
+    return g_rows, None, g_out, None
+
+
+def _fake_mask_to_index(mask, halo, capacity, with_inverse):
+    b, _, h, w = mask.shape
+    size = torch.library.get_ctx().new_dynamic_size() if capacity < 0 else capacity
+    index = mask.new_empty((size,), dtype=torch.int64)
+    table = mask.new_empty((b if with_inverse else 0, h, w), dtype=torch.int64)
+    return index, mask.new_empty((), dtype=torch.int64), table
+
+
+def _fake_gather(x, index):
+    return x.new_empty((index.shape[0], x.shape[1]))
+
+
+def _fake_scatter(rows, index, out, mode):
+    return torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=_layout(out))
+
+
+if has_extension():
+    torch.library.register_fake("dynkernels::mask_to_index")(_fake_mask_to_index)
+    torch.library.register_fake("dynkernels::gather_pixels")(_fake_gather)
+    torch.library.register_fake("dynkernels::scatter_pixels")(_fake_scatter)
+    torch.library.register_autograd("dynkernels::gather_pixels", _gather_backward, setup_context=_gather_setup)
+    torch.library.register_autograd("dynkernels::scatter_pixels", _scatter_backward, setup_context=_scatter_setup)
+
+
+def _pair(name: str, value, low: int) -> list[int]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        return [check_int(name, value[0], low), check_int(name, value[1], low)]
+    v = check_int(name, value, low)
+    return [v, v]
+
+
+def masked_depthwise_conv2d(
+    rows: torch.Tensor,
+    inverse_map: torch.Tensor,
+    out_index: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    backend=None,
+) -> torch.Tensor:
+    """See the module docstring."""
+    rows, inverse_map, weight = (
+        check_tensor(n, t) for n, t in (("rows", rows), ("inverse_map", inverse_map), ("weight", weight))
+    )
+    stride, padding, dilation = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
+    if rows.dim() != 2:
+        raise ValueError(f"rows must be (P, C), got {tuple(rows.shape)}")
+    c = rows.shape[1]
+    if inverse_map.dim() != 3 or inverse_map.dtype != torch.int64:
+        raise ValueError(
+            f"inverse_map must be a (B, H, W) int64 tensor, got {inverse_map.dtype} {tuple(inverse_map.shape)}"
+        )
+    if weight.dim() != 4 or weight.shape[:2] != (c, 1):
+        raise ValueError(f"weight must be (C, 1, kh, kw) = ({c}, 1, kh, kw), got {tuple(weight.shape)}")
+    if bias is not None and (check_tensor("bias", bias).shape != (c,)):
+        raise ValueError(f"bias must be (C,) = ({c},), got {tuple(bias.shape)}")
+    dtypes = {t.dtype for t in (rows, weight, *(() if bias is None else (bias,)))}
+    if len(dtypes) > 1 or not rows.is_floating_point():
+        raise TypeError(f"rows, weight and bias must share a floating dtype, got {sorted(map(str, dtypes))}")
+    b, h, w = inverse_map.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"the kernel does not fit the padded {h} x {w} input")
+    chosen = resolve("masked_depthwise_conv2d", rows.device, backend)
+    out_index = _check_index(out_index, b * ho * wo, chosen)
+    check_same_device(rows=rows, inverse_map=inverse_map, out_index=out_index, weight=weight)
+    if chosen == "cpp":
+        return torch.ops.dynkernels.masked_depthwise_conv2d(
+            rows, inverse_map, out_index, weight, bias, stride, padding, dilation
+        )
+    return ref.masked_depthwise_conv2d(
+        rows, inverse_map, out_index, weight, bias, stride=stride, padding=padding, dilation=dilation
+    )
+
+
+def _masked_setup(ctx, inputs, output):
+    rows, inverse, out_index, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(rows, inverse, out_index, weight)
+    ctx.with_bias, ctx.geometry = bias is not None, (stride, padding, dilation)
+
+
+def _masked_backward(ctx, backward_op, grad):
+    rows, inverse, out_index, weight = ctx.saved_tensors
+    g_rows, g_weight, g_bias = backward_op(grad, rows, inverse, out_index, weight, ctx.with_bias, *ctx.geometry)
+    return g_rows, None, None, g_weight, (g_bias if ctx.with_bias else None), None, None, None
+
+
+def _fake_masked(rows, inverse, out_index, weight, bias, stride, padding, dilation):
+    return rows.new_empty((out_index.shape[0], rows.shape[1]))
+
+
+def _fake_masked_backward(grad, rows, inverse, out_index, weight, with_bias, stride, padding, dilation):
+    g_bias = rows.new_empty((rows.shape[1],) if with_bias else (0,))
+    return rows.new_empty(rows.shape), weight.new_empty(weight.shape), g_bias
+
+
+if has_extension():
+    register_kernel_pairs(
+        [("dynkernels::masked_depthwise_conv2d", "dynkernels::masked_depthwise_conv2d_backward")],
+        fake=_fake_masked,
+        fake_backward=_fake_masked_backward,
+        setup_context=_masked_setup,
+        backward=_masked_backward,
+    )
+
+
+# ---- DynConv's gate and budget loss (compositions) ---------------------------
+
+
+def gumbel_gate(
+    logits: torch.Tensor,
+    *,
+    tau: float = 1.0,
+    hard: bool = True,
+    training: bool = True,
+    noise: bool = True,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """DynConv's Gumbel gate (maskunit.Gumbel): in training, sigmoid((logits +
+    g1 - g2) / tau) with Gumbel noise g = -log(-log(U + eps) + eps) (``noise=
+    False``: none), made hard by a straight-through step at 1/2 (``hard=False``:
+    the soft gate); at inference (``training=False``) logits >= 0."""
+    logits = check_tensor("logits", logits)
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    tau = check_real("tau", tau)
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    return ref.gumbel_gate(logits, tau=tau, hard=hard, training=training, noise=noise, generator=generator, eps=eps)
+
+
+def sparsity_loss(masks, dilated, flops, *, target: float, epoch: float, num_epochs: int) -> torch.Tensor:
+    """DynConv's SparsityCriterion (see :func:`dynkernels.reference.sparse_execution.sparsity_loss`)."""
+    if not masks or not (len(masks) == len(dilated) == len(flops)):
+        raise ValueError("masks, dilated and flops must be non-empty lists of the same length")
+    target = check_real("target", target)
+    if not 0 <= target <= 1:
+        raise ValueError(f"target must be in [0, 1], got {target}")
+    num_epochs = check_int("num_epochs", num_epochs, 1)
+    return ref.sparsity_loss(masks, dilated, flops, target=target, epoch=epoch, num_epochs=num_epochs)

@@ -1,0 +1,169 @@
+"""Spatially sparse execution (issue 14): the references.
+
+The readable formulations the kernels are held to, after DynConv
+(thomasverelst/dynconv: ``maskunit.py``, ``loss.py``, ``cuda.py``):
+
+* ``mask_to_index``: the active pixels of a (B, 1, H, W) mask -- with a halo,
+  of the mask dilated by a (2 halo + 1)^2 square, as DynConv's ExpandMask
+  does with a ones kernel -- as flat indices b*H*W + y*W + x in increasing
+  order (``nonzero`` of the flattened mask), and the inverse map
+  (B, H, W) -> row or -1.
+* ``gather_pixels`` / ``scatter_pixels``: rows (P, C) of a (B, C, H, W)
+  tensor at flat pixel indices, and back (set or add); index -1 is padding
+  (a zero row; nothing written).
+* ``masked_depthwise_conv2d``: a depthwise conv evaluated at the active
+  output pixels only, reading the input rows through the inverse map (zero
+  outside the dilated mask or the image): DynConv's ``masked_conv_dw``.
+* ``gumbel_gate``: DynConv's Gumbel unit -- in training
+  sigmoid((logits + g1 - g2) / tau) with g = -log(-log(U + eps) + eps), made
+  hard by a straight-through step at 1/2; at inference logits >= 0.
+* ``sparsity_loss``: DynConv's SparsityCriterion (network MSE to the budget
+  plus the annealed per-block bounds).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "gather_pixels",
+    "gumbel_gate",
+    "mask_to_index",
+    "masked_depthwise_conv2d",
+    "scatter_pixels",
+    "sparsity_loss",
+]
+
+
+def dilate_mask(mask: torch.Tensor, halo: int) -> torch.Tensor:
+    """mask (B, 1, H, W) bool dilated by a (2 halo + 1)^2 square (zero outside the image)."""
+    if halo == 0:
+        return mask
+    ones = torch.ones(1, 1, 2 * halo + 1, 2 * halo + 1, dtype=torch.float64, device=mask.device)
+    return F.conv2d(mask.to(torch.float64), ones, padding=halo) > 0.5
+
+
+def mask_to_index(mask: torch.Tensor, *, halo: int = 0, inverse: bool = False):
+    """(index (count,) int64, count () int64[, inverse (B, H, W) int64])."""
+    active = dilate_mask(mask, halo).reshape(-1)
+    index = torch.nonzero(active).reshape(-1)
+    count = torch.tensor(index.numel(), dtype=torch.int64, device=mask.device)
+    if not inverse:
+        return index, count
+    b, _, h, w = mask.shape
+    table = torch.full((b * h * w,), -1, dtype=torch.int64, device=mask.device)
+    table[index] = torch.arange(index.numel(), device=mask.device)
+    return index, count, table.view(b, h, w)
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """(B*H*W, C): pixel p's channels in row p."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def gather_pixels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W), index (P,) in [-1, B*H*W) -> rows (P, C); a zero row for -1."""
+    rows = _pixels(x)
+    valid = index >= 0
+    picked = rows[index.clamp(min=0)]
+    return picked * valid[:, None].to(picked.dtype)
+
+
+def scatter_pixels(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor, *, mode: str = "set") -> torch.Tensor:
+    """out (B, C, H, W) with rows (P, C) written at the pixels of index (set, or
+    add); rows whose index is -1 are dropped. Out of place."""
+    b, c, h, w = out.shape
+    keep = index >= 0
+    flat = _pixels(out).clone()
+    if mode == "set":
+        flat = flat.index_put((index[keep],), rows[keep])
+    else:
+        flat = flat.index_add(0, index[keep], rows[keep])
+    return flat.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def gumbel_gate(
+    logits: torch.Tensor,
+    *,
+    tau: float = 1.0,
+    hard: bool = True,
+    training: bool = True,
+    noise: bool = True,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """DynConv's Gumbel unit: see the module docstring. ``hard=False`` returns the soft sigmoid."""
+    if not training:
+        return (logits >= 0).to(logits.dtype)
+    x = logits
+    if noise:
+        u1 = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+        u2 = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+        g1 = -torch.log(-torch.log(u1 + eps) + eps)
+        g2 = -torch.log(-torch.log(u2 + eps) + eps)
+        x = x + g1 - g2
+    soft = torch.sigmoid(x / tau)
+    if not hard:
+        return soft
+    return ((soft >= 0.5).to(soft.dtype) - soft).detach() + soft
+
+
+def sparsity_loss(
+    masks: list[torch.Tensor],
+    dilated: list[torch.Tensor | None],
+    flops: list[tuple[float, float]],
+    *,
+    target: float,
+    epoch: float,
+    num_epochs: int,
+) -> torch.Tensor:
+    """DynConv's SparsityCriterion. Per block i: its mask (hard, differentiable
+    through the straight-through step), its dilated mask (or None), and the
+    FLOPs per position of the work done on each (flops_std, flops_dilate).
+    cost_i = active(dilated) flops_dilate + active(mask) flops_std over the
+    same with every position active; the network term is
+    (sum cost / sum total - target)^2, the block term the mean of the squared
+    excesses over the annealed bounds [p target, 1 - p (1 - target)],
+    p = cos(min(max(epoch / (0.33 num_epochs), 0), 1) pi / 2)^2."""
+    p = epoch / (0.33 * num_epochs)
+    progress = math.cos(min(max(p, 0.0), 1.0) * (math.pi / 2)) ** 2
+    upper = 1 - progress * (1 - target)
+    lower = progress * target
+    cost = total = block = 0.0
+    for m, d, (f_std, f_dil) in zip(masks, dilated, flops, strict=True):
+        c = m.sum() * f_std
+        t = m.numel() * f_std
+        if d is not None:
+            c = c + d.sum() * f_dil
+            t = t + d.numel() * f_dil
+        share = c / t
+        block = block + torch.clamp(share - upper, min=0) ** 2 + torch.clamp(lower - share, min=0) ** 2
+        cost, total = cost + c, total + t
+    return (cost / total - target) ** 2 + block / len(masks)
+
+
+def masked_depthwise_conv2d(
+    rows: torch.Tensor,
+    inverse_map: torch.Tensor,
+    out_index: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+) -> torch.Tensor:
+    """The dense equivalent: rows (P_in, C) placed in a zero image through the
+    inverse map (B, H, W), a depthwise F.conv2d, its output rows at out_index
+    (P_out,) (zero rows for -1)."""
+    b, h, w = inverse_map.shape
+    c = rows.shape[1]
+    table = inverse_map.reshape(-1)
+    active = table >= 0
+    dense = torch.zeros(b * h * w, c, dtype=rows.dtype, device=rows.device)
+    dense = dense.index_put((torch.nonzero(active).reshape(-1),), rows[table[active]])
+    image = dense.view(b, h, w, c).permute(0, 3, 1, 2)
+    return gather_pixels(F.conv2d(image, weight, bias, stride, padding, dilation, c), out_index)
