@@ -100,3 +100,25 @@ def test_dynamic_conv_mobilenet_example_trains_the_same_through_kernel_and_refer
     assert set(losses) == {"kernel", "reference"} and len(losses["kernel"]) == 3
     for a, b in zip(losses["kernel"], losses["reference"], strict=True):
         assert abs(float(a) - float(b)) <= 1e-6 * abs(float(b))  # six printed decimals of a loss near 2.3
+
+
+def test_sparse_mobilenet_example_trains_and_times_the_sparse_blocks():
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "sparse_mobilenet.py"),
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--size",
+        "32",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    steps = [line for line in lines if line.startswith("step")]
+    assert len(steps) == 2
+    for line in steps:
+        assert np.isfinite(float(line.split("task loss")[1].split(",")[0]))
+    timings = [line for line in lines if line.startswith("density")]
+    assert len(timings) == 4 and all(line.endswith("same output: True") for line in timings)

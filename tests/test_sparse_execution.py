@@ -473,3 +473,76 @@ def test_cpp_masked_depthwise_opcheck_and_thread_independence():
         torch.set_num_threads(threads)
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+# ---- modules ---------------------------------------------------------------------
+
+from dynkernels import nn as dnn  # noqa: E402
+
+
+def _block(channels=8, expand=3, head="conv1x1", mask_bias=None, seed=0):
+    torch.manual_seed(seed)
+    block = dnn.SparseInvertedResidual(channels, expand, head=head).double()
+    with torch.no_grad():  # running statistics away from the defaults, so the folding is exercised
+        for bn in (block.conv[1], block.conv[4], block.conv[7]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        if mask_bias is not None:
+            target = block.masker.maskconv if head == "conv1x1" else block.masker.maskconv.conv
+            target.bias.fill_(mask_bias)
+    return block
+
+
+def _official_block_forward(block, x, hard):
+    """The official InvertedResidual's sparse forward in training (fast=False):
+    the dense conv sequence, then out = x + apply_mask(conv(x), mask)."""
+    y = x
+    for layer in block.conv:
+        y = layer(y)
+    return x + hard.expand_as(y) * y
+
+
+@pytest.mark.parametrize("head", ["conv1x1", "squeeze"])
+def test_sparse_block_trains_as_the_official_masked_dense_block(head):
+    block = _block(head=head)
+    x = torch.randn(2, 8, 9, 7, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(11)
+    out, info = block(x, tau=0.8)
+    torch.manual_seed(11)
+    logits = block.masker.maskconv(x)
+    u1, u2 = torch.rand_like(logits), torch.rand_like(logits)
+    hard = _gumbel_official(logits, u1, u2, 0.8, True, True)
+    want = _official_block_forward(block, x, hard)
+    torch.testing.assert_close(out, want, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(info["mask"], hard, rtol=0, atol=0)
+    assert torch.equal(info["dilated"], _expand_mask_official(hard.detach() > 0.5, 1))
+    assert info["flops"] == (3 * 8 * 9 + 8 * 24, 24 * 8)
+    grads = torch.autograd.grad(out.sum(), [p for p in block.masker.parameters()])
+    assert all(g.abs().sum() > 0 for g in grads), "the straight-through gate must pass gradients to the mask unit"
+    names = set(block.state_dict())
+    assert {"conv.0.weight", "conv.1.running_var", "conv.3.weight", "conv.6.weight", "conv.7.bias"} <= names
+    assert (
+        {"masker.maskconv.weight", "masker.maskconv.bias"}
+        if head == "conv1x1"
+        else {"masker.maskconv.fc.weight", "masker.maskconv.conv.weight"}
+    ) <= names
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("mask_bias", [None, -100.0, 100.0], ids=["some", "none", "all"])
+@pytest.mark.parametrize("shape", [(2, 9, 7), (1, 5, 12)], ids=["b2-odd", "b1"])
+def test_sparse_block_eval_equals_the_dense_masked_block(layout, mask_bias, shape):
+    block = _block(mask_bias=mask_bias).eval()
+    b, h, w = shape
+    x = torch.randn(b, 8, h, w, dtype=torch.float64).contiguous(memory_format=layout)
+    sparse, info = block(x)
+    block.sparse = False
+    dense, _ = block(x)
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
+    inactive = ~(info["mask"] > 0.5).expand_as(x)
+    assert torch.equal(sparse[inactive], x[inactive])
+    if mask_bias == -100.0:
+        assert torch.equal(sparse, x)
+    assert sparse.is_contiguous(memory_format=layout)

@@ -98,6 +98,52 @@ def masked_depthwise_setup(batch, channels, size, density, device):
     ]
 
 
+def block_setup(batch, channels, size, density, device, channels_last=False):
+    """MobileNetV2's inverted residual (expansion 6) with a DynConv mask, in
+    eval: the sparse path against the dense block (oneDNN) and the official
+    masked-dense formulation; mask generation and index construction inside
+    the timed region. The mask unit's bias is set so that `density` of the
+    pixels are active."""
+    from ..nn.sparse_execution import SparseInvertedResidual
+
+    torch.manual_seed(channels * size + batch)
+    block = SparseInvertedResidual(channels, 6).to(device).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    # spatially coherent features (as a network's are), so the mask comes in blobs and its
+    # dilation adds a border, not a 9x area as it would for pixels drawn independently
+    coarse = torch.randn(batch, channels, max(1, size // 8), max(1, size // 8))
+    x = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x + 0.1 * torch.randn(x.shape)).to(device).contiguous(memory_format=fmt)  # (interpolate may give NHWC)
+    with torch.no_grad():
+        logits = block.masker.maskconv(x).flatten()
+        if density < 1:
+            block.masker.maskconv.bias -= torch.quantile(logits, 1 - density)
+        else:
+            block.masker.maskconv.bias -= logits.min() + 1
+
+    def sparse():
+        with torch.no_grad():
+            block.sparse = True
+            return block(x)[0]
+
+    def masked_dense():
+        with torch.no_grad():
+            block.sparse = False
+            return block(x)[0]
+
+    def dense():
+        with torch.no_grad():
+            return x + block.conv(x)
+
+    if not torch.allclose(sparse(), masked_dense(), rtol=1e-4, atol=1e-4):
+        raise AssertionError("the sparse block disagrees with the masked-dense block; refusing to time it")
+    return [
+        _impl("dynkernels", sparse, "kernel"),
+        _impl("masked-dense block (DynConv training path)", masked_dense, "anchor", True),
+        _impl("dense block (oneDNN)", dense, "anchor"),
+    ]
+
+
 def cases(size: str, device: str) -> list:
     if size == "quick":
         masks = [(2, 14, 0.25, 1)]
@@ -124,6 +170,25 @@ def cases(size: str, device: str) -> list:
                     "dense depthwise conv x mask (channels-last)",
                 ),
                 floor_bytes=4 * c * b * s * s * dens * 2,  # the active rows in and out (halo not counted)
+            )
+        )
+    if size == "quick":
+        blocks = [(2, 16, 14, 0.25, False)]
+    else:
+        densities = (1.0, 0.75, 0.5, 0.25, 0.1, 0.05) if size == "full" else (1.0, 0.5, 0.25, 0.1)
+        blocks = [(8, 24, 56, d, False) for d in densities] + [(8, 24, 56, 0.25, True), (1, 24, 112, 0.25, False)]
+        if size == "full":
+            blocks += [(8, 32, 28, d, False) for d in densities] + [(1, 64, 64, d, False) for d in (0.5, 0.25, 0.1)]
+    for b, c, s, dens, last in blocks:
+        out.append(
+            _case(
+                FAMILY,
+                "SparseInvertedResidual eval",
+                f"B={b} C={c} (hidden {6 * c}) {s}x{s} density={dens}" + (" channels-last" if last else ""),
+                lambda a=(b, c, s, dens, device, last): block_setup(*a),
+                dict(B=b, C=c, H=s, W=s, density=dens, layout="NHWC" if last else "NCHW"),
+                ("dynkernels", "masked-dense block (DynConv training path)", "dense block (oneDNN)"),
+                floor_flops=2 * b * s * s * dens * (2 * c * 6 * c + 9 * 6 * c),
             )
         )
     for b, s, dens, halo in masks:

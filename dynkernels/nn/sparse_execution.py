@@ -1,0 +1,153 @@
+"""Spatially sparse execution modules (issue 14): DynConv's mask unit and its
+sparse MobileNetV2 inverted residual, over :mod:`dynkernels.ops.sparse_execution`.
+
+Training runs the masked-dense formulation the official code trains with
+(the whole block densely, ``x + mask * block(x)``); ``eval()`` runs the
+sparse path (compaction, gathers, the 1x1s as GEMMs on the active rows, the
+masked depthwise conv, BatchNorm folded, a scatter-add into the residual).
+Both give the same output on every active pixel and ``x`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .._backends import check_module_backend
+from ..ops._validation import check_int
+
+__all__ = ["MaskUnit", "SparseInvertedResidual"]
+
+_OPS = ("mask_to_index", "gather_pixels", "scatter_pixels", "masked_depthwise_conv2d")
+
+
+class _Squeeze(nn.Module):
+    """DynConv's classification mask head: a 3x3 conv plus a per-sample FC of the pooled input."""
+
+    def __init__(self, channels: int, stride: int):
+        super().__init__()
+        self.fc = nn.Linear(channels, 1, bias=True)
+        self.conv = nn.Conv2d(channels, 1, stride=stride, kernel_size=3, padding=1, bias=True)
+
+    def forward(self, x):
+        pooled = self.fc(x.mean((2, 3))).view(x.shape[0], 1, 1, 1)
+        return self.conv(x) + pooled
+
+
+class MaskUnit(nn.Module):
+    """DynConv's mask unit: mask logits from x, then the Gumbel gate.
+
+    ``head="conv1x1"`` (the pose code's ``maskconv = Conv2d(C, 1, 1, stride)``)
+    or ``"squeeze"`` (the classification code's Squeeze: a 3x3 conv plus an FC
+    of the pooled input); parameter names follow the official module, so its
+    state dict loads. ``forward(x, tau=1.0, noise=True) -> (hard, logits)``:
+    hard (B, 1, H', W') float, from the straight-through Gumbel gate in
+    training and ``logits >= 0`` in eval."""
+
+    def __init__(self, channels: int, stride: int = 1, head: str = "conv1x1"):
+        super().__init__()
+        channels, stride = check_int("channels", channels, 1), check_int("stride", stride, 1)
+        if head == "conv1x1":
+            self.maskconv = nn.Conv2d(channels, 1, stride=stride, kernel_size=1, padding=0)
+        elif head == "squeeze":
+            self.maskconv = _Squeeze(channels, stride)
+        else:
+            raise ValueError(f"head must be 'conv1x1' or 'squeeze', got {head!r}")
+
+    def forward(self, x: torch.Tensor, tau: float = 1.0, noise: bool = True):
+        conv = self.maskconv
+        if isinstance(conv, nn.Conv2d) and conv.stride == (1, 1) and x.dim() == 4:
+            # the 1x1 conv to one channel as a GEMV over the channels (oneDNN's conv path
+            # measured 0.66 ms at 8x24x56x56, this 0.1 ms); the same sum
+            b, c, h, w = x.shape
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+                flat = x.permute(0, 2, 3, 1).reshape(b, h * w, c) @ conv.weight.view(c, 1)
+                logits = flat.view(b, h, w, 1).permute(0, 3, 1, 2)
+            else:
+                logits = (conv.weight.view(1, 1, c) @ x.reshape(b, c, h * w)).view(b, 1, h, w)
+            logits = logits + conv.bias.view(1, 1, 1, 1)
+        else:
+            logits = conv(x)
+        return ops.gumbel_gate(logits, tau=tau, training=self.training, noise=noise), logits
+
+
+class SparseInvertedResidual(nn.Module):
+    """MobileNetV2's inverted residual with a DynConv spatial mask (the pose
+    code's sparse block: stride 1, in == out channels, an expansion).
+
+    Layers as the official ``InvertedResidual`` (``conv``: 1x1 expand, BN,
+    ReLU6, depthwise 3x3, BN, ReLU6, 1x1 project, BN; ``masker``: the mask
+    unit), so its state dict loads. ``forward(x, tau=1.0, noise=True) ->
+    (out, info)``; info holds ``mask`` (the hard mask, differentiable through
+    the gate in training), ``dilated`` (the mask dilated by the depthwise
+    conv's 3x3 reach, bool) and ``flops`` (FLOPs per position on each, for
+    :func:`dynkernels.ops.sparsity_loss`).
+
+    Training: ``x + mask * conv(x)`` on the dense input (the official
+    training path). Eval: the sparse path on the active pixels; BatchNorm
+    folded into the convs' weights and biases from its running statistics.
+    ``sparse=False`` in eval runs the dense masked formulation instead (for
+    comparisons)."""
+
+    def __init__(
+        self,
+        channels: int,
+        expand_ratio: int = 6,
+        *,
+        head: str = "conv1x1",
+        bn_momentum: float = 0.1,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        channels = check_int("channels", channels, 1)
+        expand_ratio = check_int("expand_ratio", expand_ratio, 2)
+        check_module_backend(backend, *_OPS)
+        hidden = round(channels * expand_ratio)
+        self.channels, self.hidden, self.backend = channels, hidden, backend
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(hidden, momentum=bn_momentum),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden, momentum=bn_momentum),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, channels, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(channels, momentum=bn_momentum),
+        )
+        self.masker = MaskUnit(channels, 1, head)
+        self.sparse = True
+
+    def flops_per_position(self) -> tuple[float, float]:
+        """(on the mask, on the dilated mask), as the official conv1x1 / conv3x3_dw count them."""
+        return float(self.hidden * 9 + self.channels * self.hidden), float(self.hidden * self.channels)
+
+    def forward(self, x: torch.Tensor, tau: float = 1.0, noise: bool = True):
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"x must be (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        hard, _ = self.masker(x, tau, noise)
+        info = dict(mask=hard, flops=self.flops_per_position())
+        if self.training or not self.sparse:
+            info["dilated"] = F.max_pool2d(hard.detach(), 3, 1, 1) > 0.5
+            return x + hard * self.conv(x), info
+        out, inverse = self._sparse(x, hard > 0.5)
+        info["dilated"] = (inverse >= 0).unsqueeze(1)  # the compaction's own dilated mask
+        return out, info
+
+    def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+    def _sparse(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        be = self.backend
+        in_index, _, inverse = ops.mask_to_index(mask, halo=1, inverse=True, backend=be)
+        out_index, _ = ops.mask_to_index(mask, backend=be)
+        w1, b1 = self._folded(self.conv[0], self.conv[1])
+        w2, b2 = self._folded(self.conv[3], self.conv[4])
+        w3, b3 = self._folded(self.conv[6], self.conv[7])
+        rows = ops.gather_pixels(x, in_index, backend=be)
+        hidden = torch.mm(rows, w1.flatten(1).t()).add_(b1).clamp_(0, 6)  # (addmm copies the bias in first)
+        hidden = ops.masked_depthwise_conv2d(hidden, inverse, out_index, w2, b2, padding=1, backend=be).clamp_(0, 6)
+        out = torch.addmm(b3, hidden, w3.flatten(1).t())
+        return ops.scatter_pixels(out, out_index, x, mode="add", backend=be), inverse
