@@ -546,3 +546,108 @@ def test_sparse_block_eval_equals_the_dense_masked_block(layout, mask_bias, shap
     if mask_bias == -100.0:
         assert torch.equal(sparse, x)
     assert sparse.is_contiguous(memory_format=layout)
+
+
+# ---- layer skipping ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capacity", [None, 3, 8], ids=["exact", "capacity-short", "capacity-padded"])
+@pytest.mark.parametrize("keep", [[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+def test_run_on_subset_equals_the_per_sample_loop(keep, capacity):
+    g = torch.Generator().manual_seed(sum(keep))
+    x = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    keep = torch.tensor(keep, dtype=torch.bool)
+    fn = lambda t: torch.einsum("oc,nchw->nohw", weight, t).tanh() + t  # noqa: E731
+    got = ops.run_on_subset(fn, x, keep, capacity=capacity)
+    limit = keep.sum() if capacity is None else min(int(keep.sum()), capacity)
+    ran = keep & (torch.cumsum(keep, 0) <= limit)  # past the capacity: passed through
+    want = torch.stack([fn(x[i : i + 1])[0] if ran[i] else x[i] for i in range(5)])
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    gy = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(
+        torch.autograd.grad(got, (x, weight), gy, allow_unused=True),
+        torch.autograd.grad(want, (x, weight), gy, allow_unused=True),
+        strict=True,
+    ):
+        if a is None or b is None:
+            assert (a is None or not a.abs().sum()) and (b is None or not b.abs().sum())
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_run_on_subset_checks_its_arguments():
+    x = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=r"keep must be a \(B,\) bool"):
+        ops.run_on_subset(lambda t: t, x, torch.ones(3))
+    with pytest.raises(ValueError, match="fn must map"):
+        ops.run_on_subset(lambda t: t[:, :1], x, torch.ones(3, dtype=torch.bool))
+
+
+def test_gated_skip_blends_in_training_and_skips_in_eval():
+    torch.manual_seed(2)
+    block = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU()).double()
+    skip = dnn.GatedSkip(block, 4).double()
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64)
+    torch.manual_seed(3)
+    out, gate = skip(x)
+    g = gate.view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, g * block(x) + (1 - g) * x, rtol=0, atol=0)
+    assert torch.autograd.grad(out.sum(), skip.gate.weight)[0].abs().sum() > 0
+    skip.eval()
+    with torch.no_grad():
+        skip.gate.bias.fill_(0.0)
+        skip.gate.weight.copy_(torch.linspace(-1, 1, 4).view(1, 4))
+        out, gate = skip(x)
+        on = gate > 0.5
+        assert 0 < int(on.sum()) < 6
+        torch.testing.assert_close(out[on], block(x[on]), rtol=1e-13, atol=1e-13)
+        assert torch.equal(out[~on], x[~on])
+
+
+# ---- SBNet tiles -----------------------------------------------------------------
+
+REDUCE_CASES = kernel_cases("reduce_mask")
+TILE_GEOMETRIES = [  # (block_size, block_stride, block_offset, block_count)
+    ((5, 5), (3, 3), (-1, -1), None),  # 3x3 output tiles of a 3x3 conv: the halo overlaps
+    ((4, 6), (4, 6), (0, 0), None),  # disjoint tiles, the last ones clipped
+    ((7, 7), (5, 5), (-2, -1), (3, 4)),  # an explicit count, running past the image
+    ((3, 3), (2, 2), (1, 0), None),  # a positive offset
+]
+
+
+@pytest.mark.parametrize("device,backend", REDUCE_CASES)
+@pytest.mark.parametrize("mode,threshold", [("max", 0.5), ("max", -0.1), ("avg", 0.2), ("avg", 0.0)])
+@pytest.mark.parametrize("geometry", TILE_GEOMETRIES, ids=["halo", "disjoint", "count", "offset"])
+def test_reduce_mask_matches_sbnet(device, backend, mode, threshold, geometry):
+    size, stride, offset, count = geometry
+    g = torch.Generator().manual_seed(len(str(geometry)))
+    for name, mask in (
+        ("bool", torch.rand(2, 1, 13, 17, generator=g) < 0.1),
+        ("float", torch.rand(2, 1, 13, 17, generator=g) * (torch.rand(2, 1, 13, 17, generator=g) < 0.2)),
+        ("empty", torch.zeros(2, 1, 13, 17, dtype=torch.bool)),
+    ):
+        mask = mask.to(device)
+        want, want_count = ref.reduce_mask(mask, size, stride, offset, count, threshold=threshold, mode=mode)
+        got, got_count = ops.reduce_mask(
+            mask, size, stride, block_offset=offset, block_count=count, threshold=threshold, mode=mode, backend=backend
+        )
+        assert int(got_count) == int(want_count), name
+        assert torch.equal(got[: int(got_count)], want), name
+
+
+@pytest.mark.parametrize("device,backend", REDUCE_CASES)
+def test_reduce_mask_empty_block_quirk_and_capacity(device, backend):
+    empty = torch.zeros(1, 1, 8, 8, dtype=torch.bool, device=device)
+    got, count = ops.reduce_mask(empty, 4, 4, empty_block=True, backend=backend)
+    assert int(count) == 1 and torch.equal(got[:1].cpu(), torch.zeros(1, 3, dtype=torch.int64))
+    got, count = ops.reduce_mask(empty, 4, 4, backend=backend)
+    assert int(count) == 0
+    some = torch.zeros(1, 1, 8, 8, dtype=torch.bool, device=device)
+    some[0, 0, 5, 1] = True
+    got, count = ops.reduce_mask(some, 4, 4, capacity=3, backend=backend)
+    assert int(count) == 1 and got.tolist() == [[0, 1, 0], [-1, -1, -1], [-1, -1, -1]]
+    got, count = ops.reduce_mask(some, 4, 4, capacity=3, empty_block=True, backend=backend)
+    assert int(count) == 1 and got.tolist()[0] == [0, 1, 0]
+    with pytest.raises(ValueError, match="mode must be"):
+        ops.reduce_mask(some, 4, 4, mode="sum", backend=backend)

@@ -144,6 +144,56 @@ def block_setup(batch, channels, size, density, device, channels_last=False):
     ]
 
 
+def skip_setup(batch, channels, size, skip_rate, device):
+    """Layer skipping in eval: a ResNet basic block (two 3x3 conv + BN, the
+    residual) behind a per-sample gate, run by run_on_subset on the kept
+    samples, against SkipNet's blend (every sample runs the block, then
+    mask * block(x) + (1 - mask) * x)."""
+    from torch import nn
+
+    from ..nn.sparse_execution import GatedSkip
+
+    class Basic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(),
+                nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(channels),
+            )
+
+        def forward(self, x):
+            return torch.relu(x + self.body(x))
+
+    torch.manual_seed(batch + channels)
+    skip = GatedSkip(Basic(), channels).to(device).eval()
+    x = torch.randn(batch, channels, size, size).to(device)
+    with torch.no_grad():
+        logits = skip.gate(x.mean((2, 3))).view(-1)
+        kept = round(batch * (1 - skip_rate))
+        if kept == batch:
+            skip.gate.bias -= logits.min() + 1
+        elif kept == 0:
+            skip.gate.bias -= logits.max() + 1
+        else:
+            skip.gate.bias -= torch.sort(logits, descending=True).values[kept - 1 : kept + 1].mean()
+
+    def ours():
+        with torch.no_grad():
+            return skip(x)[0]
+
+    def blend():
+        with torch.no_grad():
+            gate = (skip.gate(x.mean((2, 3))).view(-1, 1, 1, 1) >= 0).to(x.dtype)
+            return gate * skip.block(x) + (1 - gate) * x
+
+    if not torch.allclose(ours(), blend(), rtol=1e-4, atol=1e-4):
+        raise AssertionError("GatedSkip disagrees with the blend; refusing to time it")
+    return [_impl("dynkernels", ours, "kernel"), _impl("SkipNet blend (every sample runs)", blend, "anchor", True)]
+
+
 def cases(size: str, device: str) -> list:
     if size == "quick":
         masks = [(2, 14, 0.25, 1)]
@@ -179,6 +229,19 @@ def cases(size: str, device: str) -> list:
         blocks = [(8, 24, 56, d, False) for d in densities] + [(8, 24, 56, 0.25, True), (1, 24, 112, 0.25, False)]
         if size == "full":
             blocks += [(8, 32, 28, d, False) for d in densities] + [(1, 64, 64, d, False) for d in (0.5, 0.25, 0.1)]
+    skips = [(4, 16, 14, 0.5)] if size == "quick" else [(32, 64, 28, r) for r in (0.0, 0.25, 0.5, 0.75)]
+    for b, c, s, rate in skips:
+        out.append(
+            _case(
+                FAMILY,
+                "GatedSkip eval (ResNet basic block)",
+                f"B={b} C={c} {s}x{s} skip rate={rate}",
+                lambda a=(b, c, s, rate, device): skip_setup(*a),
+                dict(B=b, C=c, H=s, W=s, skip_rate=rate),
+                ("dynkernels", "SkipNet blend (every sample runs)"),
+                floor_flops=2 * 2 * round(b * (1 - rate)) * s * s * c * c * 9,
+            )
+        )
     for b, c, s, dens, last in blocks:
         out.append(
             _case(

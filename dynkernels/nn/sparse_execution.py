@@ -18,7 +18,7 @@ from .. import ops
 from .._backends import check_module_backend
 from ..ops._validation import check_int
 
-__all__ = ["MaskUnit", "SparseInvertedResidual"]
+__all__ = ["GatedSkip", "MaskUnit", "SparseInvertedResidual"]
 
 _OPS = ("mask_to_index", "gather_pixels", "scatter_pixels", "masked_depthwise_conv2d")
 
@@ -151,3 +151,32 @@ class SparseInvertedResidual(nn.Module):
         hidden = ops.masked_depthwise_conv2d(hidden, inverse, out_index, w2, b2, padding=1, backend=be).clamp_(0, 6)
         out = torch.addmm(b3, hidden, w3.flatten(1).t())
         return ops.scatter_pixels(out, out_index, x, mode="add", backend=be), inverse
+
+
+class GatedSkip(nn.Module):
+    """A residual block with a per-sample execution gate (SkipNet /
+    ConvNet-AIG style): the gate is a Gumbel gate on a linear map of the
+    pooled input, ``g = gumbel_gate(Linear(C, 1)(mean over H, W of x))``.
+
+    ``forward(x, tau=1.0, noise=True) -> (out, gate)``, gate (B,) float.
+    Training: the blend the official code trains with, ``g * block(x) + (1 -
+    g) * x`` (every sample runs the block; the straight-through gate passes
+    gradients to the gate's head). Eval: :func:`dynkernels.ops.run_on_subset`
+    runs the block on the gated-on samples only, the others pass through
+    (``capacity`` as there). ``block`` maps (n, C, H, W) to the same shape."""
+
+    def __init__(self, block: nn.Module, channels: int, *, capacity: int | None = None):
+        super().__init__()
+        self.block = block
+        self.gate = nn.Linear(check_int("channels", channels, 1), 1)
+        self.capacity = capacity
+
+    def forward(self, x: torch.Tensor, tau: float = 1.0, noise: bool = True):
+        if x.dim() != 4 or x.shape[1] != self.gate.in_features:
+            raise ValueError(f"x must be (B, {self.gate.in_features}, H, W), got {tuple(x.shape)}")
+        logits = self.gate(x.mean((2, 3))).view(-1)
+        gate = ops.gumbel_gate(logits, tau=tau, training=self.training, noise=noise)
+        if self.training:
+            g = gate.view(-1, 1, 1, 1)
+            return g * self.block(x) + (1 - g) * x, gate
+        return ops.run_on_subset(self.block, x, gate > 0.5, capacity=self.capacity), gate

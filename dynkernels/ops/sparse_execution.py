@@ -31,6 +31,20 @@ scatter, and DynConv's Gumbel gate and sparsity loss.
   zero. DynConv's ``masked_conv_dw``, which reads ``rows[-1]`` there (its
   dilated mask is meant to cover every tap). Gradients to rows, weight and
   bias.
+* ``reduce_mask(mask, block_size, block_stride, *, block_offset=(0, 0),
+  block_count=None, threshold=0.0, mode="max"|"avg", capacity=None,
+  empty_block=False) -> (indices (M, 3), count)``: SBNet's tiles. Block
+  (by, bx) of sample n covers rows [oy + by*sy, +bh) and columns
+  [ox + bx*sx, +bw), clipped to the image (a negative offset pads); "max":
+  active if a value there exceeds the threshold, "avg": if their sum over
+  the full block area bh*bw does. Indices (n, by, bx) int64 in that order;
+  the block count defaults to the blocks whose first row and column lie in
+  the image. Capacity and counts as ``mask_to_index``. SBNet returns one
+  block (0, 0, 0) and a count of 1 for an empty mask: ``empty_block=True``
+  keeps that; the default returns none.
+* ``run_on_subset(fn, x, keep, *, capacity=None)``: ``fn`` run on the samples
+  whose gate is on, the others passed through (layer skipping at batch > 1,
+  no per-sample Python loop).
 * ``gumbel_gate`` and ``sparsity_loss``: DynConv's mask unit gate and
   budget loss (see :mod:`dynkernels.reference.sparse_execution`), plain
   PyTorch compositions (no kernel of their own).
@@ -42,6 +56,7 @@ with no host sync) and "reference" (nonzero and indexing)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .._backends import resolve
 from .._extension import has_extension
@@ -55,6 +70,8 @@ __all__ = [
     "gumbel_gate",
     "mask_to_index",
     "masked_depthwise_conv2d",
+    "reduce_mask",
+    "run_on_subset",
     "scatter_pixels",
     "sparsity_loss",
 ]
@@ -78,6 +95,7 @@ register_op(
     reference=ref.masked_depthwise_conv2d,
     differentiable=("reference", "cpp"),
 )
+register_op("reduce_mask", FAMILY, ("reference", "composite"), reference=ref.reduce_mask)
 _MODES = {"set": 0, "add": 1}
 
 
@@ -418,3 +436,120 @@ def sparsity_loss(masks, dilated, flops, *, target: float, epoch: float, num_epo
         raise ValueError(f"target must be in [0, 1], got {target}")
     num_epochs = check_int("num_epochs", num_epochs, 1)
     return ref.sparsity_loss(masks, dilated, flops, target=target, epoch=epoch, num_epochs=num_epochs)
+
+
+def run_on_subset(fn, x: torch.Tensor, keep: torch.Tensor, *, capacity: int | None = None) -> torch.Tensor:
+    """Layer skipping: ``fn`` on the samples of x (B, ...) whose ``keep`` (B,)
+    bool is set, compacted into one batch; the others pass through unchanged
+    (a skipped block's identity). fn must map (n, ...) to (n, ...) of x's
+    per-sample shape. Returns a new tensor; gradients flow to x and fn.
+
+    Without ``capacity`` the subset is exactly the kept samples (``nonzero``:
+    a host sync on GPUs, to size fn's batch). With ``capacity`` fn always runs
+    on ``capacity`` samples -- the kept ones first (in order), then copies of
+    sample 0 as padding whose results are dropped -- so nothing syncs; kept
+    samples past the capacity are passed through (compare keep.sum() with it
+    where that matters)."""
+    x = check_tensor("x", x)
+    keep = check_tensor("keep", keep)
+    if keep.dtype != torch.bool or keep.shape != x.shape[:1]:
+        raise ValueError(f"keep must be a (B,) bool tensor with B = {x.shape[0]}, got {keep.dtype} {tuple(keep.shape)}")
+    check_same_device(x=x, keep=keep)
+    batch = x.shape[0]
+    if capacity is None:
+        index = torch.nonzero(keep).reshape(-1)
+        if index.numel() == 0:
+            return x.clone()
+        return x.index_copy(0, index, _check_subset(fn(x.index_select(0, index)), x, index.numel()))
+    capacity = check_int("capacity", capacity, 1)
+    slots = torch.cumsum(keep, 0) - 1
+    where = torch.where(keep & (slots < capacity), slots, capacity)
+    index = torch.zeros(capacity + 1, dtype=torch.int64, device=x.device)
+    index.scatter_(0, where, torch.arange(batch, device=x.device))
+    index = index[:capacity]  # the kept samples in order, then sample 0 as padding
+    used = torch.arange(capacity, device=x.device) < keep.sum().clamp(max=capacity)
+    y = _check_subset(fn(x.index_select(0, index)), x, capacity)
+    target = torch.where(used, index, batch)  # padding results go to a spare row, dropped
+    spare = torch.cat([x, x[:1]])
+    return spare.index_copy(0, target, y)[:batch]
+
+
+def _check_subset(y, x, n):
+    if not isinstance(y, torch.Tensor) or y.shape != (n, *x.shape[1:]):
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"fn must map ({n}, ...) samples to ({n}, {', '.join(map(str, x.shape[1:]))}), got {got}")
+    return y.to(x.dtype)
+
+
+def _pair_of(name: str, value, low: int | None) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        return check_int(name, value[0], low), check_int(name, value[1], low)
+    v = check_int(name, value, low)
+    return v, v
+
+
+def reduce_mask(
+    mask: torch.Tensor,
+    block_size,
+    block_stride,
+    *,
+    block_offset=(0, 0),
+    block_count=None,
+    threshold: float = 0.0,
+    mode: str = "max",
+    capacity: int | None = None,
+    empty_block: bool = False,
+    backend=None,
+):
+    """SBNet's reduce_mask (see the module docstring) -> (indices (M, 3) int64, count)."""
+    mask = check_tensor("mask", mask)
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask must be (B, 1, H, W), got {tuple(mask.shape)}")
+    if mode not in ("max", "avg"):
+        raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+    size, stride = _pair_of("block_size", block_size, 1), _pair_of("block_stride", block_stride, 1)
+    offset = _pair_of("block_offset", block_offset, None)
+    if any(o <= -s for o, s in zip(offset, size, strict=True)):
+        raise ValueError(f"block_offset {offset} leaves the first block outside the image (block_size {size})")
+    h, w = mask.shape[2:]
+    count = (
+        ref.default_block_count((h, w), stride, offset)
+        if block_count is None
+        else _pair_of("block_count", block_count, 1)
+    )
+    threshold = check_real("threshold", threshold)
+    chosen = resolve("reduce_mask", mask.device, backend)
+    if chosen == "reference":
+        indices, total = ref.reduce_mask(
+            mask, size, stride, offset, count, threshold=threshold, mode=mode, empty_block=empty_block
+        )
+        if capacity is not None:
+            if indices.shape[0] > capacity:
+                raise ValueError(f"capacity overflow: {indices.shape[0]} active blocks, capacity is {capacity}")
+            indices = torch.cat([indices, indices.new_full((capacity - indices.shape[0], 3), -1)])
+        return indices, total
+    values = mask.to(torch.float32 if not mask.is_floating_point() else mask.dtype)
+    if mode == "max":  # the values that count, so that the padding never does whatever the threshold
+        values = (values > threshold).to(values.dtype)
+    (bh, bw), (sy, sx), (oy, ox), (ch, cw) = size, stride, offset, count
+    top, left = max(0, -oy), max(0, -ox)
+    bottom = max(0, oy + (ch - 1) * sy + bh - h)
+    right = max(0, ox + (cw - 1) * sx + bw - w)
+    padded = F.pad(values, (left, right, top, bottom))[:, :, oy + top :, ox + left :]
+    pooled = F.max_pool2d(padded, (bh, bw), (sy, sx)) if mode == "max" else F.avg_pool2d(padded, (bh, bw), (sy, sx))
+    pooled = pooled[:, :, :ch, :cw]
+    active = pooled > (0.5 if mode == "max" else threshold)
+    flat, total = mask_to_index(active, capacity=capacity, backend=None)
+    blocks = ch * cw
+    indices = torch.stack([flat // blocks, flat // cw % ch, flat % cw], 1)
+    indices = torch.where(flat[:, None] >= 0, indices, -1)
+    if empty_block:
+        if indices.shape[0] == 0:  # exact (CPU) sizes: nothing active
+            indices, total = indices.new_zeros((1, 3)), total + 1
+        else:
+            none = total == 0
+            indices = torch.cat([torch.where(none, 0, indices[:1]), indices[1:]])
+            total = torch.where(none, 1, total)
+    return indices, total

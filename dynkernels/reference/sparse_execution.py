@@ -33,6 +33,7 @@ __all__ = [
     "gumbel_gate",
     "mask_to_index",
     "masked_depthwise_conv2d",
+    "reduce_mask",
     "scatter_pixels",
     "sparsity_loss",
 ]
@@ -167,3 +168,48 @@ def masked_depthwise_conv2d(
     dense = dense.index_put((torch.nonzero(active).reshape(-1),), rows[table[active]])
     image = dense.view(b, h, w, c).permute(0, 3, 1, 2)
     return gather_pixels(F.conv2d(image, weight, bias, stride, padding, dilation, c), out_index)
+
+
+def reduce_mask(
+    mask: torch.Tensor,
+    block_size,
+    block_stride,
+    block_offset=(0, 0),
+    block_count=None,
+    *,
+    threshold: float = 0.0,
+    mode: str = "max",
+    empty_block: bool = False,
+):
+    """SBNet's reduce_mask (sbnet_ops/reduce_mask.cc, its CPU loops in your
+    words): block (by, bx) of sample n covers rows [oy + by*sy, +bh) and
+    columns [ox + bx*sx, +bw) clipped to the image; "max": active if a value
+    there exceeds the threshold; "avg": if their sum over the block's full
+    area bh*bw does. -> (indices (M, 3) int64 (n, by, bx) in that order,
+    count () int64). ``empty_block=True`` keeps SBNet's quirk: with no active
+    block it returns the one block (0, 0, 0) and a count of 1."""
+    (bh, bw), (sy, sx), (oy, ox) = block_size, block_stride, block_offset
+    b, _, h, w = mask.shape
+    ch, cw = block_count if block_count is not None else default_block_count((h, w), block_stride, block_offset)
+    values = mask.to(torch.float64)
+    found = []
+    for n in range(b):
+        for by in range(ch):
+            for bx in range(cw):
+                y0, x0 = oy + by * sy, ox + bx * sx
+                window = values[n, 0, max(0, y0) : max(0, y0 + bh), max(0, x0) : max(0, x0 + bw)]
+                if mode == "avg":
+                    active = float(window.sum()) / (bh * bw) > threshold
+                else:
+                    active = bool((window > threshold).any())
+                if active:
+                    found.append((n, by, bx))
+    if not found and empty_block:
+        found = [(0, 0, 0)]
+    indices = torch.tensor(found, dtype=torch.int64).reshape(-1, 3).to(mask.device)
+    return indices, torch.tensor(len(found), dtype=torch.int64, device=mask.device)
+
+
+def default_block_count(size, block_stride, block_offset):
+    """Blocks whose first row / column lies in the image: ceil((H - oy) / sy), ceil((W - ox) / sx)."""
+    return tuple(-(-(n - o) // s) for n, s, o in zip(size, block_stride, block_offset, strict=True))
