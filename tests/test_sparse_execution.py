@@ -651,3 +651,107 @@ def test_reduce_mask_empty_block_quirk_and_capacity(device, backend):
     assert int(count) == 1 and got.tolist()[0] == [0, 1, 0]
     with pytest.raises(ValueError, match="mode must be"):
         ops.reduce_mask(some, 4, 4, mode="sum", backend=backend)
+
+
+TILE_CASES = kernel_cases("gather_tiles")
+
+
+def _tiles(g):
+    # (n, by, bx): interior, border and past-the-image tiles, and padding rows
+    return torch.tensor([[0, 0, 0], [1, 2, 3], [0, 3, 0], [1, 0, 4], [-1, -1, -1], [0, 1, 2]])
+
+
+@pytest.mark.parametrize("device,backend", TILE_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_gather_and_scatter_tiles_match_sbnet(device, backend, layout):
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 3, 11, 13, generator=g, dtype=torch.float64).to(device).contiguous(memory_format=layout)
+    tiles = _tiles(g).to(device)
+    for size, stride, offset in (((5, 5), (3, 3), (-1, -1)), ((4, 3), (4, 3), (0, 0)), ((6, 4), (3, 2), (-2, 1))):
+        got = ops.gather_tiles(x, tiles, size, stride, block_offset=offset, backend=backend)
+        assert torch.equal(got, ref.gather_tiles(x, tiles, size, stride, offset))
+        blocks = torch.randn(got.shape, generator=g, dtype=torch.float64).to(device)
+        for mode in ("set", "add"):
+            out = ops.scatter_tiles(blocks, tiles, x, stride, block_offset=offset, mode=mode, backend=backend)
+            want = ref.scatter_tiles(blocks, tiles, x, stride, offset, mode=mode)
+            if mode == "set" and stride[0] < size[0]:
+                continue  # overlapping tiles: which one wins is undefined
+            torch.testing.assert_close(out, want, rtol=1e-13, atol=1e-13)
+            assert out.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("device,backend", TILE_CASES)
+def test_tile_gradients_by_gradcheck(device, backend):
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 2, 7, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    tiles = torch.tensor([[0, 0, 0], [1, 1, 1], [-1, -1, -1], [0, 2, 1]], device=device)
+    assert torch.autograd.gradcheck(
+        lambda a: ops.gather_tiles(a, tiles, (4, 4), (3, 3), block_offset=(-1, -1), backend=backend), (x,)
+    )
+    blocks = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    for mode in ("set", "add"):
+        assert torch.autograd.gradcheck(
+            lambda bl, o, m=mode: ops.scatter_tiles(bl, tiles, o, (3, 3), mode=m, backend=backend), (blocks, x)
+        )
+
+
+def test_tile_path_of_a_3x3_conv_equals_the_dense_conv_on_the_active_tiles():
+    """SBNet's pattern: reduce_mask with the conv's halo (block T + 2, stride T,
+    offset -1), gather, a VALID 3x3 conv, scatter of the T x T outputs."""
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(2, 4, 14, 11, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 4, 3, 3, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, 1, 14, 11, generator=g) < 0.05
+    t = 4
+    tiles, count = ops.reduce_mask(mask, t + 2, t, block_offset=-1)
+    blocks = F.conv2d(ops.gather_tiles(x, tiles, t + 2, t, block_offset=-1), weight)
+    out = ops.scatter_tiles(blocks, tiles, torch.zeros(2, 5, 14, 11, dtype=torch.float64), t)
+    dense = F.conv2d(x, weight, padding=1)
+    covered = torch.zeros(2, 1, 14, 11, dtype=torch.bool)
+    for n, by, bx in tiles.tolist():
+        covered[n, :, by * t : by * t + t, bx * t : bx * t + t] = True
+    assert int(count) > 0 and bool(covered[mask].all())  # every active pixel's tile is active
+    torch.testing.assert_close(out * covered, dense * covered, rtol=1e-12, atol=1e-12)
+
+
+def _basic(channels=4, tile=4, mask_bias=None, seed=0):
+    torch.manual_seed(seed)
+    block = dnn.SparseBasicBlock(channels, tile=tile).double()
+    with torch.no_grad():
+        for bn in (block.bn1, block.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        if mask_bias is not None:
+            block.masker.maskconv.conv.bias.fill_(mask_bias)
+    return block
+
+
+def test_sparse_basic_block_trains_as_the_official_block():
+    block = _basic()
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    torch.manual_seed(5)
+    out, info = block(x)
+    torch.manual_seed(5)
+    logits = block.masker.maskconv(x)
+    u1, u2 = torch.rand_like(logits), torch.rand_like(logits)
+    hard = _gumbel_official(logits, u1, u2, 1.0, True, True)
+    y = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x)))))
+    torch.testing.assert_close(out, torch.relu(x + hard * y), rtol=1e-13, atol=1e-13)
+    assert {"conv1.weight", "bn1.running_mean", "conv2.weight", "bn2.bias", "masker.maskconv.conv.weight"} <= set(
+        block.state_dict()
+    )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("mask_bias", [None, -100.0, 100.0], ids=["some", "none", "all"])
+@pytest.mark.parametrize("shape,tile", [((2, 9, 7), 4), ((1, 13, 16), 8), ((2, 5, 6), 3)], ids=["odd", "b1", "t3"])
+def test_sparse_basic_block_eval_equals_the_dense_masked_block(layout, mask_bias, shape, tile):
+    block = _basic(tile=tile, mask_bias=mask_bias).eval()
+    b, h, w = shape
+    x = torch.randn(b, 4, h, w, dtype=torch.float64).contiguous(memory_format=layout)
+    sparse, _ = block(x)
+    block.sparse = False
+    dense, _ = block(x)
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)

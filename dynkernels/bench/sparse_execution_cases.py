@@ -98,6 +98,57 @@ def masked_depthwise_setup(batch, channels, size, density, device):
     ]
 
 
+def _coherent(batch, channels, size, device, fmt):
+    """Spatially coherent features (as a network's are), so that a mask drawn from them comes in
+    blobs and its dilation (or tiling) adds a border, not a 9x area as for independent pixels."""
+    coarse = torch.randn(batch, channels, max(1, size // 8), max(1, size // 8))
+    x = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    return (x + 0.1 * torch.randn(x.shape)).to(device).contiguous(memory_format=fmt)  # (interpolate may give NHWC)
+
+
+def _set_density(head, logits, density):
+    with torch.no_grad():
+        head.bias -= torch.quantile(logits, 1 - density) if density < 1 else logits.min() - 1  # all >= 1
+
+
+def _eval_impls(block, x, dense):
+    def sparse():
+        with torch.no_grad():
+            block.sparse = True
+            return block(x)[0]
+
+    def masked_dense():
+        with torch.no_grad():
+            block.sparse = False
+            return block(x)[0]
+
+    def plain():
+        with torch.no_grad():
+            return dense(x)
+
+    if not torch.allclose(sparse(), masked_dense(), rtol=1e-4, atol=1e-4):
+        raise AssertionError("the sparse block disagrees with the masked-dense block; refusing to time it")
+    return [
+        _impl("dynkernels", sparse, "kernel"),
+        _impl("masked-dense block (DynConv training path)", masked_dense, "anchor", True),
+        _impl("dense block (oneDNN)", plain, "anchor"),
+    ]
+
+
+def basic_setup(batch, channels, size, density, device, tile=8):
+    """ResNet's basic block with a DynConv mask in eval, on the tile path, against the dense block
+    and the official masked-dense formulation; mask generation and tiling inside the timed region."""
+    from ..nn.sparse_execution import SparseBasicBlock
+
+    torch.manual_seed(channels * size + batch)
+    block = SparseBasicBlock(channels, tile=tile).to(device).eval()
+    x = _coherent(batch, channels, size, device, torch.contiguous_format)
+    with torch.no_grad():
+        _set_density(block.masker.maskconv.conv, block.masker.maskconv(x).flatten(), density)
+    dense = lambda v: torch.relu(v + block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(v))))))  # noqa: E731
+    return _eval_impls(block, x, dense)
+
+
 def block_setup(batch, channels, size, density, device, channels_last=False):
     """MobileNetV2's inverted residual (expansion 6) with a DynConv mask, in
     eval: the sparse path against the dense block (oneDNN) and the official
@@ -109,39 +160,10 @@ def block_setup(batch, channels, size, density, device, channels_last=False):
     torch.manual_seed(channels * size + batch)
     block = SparseInvertedResidual(channels, 6).to(device).eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    # spatially coherent features (as a network's are), so the mask comes in blobs and its
-    # dilation adds a border, not a 9x area as it would for pixels drawn independently
-    coarse = torch.randn(batch, channels, max(1, size // 8), max(1, size // 8))
-    x = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-    x = (x + 0.1 * torch.randn(x.shape)).to(device).contiguous(memory_format=fmt)  # (interpolate may give NHWC)
+    x = _coherent(batch, channels, size, device, fmt)
     with torch.no_grad():
-        logits = block.masker.maskconv(x).flatten()
-        if density < 1:
-            block.masker.maskconv.bias -= torch.quantile(logits, 1 - density)
-        else:
-            block.masker.maskconv.bias -= logits.min() + 1
-
-    def sparse():
-        with torch.no_grad():
-            block.sparse = True
-            return block(x)[0]
-
-    def masked_dense():
-        with torch.no_grad():
-            block.sparse = False
-            return block(x)[0]
-
-    def dense():
-        with torch.no_grad():
-            return x + block.conv(x)
-
-    if not torch.allclose(sparse(), masked_dense(), rtol=1e-4, atol=1e-4):
-        raise AssertionError("the sparse block disagrees with the masked-dense block; refusing to time it")
-    return [
-        _impl("dynkernels", sparse, "kernel"),
-        _impl("masked-dense block (DynConv training path)", masked_dense, "anchor", True),
-        _impl("dense block (oneDNN)", dense, "anchor"),
-    ]
+        _set_density(block.masker.maskconv, block.masker.maskconv(x).flatten(), density)
+    return _eval_impls(block, x, lambda v: v + block.conv(v))
 
 
 def skip_setup(batch, channels, size, skip_rate, device):
@@ -174,7 +196,7 @@ def skip_setup(batch, channels, size, skip_rate, device):
         logits = skip.gate(x.mean((2, 3))).view(-1)
         kept = round(batch * (1 - skip_rate))
         if kept == batch:
-            skip.gate.bias -= logits.min() + 1
+            skip.gate.bias -= logits.min() - 1  # every logit >= 1
         elif kept == 0:
             skip.gate.bias -= logits.max() + 1
         else:
@@ -240,6 +262,24 @@ def cases(size: str, device: str) -> list:
                 dict(B=b, C=c, H=s, W=s, skip_rate=rate),
                 ("dynkernels", "SkipNet blend (every sample runs)"),
                 floor_flops=2 * 2 * round(b * (1 - rate)) * s * s * c * c * 9,
+            )
+        )
+    if size == "quick":
+        basics = [(2, 8, 16, 0.25)]
+    else:
+        basics = [
+            (8, 64, 56, d) for d in ((1.0, 0.75, 0.5, 0.25, 0.1, 0.05) if size == "full" else (1.0, 0.5, 0.25, 0.1))
+        ]
+    for b, c, s, dens in basics:
+        out.append(
+            _case(
+                FAMILY,
+                "SparseBasicBlock eval (tiles 8x8)",
+                f"B={b} C={c} {s}x{s} density={dens}",
+                lambda a=(b, c, s, dens, device): basic_setup(*a),
+                dict(B=b, C=c, H=s, W=s, density=dens),
+                ("dynkernels", "masked-dense block (DynConv training path)", "dense block (oneDNN)"),
+                floor_flops=2 * 2 * b * s * s * dens * c * c * 9,
             )
         )
     for b, c, s, dens, last in blocks:

@@ -18,7 +18,7 @@ from .. import ops
 from .._backends import check_module_backend
 from ..ops._validation import check_int
 
-__all__ = ["GatedSkip", "MaskUnit", "SparseInvertedResidual"]
+__all__ = ["GatedSkip", "MaskUnit", "SparseBasicBlock", "SparseInvertedResidual"]
 
 _OPS = ("mask_to_index", "gather_pixels", "scatter_pixels", "masked_depthwise_conv2d")
 
@@ -180,3 +180,65 @@ class GatedSkip(nn.Module):
             g = gate.view(-1, 1, 1, 1)
             return g * self.block(x) + (1 - g) * x, gate
         return ops.run_on_subset(self.block, x, gate > 0.5, capacity=self.capacity), gate
+
+
+class SparseBasicBlock(nn.Module):
+    """ResNet's basic block with a DynConv spatial mask (the classification
+    code's sparse BasicBlock at stride 1 without downsampling: two 3x3 conv +
+    BN, the identity), on SBNet's tile path in eval.
+
+    Layers and names as the official block (``conv1``, ``bn1``, ``conv2``,
+    ``bn2``, ``masker.maskconv``; the official mask head is the Squeeze,
+    ``head="squeeze"``). ``forward(x, tau=1.0, noise=True) -> (out, info)``.
+    Training: ``relu(x + mask * bn2(conv2(relu(bn1(conv1(x))))))``, the
+    official formulation. Eval: the output pixels in ``tile`` x ``tile``
+    tiles with an active pixel (:func:`dynkernels.ops.reduce_mask`); for each,
+    the input block with the two convs' halo (tile + 4) is gathered, conv1
+    (BN folded) and ReLU run VALID on it, the intermediate is zeroed outside
+    the image (where the dense conv2 reads its zero padding), conv2 (BN
+    folded) runs VALID, the mask selects the active pixels, and
+    ``relu(x + ...)`` is scattered into ``relu(x)``. Equal to the dense
+    masked block on every pixel."""
+
+    def __init__(self, channels: int, *, tile: int = 8, head: str = "squeeze", backend: str | None = None):
+        super().__init__()
+        channels = check_int("channels", channels, 1)
+        self.tile = check_int("tile", tile, 1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.masker = MaskUnit(channels, 1, head)
+        self.channels, self.backend, self.sparse = channels, backend, True
+
+    def flops_per_position(self) -> tuple[float, float]:
+        """(on the mask, on the dilated mask), as the official conv3x3 counts them."""
+        per_conv = float(self.channels * self.channels * 9)
+        return per_conv, per_conv
+
+    def forward(self, x: torch.Tensor, tau: float = 1.0, noise: bool = True):
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"x must be (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        hard, _ = self.masker(x, tau, noise)
+        info = dict(mask=hard, dilated=F.max_pool2d(hard.detach(), 3, 1, 1) > 0.5, flops=self.flops_per_position())
+        if self.training or not self.sparse:
+            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            return torch.relu(x + hard * y), info
+        return self._tiles(x, hard), info
+
+    def _folded(self, conv, bn):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+    def _tiles(self, x: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        t, be = self.tile, self.backend
+        tiles, _ = ops.reduce_mask(hard > 0.5, t, t, backend=be)
+        w1, b1 = self._folded(self.conv1, self.bn1)
+        w2, b2 = self._folded(self.conv2, self.bn2)
+        inputs = ops.gather_tiles(x, tiles, t + 4, t, block_offset=-2, backend=be)
+        hidden = torch.relu(F.conv2d(inputs, w1, b1))  # (M, C, t + 2, t + 2)
+        ones = torch.ones_like(hard)
+        hidden = hidden * ops.gather_tiles(ones, tiles, t + 2, t, block_offset=-1, backend=be)
+        y = F.conv2d(hidden, w2, b2) * ops.gather_tiles(hard, tiles, t, t, backend=be)
+        out = torch.relu(inputs[:, :, 2:-2, 2:-2] + y)
+        return ops.scatter_tiles(out, tiles, torch.relu(x), t, backend=be)

@@ -42,6 +42,12 @@ scatter, and DynConv's Gumbel gate and sparsity loss.
   the image. Capacity and counts as ``mask_to_index``. SBNet returns one
   block (0, 0, 0) and a count of 1 for an empty mask: ``empty_block=True``
   keeps that; the default returns none.
+* ``gather_tiles(x, tiles, block_size, block_stride, *, block_offset=(0, 0))
+  -> (M, C, bh, bw)`` and ``scatter_tiles(blocks, tiles, out, block_stride, *,
+  block_offset=(0, 0), mode="set"|"add")``: SBNet's sparse_gather /
+  sparse_scatter on reduce_mask's tiles (zero outside the image; clipped
+  writes; -1 tiles read zeros and write nothing; overlapping tiles in "set"
+  mode: which one wins is undefined, as in SBNet). Gradients both ways.
 * ``run_on_subset(fn, x, keep, *, capacity=None)``: ``fn`` run on the samples
   whose gate is on, the others passed through (layer skipping at batch > 1,
   no per-sample Python loop).
@@ -67,12 +73,14 @@ from ._validation import check_int, check_real, check_same_device, check_tensor
 
 __all__ = [
     "gather_pixels",
+    "gather_tiles",
     "gumbel_gate",
     "mask_to_index",
     "masked_depthwise_conv2d",
     "reduce_mask",
     "run_on_subset",
     "scatter_pixels",
+    "scatter_tiles",
     "sparsity_loss",
 ]
 
@@ -96,6 +104,14 @@ register_op(
     differentiable=("reference", "cpp"),
 )
 register_op("reduce_mask", FAMILY, ("reference", "composite"), reference=ref.reduce_mask)
+for _name in ("gather_tiles", "scatter_tiles"):
+    register_op(
+        _name,
+        FAMILY,
+        ("reference", "composite"),
+        reference=getattr(ref, _name),
+        differentiable=("reference", "composite"),
+    )
 _MODES = {"set": 0, "add": 1}
 
 
@@ -553,3 +569,73 @@ def reduce_mask(
             indices = torch.cat([torch.where(none, 0, indices[:1]), indices[1:]])
             total = torch.where(none, 1, total)
     return indices, total
+
+
+def _check_tiles(tiles) -> torch.Tensor:
+    tiles = check_tensor("tiles", tiles)
+    if tiles.dtype != torch.int64 or tiles.dim() != 2 or tiles.shape[1] != 3:
+        raise ValueError(f"tiles must be an (M, 3) int64 tensor of (n, by, bx), got {tiles.dtype} {tuple(tiles.shape)}")
+    return tiles
+
+
+def _tile_grid(tiles, size, stride, offset, height, width):
+    """Each tile's rows (M, th) and columns (M, tw), and which of them fall in the image and a valid tile."""
+    (th, tw), (sy, sx), (oy, ox) = size, stride, offset
+    on = tiles[:, 0] >= 0
+    rows = oy + tiles[:, 1:2] * sy + torch.arange(th, device=tiles.device)
+    cols = ox + tiles[:, 2:3] * sx + torch.arange(tw, device=tiles.device)
+    valid = (on[:, None, None] & ((rows >= 0) & (rows < height))[:, :, None]) & ((cols >= 0) & (cols < width))[
+        :, None, :
+    ]
+    return tiles[:, 0].clamp(min=0), rows.clamp(0, height - 1), cols.clamp(0, width - 1), valid
+
+
+def gather_tiles(x, tiles, block_size, block_stride, *, block_offset=(0, 0), backend=None) -> torch.Tensor:
+    """SBNet's sparse_gather (see the module docstring) -> (M, C, bh, bw)."""
+    x = _check_image("x", x)
+    tiles = _check_tiles(tiles)
+    size, stride = _pair_of("block_size", block_size, 1), _pair_of("block_stride", block_stride, 1)
+    offset = _pair_of("block_offset", block_offset, None)
+    check_same_device(x=x, tiles=tiles)
+    if resolve("gather_tiles", x.device, backend) == "reference":
+        return ref.gather_tiles(x, tiles, size, stride, offset)
+    n, rows, cols, valid = _tile_grid(tiles, size, stride, offset, x.shape[2], x.shape[3])
+    picked = x.permute(0, 2, 3, 1)[n[:, None, None], rows[:, :, None], cols[:, None, :]]  # (M, bh, bw, C)
+    return (picked * valid[..., None].to(x.dtype)).permute(0, 3, 1, 2).contiguous()
+
+
+def scatter_tiles(
+    blocks, tiles, out, block_stride, *, block_offset=(0, 0), mode: str = "set", backend=None
+) -> torch.Tensor:
+    """SBNet's sparse_scatter (see the module docstring): a copy of out."""
+    out = _check_image("out", out)
+    blocks = _check_image("blocks", blocks)
+    tiles = _check_tiles(tiles)
+    if mode not in _MODES:
+        raise ValueError(f"mode must be 'set' or 'add', got {mode!r}")
+    if blocks.shape[:2] != (tiles.shape[0], out.shape[1]) or blocks.dtype != out.dtype:
+        raise ValueError(
+            f"blocks must be (M, C, th, tw) = ({tiles.shape[0]}, {out.shape[1]}, ...) of out's dtype, "
+            f"got {tuple(blocks.shape)} {blocks.dtype}"
+        )
+    stride, offset = _pair_of("block_stride", block_stride, 1), _pair_of("block_offset", block_offset, None)
+    check_same_device(blocks=blocks, tiles=tiles, out=out)
+    if resolve("scatter_tiles", out.device, backend) == "reference":
+        return ref.scatter_tiles(blocks, tiles, out, stride, offset, mode=mode)
+    b, c, h, w = out.shape
+    n, rows, cols, valid = _tile_grid(tiles, blocks.shape[2:], stride, offset, h, w)
+    total = out.numel()
+    storage = out.new_empty(total + 1)
+    channels = torch.arange(c, device=out.device)[None, :, None, None]
+    r, q, nn_ = rows[:, None, :, None], cols[:, None, None, :], n[:, None, None, None]
+    if _layout(out) == torch.channels_last:
+        storage[:total].view(b, h, w, c).copy_(out.permute(0, 2, 3, 1))
+        result = storage[:total].view(b, h, w, c).permute(0, 3, 1, 2)
+        positions = ((nn_ * h + r) * w + q) * c + channels
+    else:
+        storage[:total].view(b, c, h, w).copy_(out)
+        result = storage[:total].view(b, c, h, w)
+        positions = ((nn_ * c + channels) * h + r) * w + q
+    positions = torch.where(valid[:, None], positions, total)  # outside the image or a -1 tile: the spare
+    storage.index_put_((positions.reshape(-1),), blocks.reshape(-1), accumulate=mode == "add")
+    return result

@@ -30,11 +30,13 @@ import torch.nn.functional as F
 
 __all__ = [
     "gather_pixels",
+    "gather_tiles",
     "gumbel_gate",
     "mask_to_index",
     "masked_depthwise_conv2d",
     "reduce_mask",
     "scatter_pixels",
+    "scatter_tiles",
     "sparsity_loss",
 ]
 
@@ -213,3 +215,49 @@ def reduce_mask(
 def default_block_count(size, block_stride, block_offset):
     """Blocks whose first row / column lies in the image: ceil((H - oy) / sy), ceil((W - ox) / sx)."""
     return tuple(-(-(n - o) // s) for n, s, o in zip(size, block_stride, block_offset, strict=True))
+
+
+def gather_tiles(x: torch.Tensor, tiles: torch.Tensor, block_size, block_stride, block_offset=(0, 0)) -> torch.Tensor:
+    """SBNet's sparse_gather: for each tile (n, by, bx) of tiles (M, 3), the
+    block of x (B, C, H, W) at rows oy + by*sy + [0, bh) and columns
+    ox + bx*sx + [0, bw), zero outside the image -> (M, C, bh, bw); a row of
+    -1s gives a zero block."""
+    (bh, bw), (sy, sx), (oy, ox) = block_size, block_stride, block_offset
+    b, c, h, w = x.shape
+    out = torch.zeros(tiles.shape[0], c, bh, bw, dtype=x.dtype, device=x.device)
+    for m, (n, by, bx) in enumerate(tiles.tolist()):
+        if n < 0:
+            continue
+        y0, x0 = oy + by * sy, ox + bx * sx
+        ys, xs = max(0, y0), max(0, x0)
+        ye, xe = min(h, y0 + bh), min(w, x0 + bw)
+        if ys < ye and xs < xe:
+            out[m, :, ys - y0 : ye - y0, xs - x0 : xe - x0] = x[n, :, ys:ye, xs:xe]
+    return out
+
+
+def scatter_tiles(
+    blocks: torch.Tensor, tiles: torch.Tensor, out: torch.Tensor, block_stride, block_offset=(0, 0), *, mode="set"
+) -> torch.Tensor:
+    """SBNet's sparse_scatter: a copy of out with each block (C, th, tw) of
+    blocks (M, C, th, tw) written (set) or added (add) at rows oy + by*sy +
+    [0, th) and columns ox + bx*sx + [0, tw), clipped to the image; tiles of
+    -1 are dropped."""
+    (sy, sx), (oy, ox) = block_stride, block_offset
+    th, tw = blocks.shape[2:]
+    h, w = out.shape[2:]
+    result = out.clone()
+    for m, (n, by, bx) in enumerate(tiles.tolist()):
+        if n < 0:
+            continue
+        y0, x0 = oy + by * sy, ox + bx * sx
+        ys, xs = max(0, y0), max(0, x0)
+        ye, xe = min(h, y0 + th), min(w, x0 + tw)
+        if ys >= ye or xs >= xe:
+            continue
+        piece = blocks[m, :, ys - y0 : ye - y0, xs - x0 : xe - x0]
+        if mode == "set":
+            result[n, :, ys:ye, xs:xe] = piece
+        else:
+            result[n, :, ys:ye, xs:xe] = result[n, :, ys:ye, xs:xe] + piece
+    return result
