@@ -26,7 +26,7 @@ Then, by layer:
   (csrc/dynamic_conv/per_sample_conv_cpu.cpp), a blocked im2col + GEMM per
   (sample, group) -- output-row blocks sized to stay in L2, one BLAS GEMM
   each, channels-first or channels-last --, forward and backward,
-  deterministic, 0.6-0.7x the peak memory of the grouped conv; auto on CPU
+  deterministic, 0.4-0.7x the peak memory of the grouped conv; auto on CPU
   and "composite" run one grouped convolution with groups = B * groups (the
   public code's trick, on the folded kernels), because oneDNN's direct
   convolution measured 1.05-1.5x faster than single-threaded BLAS GEMMs on
