@@ -329,13 +329,13 @@ if has_extension():
     torch.library.register_autograd("dynkernels::scatter_pixels", _scatter_backward, setup_context=_scatter_setup)
 
 
-def _pair(name: str, value, low: int) -> list[int]:
+def _pair_of(name: str, value, low: int | None) -> tuple[int, int]:
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-        return [check_int(name, value[0], low), check_int(name, value[1], low)]
+        return check_int(name, value[0], low), check_int(name, value[1], low)
     v = check_int(name, value, low)
-    return [v, v]
+    return v, v
 
 
 def masked_depthwise_conv2d(
@@ -354,7 +354,8 @@ def masked_depthwise_conv2d(
     rows, inverse_map, weight = (
         check_tensor(n, t) for n, t in (("rows", rows), ("inverse_map", inverse_map), ("weight", weight))
     )
-    stride, padding, dilation = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
+    stride, padding = _pair_of("stride", stride, 1), _pair_of("padding", padding, 0)
+    dilation = _pair_of("dilation", dilation, 1)
     if rows.dim() != 2:
         raise ValueError(f"rows must be (P, C), got {tuple(rows.shape)}")
     c = rows.shape[1]
@@ -495,15 +496,6 @@ def _check_subset(y, x, n):
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(f"fn must map ({n}, ...) samples to ({n}, {', '.join(map(str, x.shape[1:]))}), got {got}")
     return y.to(x.dtype)
-
-
-def _pair_of(name: str, value, low: int | None) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-        return check_int(name, value[0], low), check_int(name, value[1], low)
-    v = check_int(name, value, low)
-    return v, v
 
 
 def reduce_mask(
