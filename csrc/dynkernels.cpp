@@ -101,6 +101,12 @@ TORCH_LIBRARY(dynkernels, m) {
   // -> (grad_rows, grad_weight, grad_bias (empty without bias))
   m.def("masked_depthwise_conv2d_backward(Tensor grad, Tensor rows, Tensor inverse, Tensor out_index, Tensor weight, "
         "bool with_bias, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor)");
+  // dense kh x kw conv (groups 1) at out_index pixels, rows read through inverse; weight (Cout, Cin, kh, kw)
+  m.def("masked_conv2d(Tensor rows, Tensor inverse, Tensor out_index, Tensor weight, Tensor? bias, "
+        "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // -> (grad_rows, grad_weight, grad_bias (empty without bias))
+  m.def("masked_conv2d_backward(Tensor grad, Tensor rows, Tensor inverse, Tensor out_index, Tensor weight, "
+        "bool with_bias, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor)");
   // ---- ISDA ----
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.

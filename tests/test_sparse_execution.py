@@ -184,19 +184,21 @@ def test_sparse_path_compiles_fullgraph():
     if not any(c.values[1] == "cpp" for c in MASK_CASES):
         pytest.skip("the C++ extension is not built")
 
-    def block(x, mask, weight, depthwise):  # a MobileNetV2 block's skeleton on the mask
+    def block(x, mask, weight, depthwise, dense):  # a MobileNetV2 block's skeleton on the mask, then a 3x3
         in_index, _, inverse = ops.mask_to_index(mask, halo=1, inverse=True)
-        out_index, _ = ops.mask_to_index(mask)
+        out_index, _, out_inverse = ops.mask_to_index(mask, inverse=True)
         hidden = torch.relu(ops.gather_pixels(x, in_index) @ weight)
         y = ops.masked_depthwise_conv2d(hidden, inverse, out_index, depthwise, padding=1)
+        y = ops.masked_conv2d(y, out_inverse, out_index, dense, padding=1)
         return ops.scatter_pixels(y, out_index, x, mode="add")
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 4, 9, 8, generator=g)
     mask = torch.rand(2, 1, 9, 8, generator=g) < 0.2
     weight, depthwise = torch.randn(4, 4, generator=g), torch.randn(4, 1, 3, 3, generator=g)
+    dense = torch.randn(4, 4, 3, 3, generator=g)
     compiled = torch.compile(block, fullgraph=True)
-    torch.testing.assert_close(compiled(x, mask, weight, depthwise), block(x, mask, weight, depthwise))
+    torch.testing.assert_close(compiled(x, mask, weight, depthwise, dense), block(x, mask, weight, depthwise, dense))
 
 
 BAD_INPUTS = [
@@ -266,6 +268,30 @@ BAD_INPUTS = [
         ),
         ValueError,
         "inverse_map must be a",
+    ),
+    (
+        "masked-conv-weight-shape",
+        lambda: ops.masked_conv2d(
+            torch.zeros(4, 3), torch.full((1, 4, 4), -1), torch.tensor([0]), torch.zeros(5, 2, 3, 3)
+        ),
+        ValueError,
+        r"weight must be \(Cout, Cin, kh, kw\) with Cin = 3",
+    ),
+    (
+        "masked-conv-bias-shape",
+        lambda: ops.masked_conv2d(
+            torch.zeros(4, 3), torch.full((1, 4, 4), -1), torch.tensor([0]), torch.zeros(5, 3, 3, 3), torch.zeros(3)
+        ),
+        ValueError,
+        r"bias must be \(Cout,\) = \(5,\)",
+    ),
+    (
+        "masked-conv-dtype",
+        lambda: ops.masked_conv2d(
+            torch.zeros(4, 3), torch.full((1, 4, 4), -1), torch.tensor([0]), torch.zeros(5, 3, 3, 3).double()
+        ),
+        TypeError,
+        "share a floating dtype",
     ),
     ("tau", lambda: ops.gumbel_gate(torch.zeros(3), tau=0.0), ValueError, "tau must be > 0"),
     ("logits-int", lambda: ops.gumbel_gate(torch.zeros(3, dtype=torch.int64)), TypeError, "floating"),
@@ -462,6 +488,106 @@ def test_cpp_masked_depthwise_opcheck_and_thread_independence():
     torch.library.opcheck(op.default, (rows, inverse, out_index, weight, bias, *geometry))
     torch.library.opcheck(op.default, (rows.double(), inverse, out_index, weight.double(), None, *geometry))
     big = _masked_inputs((3, 1, 1, 1, 40, 37), 0.5, 1, torch.float32, seed=3)
+    runs, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            r, wt, bs = (t.clone().requires_grad_() for t in (big[0], big[3], big[4]))
+            y = op(r, big[1], big[2], wt, bs, [1, 1], [1, 1], [1, 1])
+            runs.append((y, *torch.autograd.grad(y.square().sum(), (r, wt, bs))))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+# ---- masked dense convolution (the ResNet blocks' 3x3) ------------------------------
+
+CONV_CASES = kernel_cases("masked_conv2d")
+
+
+def _conv_inputs(geometry, density, halo, dtype=torch.float64, seed=0, cout=5):
+    rows, inverse, out_index, _, _, geo = _masked_inputs(geometry, density, halo, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 99)
+    k = geometry[0]
+    weight = torch.randn(cout, rows.shape[1], k, k, generator=g, dtype=dtype)
+    return rows, inverse, out_index, weight, torch.randn(cout, generator=g, dtype=dtype), geo
+
+
+def _masked_conv_loops(rows, inverse, out_index, weight, bias, stride, padding, dilation):
+    """The definition, one output row and tap at a time: a tap outside the
+    image or on a pixel outside the input mask reads zero."""
+    b, h, w = inverse.shape
+    cout, _, kh, kw = weight.shape
+    oh = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    ow = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    out = torch.zeros(out_index.numel(), cout, dtype=rows.dtype)
+    for r, pos in enumerate(out_index.tolist()):
+        if pos < 0:
+            continue
+        n, y, x = pos // (oh * ow), pos // ow % oh, pos % ow
+        out[r] = bias
+        for i in range(kh):
+            for j in range(kw):
+                iy, ix = y * stride - padding + i * dilation, x * stride - padding + j * dilation
+                if 0 <= iy < h and 0 <= ix < w and int(inverse[n, iy, ix]) >= 0:
+                    out[r] += weight[:, :, i, j] @ rows[int(inverse[n, iy, ix])]
+    return out
+
+
+def test_masked_conv_reference_equals_the_loops():
+    rows, inverse, out_index, weight, bias, geo = _conv_inputs(MASKED_GEOMETRIES[1], 0.5, 0)
+    want = _masked_conv_loops(rows, inverse, out_index, weight, bias, **geo)
+    torch.testing.assert_close(ref.masked_conv2d(rows, inverse, out_index, weight, bias, **geo), want)
+
+
+@pytest.mark.parametrize("device,backend", CONV_CASES)
+@pytest.mark.parametrize("halo", [0, 2], ids=["taps-outside-the-mask", "dilated"])
+@pytest.mark.parametrize("density", [0.0, 0.35, 1.0])
+@pytest.mark.parametrize("geometry", MASKED_GEOMETRIES, ids=lambda c: f"k{c[0]}-s{c[1]}-d{c[3]}")
+def test_masked_conv_matches_the_reference(device, backend, geometry, density, halo):
+    rows, inverse, out_index, weight, bias, geo = _conv_inputs(geometry, density, halo)
+    for b in (None, bias):
+        truth = ref.masked_conv2d(rows, inverse, out_index, weight, b, **geo)
+        got = ops.masked_conv2d(rows, inverse, out_index, weight, b, **geo, backend=backend)
+        torch.testing.assert_close(got, truth, rtol=1e-12, atol=1e-12)
+        assert bool((got[-2:] == 0).all())  # the padding rows
+    args32 = [t.float() for t in (rows, weight, bias)]
+    assert_close_to_float64(
+        ops.masked_conv2d(args32[0], inverse, out_index, args32[1], args32[2], **geo, backend=backend),
+        ref.masked_conv2d(args32[0], inverse, out_index, args32[1], args32[2], **geo),
+        truth,
+    )
+
+
+@pytest.mark.parametrize("device,backend", CONV_CASES)
+def test_masked_conv_spans_several_row_blocks(device, backend):
+    """More output rows than one block (the C++ kernel's blocks of up to 512 rows), a short tail."""
+    rows, inverse, out_index, weight, bias, geo = _conv_inputs((3, 1, 1, 1, 40, 37), 0.6, 1, cout=3)
+    truth = ref.masked_conv2d(rows, inverse, out_index, weight, bias, **geo)
+    assert out_index.numel() > 1100
+    got = ops.masked_conv2d(rows, inverse, out_index, weight, bias, **geo, backend=backend)
+    torch.testing.assert_close(got, truth, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", CONV_CASES)
+@pytest.mark.parametrize("geometry", MASKED_GEOMETRIES[:3], ids=lambda c: f"k{c[0]}-s{c[1]}-d{c[3]}")
+def test_masked_conv_gradients_by_gradcheck(device, backend, geometry):
+    rows, inverse, out_index, weight, bias, geo = _conv_inputs(geometry, 0.4, 1, cout=3)
+    leaves = [t.clone().requires_grad_() for t in (rows, weight, bias)]
+    fn = lambda r, wt, bs: ops.masked_conv2d(r, inverse, out_index, wt, bs, **geo, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_cpp_masked_conv_opcheck_and_thread_independence():
+    if not any(c.values[1] == "cpp" for c in CONV_CASES):
+        pytest.skip("the C++ extension is not built")
+    rows, inverse, out_index, weight, bias, geo = _conv_inputs(MASKED_GEOMETRIES[1], 0.4, 1, torch.float32)
+    op = torch.ops.dynkernels.masked_conv2d
+    geometry = ([2, 2], [1, 1], [1, 1])
+    torch.library.opcheck(op.default, (rows, inverse, out_index, weight, bias, *geometry))
+    torch.library.opcheck(op.default, (rows.double(), inverse, out_index, weight.double(), None, *geometry))
+    big = _conv_inputs((3, 1, 1, 1, 60, 57), 0.5, 1, torch.float32, seed=3, cout=8)  # 14 row blocks: 2 chunks
     runs, threads = [], torch.get_num_threads()
     try:
         for count in (1, 2):
@@ -714,9 +840,24 @@ def test_tile_path_of_a_3x3_conv_equals_the_dense_conv_on_the_active_tiles():
     torch.testing.assert_close(out * covered, dense * covered, rtol=1e-12, atol=1e-12)
 
 
-def _basic(channels=4, tile=4, mask_bias=None, seed=0):
+def _randomize_bn(block):
+    for bn in (m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+
+
+def _squeeze_official(head, x):
+    """DynConv's Squeeze: the 3x3 conv to one channel plus the FC of the pooled input."""
+    pooled = head.fc(F.adaptive_avg_pool2d(x, 1).view(x.shape[0], -1)).view(-1, 1, 1, 1)
+    z = F.conv2d(x, head.conv.weight, head.conv.bias, head.conv.stride, 1)
+    return z + pooled.expand_as(z)
+
+
+def _basic(channels=4, tile=4, mask_bias=None, seed=0, path="pixels"):
     torch.manual_seed(seed)
-    block = dnn.SparseBasicBlock(channels, tile=tile).double()
+    block = dnn.SparseBasicBlock(channels, tile=tile, path=path).double()
     with torch.no_grad():
         for bn in (block.bn1, block.bn2):
             bn.running_mean.uniform_(-0.5, 0.5)
@@ -734,7 +875,7 @@ def test_sparse_basic_block_trains_as_the_official_block():
     torch.manual_seed(5)
     out, info = block(x)
     torch.manual_seed(5)
-    logits = block.masker.maskconv(x)
+    logits = _squeeze_official(block.masker.maskconv, x)
     u1, u2 = torch.rand_like(logits), torch.rand_like(logits)
     hard = _gumbel_official(logits, u1, u2, 1.0, True, True)
     y = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x)))))
@@ -747,11 +888,89 @@ def test_sparse_basic_block_trains_as_the_official_block():
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("mask_bias", [None, -100.0, 100.0], ids=["some", "none", "all"])
 @pytest.mark.parametrize("shape,tile", [((2, 9, 7), 4), ((1, 13, 16), 8), ((2, 5, 6), 3)], ids=["odd", "b1", "t3"])
-def test_sparse_basic_block_eval_equals_the_dense_masked_block(layout, mask_bias, shape, tile):
-    block = _basic(tile=tile, mask_bias=mask_bias).eval()
+@pytest.mark.parametrize("path", ["pixels", "tiles"])
+def test_sparse_basic_block_eval_equals_the_dense_masked_block(layout, mask_bias, shape, tile, path):
+    block = _basic(tile=tile, mask_bias=mask_bias, path=path).eval()
     b, h, w = shape
     x = torch.randn(b, 4, h, w, dtype=torch.float64).contiguous(memory_format=layout)
     sparse, _ = block(x)
     block.sparse = False
     dense, _ = block(x)
     torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_squeeze_head_equals_dynconv_in_value_and_gradient(layout, stride):
+    unit = dnn.MaskUnit(5, stride, "squeeze").double()
+    x = torch.randn(2, 5, 9, 7, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    head = unit.maskconv
+    got = head(x)
+    want = _squeeze_official(head, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad(got, (x, head.conv.weight, head.fc.weight), g)
+    wants = torch.autograd.grad(want, (x, head.conv.weight, head.fc.weight), g)
+    for a, b in zip(grads, wants, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _bottleneck(planes=3, mask_bias=None, seed=0):
+    torch.manual_seed(seed)
+    block = dnn.SparseBottleneck(4 * planes, planes).double()
+    with torch.no_grad():
+        _randomize_bn(block)
+        if mask_bias is not None:
+            block.masker.maskconv.conv.bias.fill_(mask_bias)
+    return block
+
+
+def test_sparse_bottleneck_trains_as_the_official_block():
+    block = _bottleneck()
+    x = torch.randn(2, 12, 9, 7, dtype=torch.float64)
+    torch.manual_seed(5)
+    out, info = block(x)
+    torch.manual_seed(5)
+    logits = _squeeze_official(block.masker.maskconv, x)
+    u1, u2 = torch.rand_like(logits), torch.rand_like(logits)
+    hard = _gumbel_official(logits, u1, u2, 1.0, True, True)
+    y = torch.relu(block.bn1(block.conv1(x)))
+    y = block.bn3(block.conv3(torch.relu(block.bn2(block.conv2(y)))))
+    torch.testing.assert_close(out, torch.relu(x + hard * y), rtol=1e-13, atol=1e-13)
+    assert info["flops"] == (3 * 3 * 9 + 3 * 12, 12 * 3)
+    assert {"conv3.weight", "bn3.running_var", "masker.maskconv.fc.weight"} <= set(block.state_dict())
+
+
+def _bn_eval(bn, x):
+    """BatchNorm2d in eval, from its definition."""
+    shape = (1, -1, 1, 1)
+    return (x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps) * bn.weight.view(
+        shape
+    ) + bn.bias.view(shape)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("mask_bias", [None, -100.0, 100.0], ids=["some", "none", "all"])
+@pytest.mark.parametrize("shape", [(2, 9, 7), (1, 5, 12)], ids=["b2-odd", "b1"])
+def test_sparse_bottleneck_eval_equals_the_official_masked_block(layout, mask_bias, shape):
+    """Against a float64 transcription of the official sparse forward in eval
+    (dense convs, BN from its running statistics, the mask applied)."""
+    block = _bottleneck(mask_bias=mask_bias).eval()
+    b, h, w = shape
+    x = torch.randn(b, 12, h, w, dtype=torch.float64).contiguous(memory_format=layout)
+    out, info = block(x)
+    hard = (_squeeze_official(block.masker.maskconv, x) >= 0).double()
+    y = torch.relu(_bn_eval(block.bn1, F.conv2d(x, block.conv1.weight)))
+    y = torch.relu(_bn_eval(block.bn2, F.conv2d(y, block.conv2.weight, padding=1)))
+    y = _bn_eval(block.bn3, F.conv2d(y, block.conv3.weight))
+    torch.testing.assert_close(out, torch.relu(x + hard * y), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(info["mask"], hard)
+
+
+def test_sparse_resnet_blocks_check_their_arguments():
+    with pytest.raises(ValueError, match="inplanes must equal planes"):
+        dnn.SparseBottleneck(16, 8)
+    with pytest.raises(ValueError, match="path must be"):
+        dnn.SparseBasicBlock(4, path="dense")
+    with pytest.raises(ValueError, match=r"x must be \(B, 12, H, W\)"):
+        _bottleneck().eval()(torch.zeros(1, 8, 4, 4, dtype=torch.float64))

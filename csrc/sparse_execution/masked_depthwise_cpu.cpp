@@ -18,49 +18,23 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/checks.h"
 #include "common/cpu_isa.h"
+#include "sparse_execution/masked_geometry.h"
 
 namespace {
 
 using dynkernels::CpuIsa;
-
-struct Geometry {
-  int64_t batch, h, w, oh, ow, kh, kw, sy, sx, py, px, dy, dx, c;
-};
+using dynkernels::masked::Geometry;
+using dynkernels::masked::source_index;
 
 Geometry check(const at::Tensor& rows, const at::Tensor& inverse, const at::Tensor& out_index,
                const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  DK_CHECK_CPU(rows);
-  DK_CHECK_DIM(rows, 2);
-  DK_CHECK_DIM(inverse, 3);
-  DK_CHECK_DIM(out_index, 1);
   DK_CHECK_DIM(weight, 4);
-  TORCH_CHECK(inverse.scalar_type() == at::kLong && out_index.scalar_type() == at::kLong,
-              "inverse_map and out_index must be int64");
-  TORCH_CHECK(weight.size(0) == rows.size(1) && weight.size(1) == 1,
+  TORCH_CHECK(rows.dim() == 2 && weight.size(0) == rows.size(1) && weight.size(1) == 1,
               "weight must be (C, 1, kh, kw) with C = rows' channels, got ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == rows.scalar_type(), "rows and weight must share a dtype");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "stride, padding, dilation: pairs");
-  Geometry g{inverse.size(0), inverse.size(1), inverse.size(2), 0, 0, weight.size(2), weight.size(3), stride[0],
-             stride[1], padding[0], padding[1], dilation[0], dilation[1], rows.size(1)};
-  g.oh = (g.h + 2 * g.py - g.dy * (g.kh - 1) - 1) / g.sy + 1;
-  g.ow = (g.w + 2 * g.px - g.dx * (g.kw - 1) - 1) / g.sx + 1;
-  TORCH_CHECK(g.oh >= 1 && g.ow >= 1, "the kernel does not fit the padded input");
-  // the tables' entries: rows of rows (or -1), output pixels (or -1)
-  const at::Tensor ic = inverse.contiguous(), oc = out_index.contiguous();
-  const int64_t* ip = ic.const_data_ptr<int64_t>();
-  const int64_t* op = oc.const_data_ptr<int64_t>();
-  const int64_t outputs = g.batch * g.oh * g.ow;
-  for (int64_t p = 0; p < ic.numel(); ++p) {
-    TORCH_CHECK_INDEX(ip[p] >= -1 && ip[p] < rows.size(0), "inverse_map must hold rows in [-1, P_in = ",
-                      rows.size(0), "), got ", ip[p]);
-  }
-  for (int64_t r = 0; r < oc.numel(); ++r) {
-    TORCH_CHECK_INDEX(op[r] >= -1 && op[r] < outputs, "index must hold pixels in [-1, B*H*W = ", outputs,
-                      ") of the output, got ", op[r]);
-  }
-  return g;
+  return dynkernels::masked::check_tables(rows, inverse, out_index, weight.size(2), weight.size(3), stride, padding,
+                                          dilation);
 }
 
 // (C, 1, kh, kw) -> (taps, C)
@@ -117,13 +91,6 @@ at::Tensor masked_depthwise_cpu(const at::Tensor& rows, const at::Tensor& invers
     });
   });
   return out;
-}
-
-// The output index o with o * s - p + t * d == n_in, or -1.
-inline int64_t source_index(int64_t n_in, int64_t t, int64_t s, int64_t p, int64_t d, int64_t n_out) {
-  const int64_t n = n_in + p - t * d;
-  if (n < 0 || n % s != 0 || n / s >= n_out) return -1;
-  return n / s;
 }
 
 template <typename T, CpuIsa I>
@@ -196,17 +163,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_depthwise_backward_cpu(
   const at::Tensor wt = taps_by_channel(weight);
   const int64_t count = oc.numel(), c = g.c, taps = g.kh * g.kw, rows_in = rc.size(0);
   // each input row's pixel, and each output pixel's row (-1: inactive)
-  std::vector<int64_t> in_pixel(rows_in, -1), out_row(g.batch * g.oh * g.ow, -1);
-  {
-    const int64_t* ip = ic.const_data_ptr<int64_t>();
-    for (int64_t p = 0; p < ic.numel(); ++p) {
-      if (ip[p] >= 0 && ip[p] < rows_in) in_pixel[ip[p]] = p;
-    }
-    const int64_t* op = oc.const_data_ptr<int64_t>();
-    for (int64_t r = 0; r < count; ++r) {
-      if (op[r] >= 0) out_row[op[r]] = r;
-    }
-  }
+  std::vector<int64_t> in_pixel, out_row;
+  dynkernels::masked::invert_tables(g, ic.const_data_ptr<int64_t>(), oc.const_data_ptr<int64_t>(), rows_in, count,
+                                    in_pixel, out_row);
   at::Tensor g_rows = at::empty({rows_in, c}, rows.options());
   const int64_t chunk = 64, chunks = (count + chunk - 1) / chunk;
   at::Tensor parts = at::zeros({std::max<int64_t>(chunks, 1), taps + 1, c}, rows.options());

@@ -25,6 +25,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_isa.h"
+#include "sparse_execution/masked_geometry.h"
 
 namespace {
 
@@ -141,22 +142,6 @@ void check_pixel_index(const at::Tensor& index, int64_t n, bool* repeats = nullp
 
 constexpr int64_t kRowBlock = 64;
 
-// rows [begin, end) of out (P, C) from the (pixel, C) rows of x at ip (a zero row for -1): an
-// inline vector copy per row (a memmove call per 576-byte row costs as much as the copy)
-template <typename T, CpuIsa I>
-DK_INLINE void copy_rows(const T* x, const int64_t* ip, int64_t c, int64_t begin, int64_t end, T* out) {
-  for (int64_t p = begin; p < end; ++p) {
-    T* __restrict__ dst = out + p * c;
-    if (ip[p] < 0) {
-      for (int64_t ch = 0; ch < c; ++ch) dst[ch] = T(0);
-      continue;
-    }
-    const T* __restrict__ src = x + ip[p] * c;
-    for (int64_t ch = 0; ch < c; ++ch) dst[ch] = src[ch];
-  }
-}
-DK_ISA_DISPATCH(copy_rows)
-
 at::Tensor gather_pixels_cpu(const at::Tensor& x, const at::Tensor& index) {
   DK_CHECK_CPU(x);
   DK_CHECK_DIM(x, 4);
@@ -173,7 +158,7 @@ at::Tensor gather_pixels_cpu(const at::Tensor& x, const at::Tensor& index) {
     scalar_t* op = out.data_ptr<scalar_t>();
     if (nhwc) {
       at::parallel_for(0, count, kRowBlock, [&](int64_t begin, int64_t end) {
-        copy_rows_isa<scalar_t>(xp, ip, c, begin, end, op);
+        dynkernels::masked::copy_rows_isa<scalar_t>(xp, ip, c, begin, end, op);
       });
       return;
     }

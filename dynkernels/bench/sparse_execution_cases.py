@@ -135,17 +135,36 @@ def _eval_impls(block, x, dense):
     ]
 
 
-def basic_setup(batch, channels, size, density, device, tile=8):
-    """ResNet's basic block with a DynConv mask in eval, on the tile path, against the dense block
-    and the official masked-dense formulation; mask generation and tiling inside the timed region."""
+def basic_setup(batch, channels, size, density, device, path="pixels", tile=8):
+    """ResNet's basic block with a DynConv mask in eval, on the pixel or the tile path, against the
+    dense block and the official masked-dense formulation; mask generation and compaction (or
+    tiling) inside the timed region."""
     from ..nn.sparse_execution import SparseBasicBlock
 
     torch.manual_seed(channels * size + batch)
-    block = SparseBasicBlock(channels, tile=tile).to(device).eval()
+    block = SparseBasicBlock(channels, path=path, tile=tile).to(device).eval()
     x = _coherent(batch, channels, size, device, torch.contiguous_format)
     with torch.no_grad():
         _set_density(block.masker.maskconv.conv, block.masker.maskconv(x).flatten(), density)
     dense = lambda v: torch.relu(v + block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(v))))))  # noqa: E731
+    return _eval_impls(block, x, dense)
+
+
+def bottleneck_setup(batch, channels, size, density, device):
+    """ResNet's bottleneck (channels -> channels / 4 -> 3x3 -> channels) with a DynConv mask in eval,
+    against the dense block and the official masked-dense formulation."""
+    from ..nn.sparse_execution import SparseBottleneck
+
+    torch.manual_seed(channels * size + batch)
+    block = SparseBottleneck(channels, channels // 4).to(device).eval()
+    x = _coherent(batch, channels, size, device, torch.contiguous_format)
+    with torch.no_grad():
+        _set_density(block.masker.maskconv.conv, block.masker.maskconv(x).flatten(), density)
+
+    def dense(v):
+        y = torch.relu(block.bn1(block.conv1(v)))
+        return torch.relu(v + block.bn3(block.conv3(torch.relu(block.bn2(block.conv2(y))))))
+
     return _eval_impls(block, x, dense)
 
 
@@ -247,8 +266,10 @@ def cases(size: str, device: str) -> list:
     if size == "quick":
         blocks = [(2, 16, 14, 0.25, False)]
     else:
-        densities = (1.0, 0.75, 0.5, 0.25, 0.1, 0.05) if size == "full" else (1.0, 0.5, 0.25, 0.1)
+        densities = (1.0, 0.75, 0.5, 0.25, 0.1, 0.05) if size == "full" else (1.0, 0.75, 0.5, 0.25, 0.1)
         blocks = [(8, 24, 56, d, False) for d in densities] + [(8, 24, 56, 0.25, True), (1, 24, 112, 0.25, False)]
+        # DynConv's pose hourglass (NUM_FEATURES 96: 96 channels, hidden 576) at its 64x64 and 32x32 levels
+        blocks += [(8, 96, 64, d, False) for d in densities] + [(1, 96, 64, 0.25, False), (8, 96, 32, 0.25, False)]
         if size == "full":
             blocks += [(8, 32, 28, d, False) for d in densities] + [(1, 64, 64, d, False) for d in (0.5, 0.25, 0.1)]
     skips = [(4, 16, 14, 0.5)] if size == "quick" else [(32, 64, 28, r) for r in (0.0, 0.25, 0.5, 0.75)]
@@ -265,21 +286,36 @@ def cases(size: str, device: str) -> list:
             )
         )
     if size == "quick":
-        basics = [(2, 8, 16, 0.25)]
+        basics = [(2, 8, 16, 0.25, "pixels"), (2, 8, 16, 0.25, "tiles")]
+        bottlenecks = [(2, 16, 14, 0.25)]
     else:
-        basics = [
-            (8, 64, 56, d) for d in ((1.0, 0.75, 0.5, 0.25, 0.1, 0.05) if size == "full" else (1.0, 0.5, 0.25, 0.1))
-        ]
-    for b, c, s, dens in basics:
+        dens_list = (1.0, 0.75, 0.5, 0.25, 0.1, 0.05) if size == "full" else (1.0, 0.75, 0.5, 0.25, 0.1)
+        basics = [(8, 64, 56, d, "pixels") for d in dens_list] + [(1, 64, 56, 0.25, "pixels")]
+        basics += [(8, 64, 56, d, "tiles") for d in ((1.0, 0.5, 0.25, 0.1) if size == "full" else (0.25,))]
+        bottlenecks = [(8, 256, 56, d) for d in dens_list] + [(1, 256, 56, 0.25)]
+    for b, c, s, dens, path in basics:
         out.append(
             _case(
                 FAMILY,
-                "SparseBasicBlock eval (tiles 8x8)",
+                "SparseBasicBlock eval (pixels)" if path == "pixels" else "SparseBasicBlock eval (tiles 8x8)",
                 f"B={b} C={c} {s}x{s} density={dens}",
-                lambda a=(b, c, s, dens, device): basic_setup(*a),
-                dict(B=b, C=c, H=s, W=s, density=dens),
+                lambda a=(b, c, s, dens, device, path): basic_setup(*a),
+                dict(B=b, C=c, H=s, W=s, density=dens, path=path),
                 ("dynkernels", "masked-dense block (DynConv training path)", "dense block (oneDNN)"),
                 floor_flops=2 * 2 * b * s * s * dens * c * c * 9,
+            )
+        )
+    for b, c, s, dens in bottlenecks:
+        w = c // 4
+        out.append(
+            _case(
+                FAMILY,
+                "SparseBottleneck eval",
+                f"B={b} C={c} (width {w}) {s}x{s} density={dens}",
+                lambda a=(b, c, s, dens, device): bottleneck_setup(*a),
+                dict(B=b, C=c, H=s, W=s, density=dens),
+                ("dynkernels", "masked-dense block (DynConv training path)", "dense block (oneDNN)"),
+                floor_flops=2 * b * s * s * dens * (2 * c * w + 9 * w * w),
             )
         )
     for b, c, s, dens, last in blocks:

@@ -31,6 +31,11 @@ scatter, and DynConv's Gumbel gate and sparsity loss.
   zero. DynConv's ``masked_conv_dw``, which reads ``rows[-1]`` there (its
   dilated mask is meant to cover every tap). Gradients to rows, weight and
   bias.
+* ``masked_conv2d(rows, inverse_map, out_index, weight, bias=None, *,
+  stride=1, padding=0, dilation=1) -> (P_out, Cout)``: the same for a dense
+  convolution (weight (Cout, Cin, kh, kw), groups 1): the sparse 3x3 convs of
+  the ResNet blocks, computed by blocks of output rows as im2col on the
+  active rows + GEMM (no dense image). Gradients to rows, weight and bias.
 * ``reduce_mask(mask, block_size, block_stride, *, block_offset=(0, 0),
   block_count=None, threshold=0.0, mode="max"|"avg", capacity=None,
   empty_block=False) -> (indices (M, 3), count)``: SBNet's tiles. Block
@@ -76,6 +81,7 @@ __all__ = [
     "gather_tiles",
     "gumbel_gate",
     "mask_to_index",
+    "masked_conv2d",
     "masked_depthwise_conv2d",
     "reduce_mask",
     "run_on_subset",
@@ -96,13 +102,14 @@ for _name in ("gather_pixels", "scatter_pixels"):
         differentiable=("reference", "cpp", "composite"),
         auto=_AUTO,
     )
-register_op(
-    "masked_depthwise_conv2d",
-    FAMILY,
-    ("reference", "cpp"),
-    reference=ref.masked_depthwise_conv2d,
-    differentiable=("reference", "cpp"),
-)
+for _name in ("masked_depthwise_conv2d", "masked_conv2d"):
+    register_op(
+        _name,
+        FAMILY,
+        ("reference", "cpp"),
+        reference=getattr(ref, _name),
+        differentiable=("reference", "cpp"),
+    )
 register_op("reduce_mask", FAMILY, ("reference", "composite"), reference=ref.reduce_mask)
 for _name in ("gather_tiles", "scatter_tiles"):
     register_op(
@@ -350,7 +357,30 @@ def masked_depthwise_conv2d(
     dilation=1,
     backend=None,
 ) -> torch.Tensor:
-    """See the module docstring."""
+    """See the module docstring. weight (C, 1, kh, kw)."""
+    return _masked_conv(
+        "masked_depthwise_conv2d", rows, inverse_map, out_index, weight, bias, stride, padding, dilation, backend
+    )
+
+
+def masked_conv2d(
+    rows: torch.Tensor,
+    inverse_map: torch.Tensor,
+    out_index: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    backend=None,
+) -> torch.Tensor:
+    """See the module docstring. weight (Cout, Cin, kh, kw), groups 1 -> (P_out, Cout)."""
+    return _masked_conv("masked_conv2d", rows, inverse_map, out_index, weight, bias, stride, padding, dilation, backend)
+
+
+def _masked_conv(name, rows, inverse_map, out_index, weight, bias, stride, padding, dilation, backend):
+    depthwise = name == "masked_depthwise_conv2d"
     rows, inverse_map, weight = (
         check_tensor(n, t) for n, t in (("rows", rows), ("inverse_map", inverse_map), ("weight", weight))
     )
@@ -363,10 +393,13 @@ def masked_depthwise_conv2d(
         raise ValueError(
             f"inverse_map must be a (B, H, W) int64 tensor, got {inverse_map.dtype} {tuple(inverse_map.shape)}"
         )
-    if weight.dim() != 4 or weight.shape[:2] != (c, 1):
+    if depthwise and (weight.dim() != 4 or weight.shape[:2] != (c, 1)):
         raise ValueError(f"weight must be (C, 1, kh, kw) = ({c}, 1, kh, kw), got {tuple(weight.shape)}")
-    if bias is not None and (check_tensor("bias", bias).shape != (c,)):
-        raise ValueError(f"bias must be (C,) = ({c},), got {tuple(bias.shape)}")
+    if not depthwise and (weight.dim() != 4 or weight.shape[1] != c):
+        raise ValueError(f"weight must be (Cout, Cin, kh, kw) with Cin = {c}, got {tuple(weight.shape)}")
+    cout = weight.shape[0]
+    if bias is not None and (check_tensor("bias", bias).shape != (cout,)):
+        raise ValueError(f"bias must be (Cout,) = ({cout},), got {tuple(bias.shape)}")
     dtypes = {t.dtype for t in (rows, weight, *(() if bias is None else (bias,)))}
     if len(dtypes) > 1 or not rows.is_floating_point():
         raise TypeError(f"rows, weight and bias must share a floating dtype, got {sorted(map(str, dtypes))}")
@@ -375,14 +408,18 @@ def masked_depthwise_conv2d(
     wo = (w + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
     if ho < 1 or wo < 1:
         raise ValueError(f"the kernel does not fit the padded {h} x {w} input")
-    chosen = resolve("masked_depthwise_conv2d", rows.device, backend)
+    chosen = resolve(name, rows.device, backend)
     out_index = _check_index(out_index, b * ho * wo, chosen)
     check_same_device(rows=rows, inverse_map=inverse_map, out_index=out_index, weight=weight)
     if chosen == "cpp":
-        return torch.ops.dynkernels.masked_depthwise_conv2d(
+        return getattr(torch.ops.dynkernels, name)(
             rows, inverse_map, out_index, weight, bias, stride, padding, dilation
         )
-    return ref.masked_depthwise_conv2d(
+    if chosen == "triton":
+        return getattr(torch.ops.dynkernels, name + "_triton")(
+            rows, inverse_map, out_index, weight, bias, stride, padding, dilation
+        )
+    return getattr(ref, name)(
         rows, inverse_map, out_index, weight, bias, stride=stride, padding=padding, dilation=dilation
     )
 
@@ -400,17 +437,20 @@ def _masked_backward(ctx, backward_op, grad):
 
 
 def _fake_masked(rows, inverse, out_index, weight, bias, stride, padding, dilation):
-    return rows.new_empty((out_index.shape[0], rows.shape[1]))
+    return rows.new_empty((out_index.shape[0], weight.shape[0]))
 
 
 def _fake_masked_backward(grad, rows, inverse, out_index, weight, with_bias, stride, padding, dilation):
-    g_bias = rows.new_empty((rows.shape[1],) if with_bias else (0,))
+    g_bias = rows.new_empty((weight.shape[0],) if with_bias else (0,))
     return rows.new_empty(rows.shape), weight.new_empty(weight.shape), g_bias
 
 
 if has_extension():
     register_kernel_pairs(
-        [("dynkernels::masked_depthwise_conv2d", "dynkernels::masked_depthwise_conv2d_backward")],
+        [
+            ("dynkernels::masked_depthwise_conv2d", "dynkernels::masked_depthwise_conv2d_backward"),
+            ("dynkernels::masked_conv2d", "dynkernels::masked_conv2d_backward"),
+        ],
         fake=_fake_masked,
         fake_backward=_fake_masked_backward,
         setup_context=_masked_setup,

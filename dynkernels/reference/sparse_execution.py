@@ -162,14 +162,35 @@ def masked_depthwise_conv2d(
     """The dense equivalent: rows (P_in, C) placed in a zero image through the
     inverse map (B, H, W), a depthwise F.conv2d, its output rows at out_index
     (P_out,) (zero rows for -1)."""
+    image = _rows_to_image(rows, inverse_map)
+    return gather_pixels(F.conv2d(image, weight, bias, stride, padding, dilation, rows.shape[1]), out_index)
+
+
+def masked_conv2d(
+    rows: torch.Tensor,
+    inverse_map: torch.Tensor,
+    out_index: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+) -> torch.Tensor:
+    """As masked_depthwise_conv2d, for a dense F.conv2d (groups 1)."""
+    image = _rows_to_image(rows, inverse_map)
+    return gather_pixels(F.conv2d(image, weight, bias, stride, padding, dilation), out_index)
+
+
+def _rows_to_image(rows, inverse_map):
+    """rows (P, C) placed in a zero (B, C, H, W) image through the inverse map."""
     b, h, w = inverse_map.shape
     c = rows.shape[1]
     table = inverse_map.reshape(-1)
     active = table >= 0
     dense = torch.zeros(b * h * w, c, dtype=rows.dtype, device=rows.device)
     dense = dense.index_put((torch.nonzero(active).reshape(-1),), rows[table[active]])
-    image = dense.view(b, h, w, c).permute(0, 3, 1, 2)
-    return gather_pixels(F.conv2d(image, weight, bias, stride, padding, dilation, c), out_index)
+    return dense.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def reduce_mask(
