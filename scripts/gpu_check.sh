@@ -70,6 +70,22 @@ for backend in ("cuda", "triton"):
         ops.scatter_add(src.half(), index, 64, deterministic=det, backend=backend)
     segs = ops.sort_segments(index, 64)
     ops.segment_reduce(src, segs.offsets, "max", perm=segs.perm, backend=backend).sum().backward()
+# Spatially sparse execution: compaction, gather / scatter, masked convs (fwd + bwd), Triton
+mask = torch.rand(32, 1, 56, 56, device="cuda") < 0.25
+for halo in (0, 1, 2):
+    index, count, inverse = ops.mask_to_index(mask, halo=halo, inverse=True, backend="triton")
+x = torch.randn(32, 64, 56, 56, device="cuda", requires_grad=True)
+for fmt in (torch.contiguous_format, torch.channels_last):
+    xf = x.detach().contiguous(memory_format=fmt).requires_grad_()
+    rows = ops.gather_pixels(xf, index, backend="triton")
+    ops.scatter_pixels(rows * 2, index, xf, mode="add", backend="triton").sum().backward()
+out_index, _ = ops.mask_to_index(mask, capacity=32 * 56 * 56, backend="triton")
+for dtype in (torch.float32, torch.float16):
+    r = rows.detach().to(dtype).requires_grad_()
+    dw = torch.randn(64, 1, 3, 3, device="cuda", dtype=dtype, requires_grad=True)
+    dense = torch.randn(32, 64, 3, 3, device="cuda", dtype=dtype, requires_grad=True)
+    ops.masked_depthwise_conv2d(r, inverse, out_index, dw, padding=1, backend="triton").float().sum().backward()
+    ops.masked_conv2d(r, inverse, out_index, dense, padding=1, backend="triton").float().sum().backward()
 torch.cuda.synchronize()
 print("sanitize run ok")
 PY

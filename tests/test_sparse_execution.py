@@ -118,6 +118,8 @@ def _pixel_index(n: int, g: torch.Generator, pad: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_gather_and_scatter_match_the_reference(device, backend, layout, dtype):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter (numpy) has no bfloat16: GPU only")
     g = torch.Generator().manual_seed(3)
     x = _images(layout, dtype).to(device)
     index = _pixel_index(x.shape[0] * x.shape[2] * x.shape[3], g).to(device)
@@ -153,10 +155,11 @@ def test_gather_and_scatter_gradients_by_gradcheck(device, backend, layout):
     x = _images(layout).to(device).requires_grad_()
     index = _pixel_index(x.shape[0] * x.shape[2] * x.shape[3], g, pad=2).to(device)
     rows = torch.randn(index.numel(), 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a: ops.gather_pixels(a, index, backend=backend), (x,))
+    fast = dict(fast_mode=backend == "triton")  # the interpreter runs each kernel call in Python
+    assert torch.autograd.gradcheck(lambda a: ops.gather_pixels(a, index, backend=backend), (x,), **fast)
     for mode in ("set", "add"):
         assert torch.autograd.gradcheck(
-            lambda r, o, m=mode: ops.scatter_pixels(r, index, o, mode=m, backend=backend), (rows, x)
+            lambda r, o, m=mode: ops.scatter_pixels(r, index, o, mode=m, backend=backend), (rows, x), **fast
         )
 
 
@@ -257,6 +260,19 @@ BAD_INPUTS = [
         "masked-inverse-range",
         lambda: ops.masked_depthwise_conv2d(
             torch.zeros(4, 3), torch.full((1, 4, 4), 4), torch.tensor([0]), torch.zeros(3, 1, 3, 3), padding=1
+        ),
+        IndexError,
+        r"inverse_map must hold rows in \[-1, P_in = 4\)",
+    ),
+    (
+        "masked-inverse-range-triton",
+        lambda: ops.masked_conv2d(
+            torch.zeros(4, 3),
+            torch.full((1, 4, 4), 4),
+            torch.tensor([0]),
+            torch.zeros(3, 3, 3, 3),
+            padding=1,
+            backend="triton",
         ),
         IndexError,
         r"inverse_map must hold rows in \[-1, P_in = 4\)",
@@ -476,7 +492,7 @@ def test_masked_depthwise_gradients_by_gradcheck(device, backend, geometry):
     rows, inverse, out_index, weight, bias, geo = _masked_inputs(geometry, 0.4, 1)
     leaves = [t.clone().requires_grad_() for t in (rows, weight, bias)]
     fn = lambda r, wt, bs: ops.masked_depthwise_conv2d(r, inverse, out_index, wt, bs, **geo, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=backend == "triton")
 
 
 def test_cpp_masked_depthwise_opcheck_and_thread_independence():
@@ -576,7 +592,7 @@ def test_masked_conv_gradients_by_gradcheck(device, backend, geometry):
     rows, inverse, out_index, weight, bias, geo = _conv_inputs(geometry, 0.4, 1, cout=3)
     leaves = [t.clone().requires_grad_() for t in (rows, weight, bias)]
     fn = lambda r, wt, bs: ops.masked_conv2d(r, inverse, out_index, wt, bs, **geo, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=backend == "triton")
 
 
 def test_cpp_masked_conv_opcheck_and_thread_independence():
@@ -974,3 +990,50 @@ def test_sparse_resnet_blocks_check_their_arguments():
         dnn.SparseBasicBlock(4, path="dense")
     with pytest.raises(ValueError, match=r"x must be \(B, 12, H, W\)"):
         _bottleneck().eval()(torch.zeros(1, 8, 4, 4, dtype=torch.float64))
+
+
+@pytest.mark.triton
+def test_triton_ops_pass_opcheck():
+    if not any(c.values[1] == "triton" for c in CONV_CASES):
+        pytest.skip("Triton is unavailable here")
+    g = torch.Generator().manual_seed(6)
+    mask = torch.rand(2, 1, 6, 5, generator=g) < 0.4
+    torch.library.opcheck(torch.ops.dynkernels.mask_to_index_triton.default, (mask, 1, 64, True))
+    x = torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64)
+    index = torch.tensor([0, 7, 33, -1, 59])
+    rows = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    for xi in (x, x.to(memory_format=torch.channels_last)):
+        torch.library.opcheck(torch.ops.dynkernels.gather_pixels_triton.default, (xi, index))
+        torch.library.opcheck(torch.ops.dynkernels.scatter_pixels_triton.default, (rows, index, xi, 1))
+    r, inverse, out_index, weight, bias, _ = _conv_inputs(MASKED_GEOMETRIES[1], 0.4, 1, cout=3)
+    geometry = ([2, 2], [1, 1], [1, 1])
+    torch.library.opcheck(
+        torch.ops.dynkernels.masked_conv2d_triton.default, (r, inverse, out_index, weight, bias, *geometry)
+    )
+    dw = torch.randn(r.shape[1], 1, 3, 3, generator=g, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.dynkernels.masked_depthwise_conv2d_triton.default, (r, inverse, out_index, dw, None, *geometry)
+    )
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("make", ["basic", "bottleneck", "inverted"])
+def test_sparse_blocks_on_the_triton_backend_equal_the_dense_masked_block(make):
+    if not any(c.values[1] == "triton" for c in CONV_CASES):
+        pytest.skip("Triton is unavailable here")
+    torch.manual_seed(2)
+    if make == "basic":
+        block, c = dnn.SparseBasicBlock(4, backend="triton").double(), 4
+    elif make == "bottleneck":
+        block, c = dnn.SparseBottleneck(8, 2, backend="triton").double(), 8
+    else:
+        block, c = dnn.SparseInvertedResidual(4, 3, backend="triton").double(), 4
+    with torch.no_grad():
+        _randomize_bn(block)
+    block.eval()
+    x = torch.randn(2, c, 7, 9, dtype=torch.float64)
+    sparse, info = block(x)
+    block.sparse = False
+    dense, _ = block(x)
+    assert 0 < float(info["mask"].mean()) < 1
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)

@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from .._backends import resolve
 from .._extension import has_extension
 from .._registry import register_op
+from .._triton import family_kernels
 from ..reference import sparse_execution as ref
 from ._registration import register_kernel_pairs
 from ._validation import check_int, check_real, check_same_device, check_tensor
@@ -91,24 +92,26 @@ __all__ = [
 ]
 
 FAMILY = "sparse_execution"
-_AUTO = {"cpu": ("cpp", "composite", "reference"), "cuda": ("composite", "reference")}
-register_op("mask_to_index", FAMILY, ("reference", "cpp", "composite"), reference=ref.mask_to_index, auto=_AUTO)
+_AUTO = {"cpu": ("cpp", "composite", "reference"), "cuda": ("triton", "composite", "reference")}
+register_op(
+    "mask_to_index", FAMILY, ("reference", "cpp", "triton", "composite"), reference=ref.mask_to_index, auto=_AUTO
+)
 for _name in ("gather_pixels", "scatter_pixels"):
     register_op(
         _name,
         FAMILY,
-        ("reference", "cpp", "composite"),
+        ("reference", "cpp", "triton", "composite"),
         reference=getattr(ref, _name),
-        differentiable=("reference", "cpp", "composite"),
+        differentiable=("reference", "cpp", "triton", "composite"),
         auto=_AUTO,
     )
 for _name in ("masked_depthwise_conv2d", "masked_conv2d"):
     register_op(
         _name,
         FAMILY,
-        ("reference", "cpp"),
+        ("reference", "cpp", "triton"),
         reference=getattr(ref, _name),
-        differentiable=("reference", "cpp"),
+        differentiable=("reference", "cpp", "triton"),
     )
 register_op("reduce_mask", FAMILY, ("reference", "composite"), reference=ref.reduce_mask)
 for _name in ("gather_tiles", "scatter_tiles"):
@@ -145,6 +148,12 @@ def mask_to_index(
     chosen = resolve("mask_to_index", mask.device, backend)
     if chosen == "cpp":
         index, count, table = torch.ops.dynkernels.mask_to_index(
+            mask, halo, -1 if capacity is None else capacity, inverse
+        )
+    elif chosen == "triton":
+        if capacity is None and mask.device.type != "cpu":
+            capacity = b * h * w  # an upper bound: nothing syncs
+        index, count, table = torch.ops.dynkernels.mask_to_index_triton(
             mask, halo, -1 if capacity is None else capacity, inverse
         )
     elif chosen == "composite":
@@ -211,6 +220,8 @@ def gather_pixels(x: torch.Tensor, index: torch.Tensor, *, backend=None) -> torc
     check_same_device(x=x, index=index)
     if chosen == "cpp":
         return torch.ops.dynkernels.gather_pixels(x, index)
+    if chosen == "triton":
+        return torch.ops.dynkernels.gather_pixels_triton(x, index)
     if chosen == "composite":
         return _gather_composite(x, index)
     return ref.gather_pixels(x, index)
@@ -244,6 +255,8 @@ def scatter_pixels(
     check_same_device(rows=rows, index=index, out=out)
     if chosen == "cpp":
         return torch.ops.dynkernels.scatter_pixels(rows, index, out, _MODES[mode])
+    if chosen == "triton":
+        return torch.ops.dynkernels.scatter_pixels_triton(rows, index, out, _MODES[mode])
     if chosen == "composite":
         return _scatter_composite(rows, index, out, mode)
     return ref.scatter_pixels(rows, index, out, mode=mode)
@@ -291,10 +304,13 @@ def _layout(t):
     )
 
 
-def _gather_backward(ctx, grad):
-    (index,) = ctx.saved_tensors
-    zeros = grad.new_zeros(ctx.x_shape).contiguous(memory_format=ctx.x_layout)
-    return torch.ops.dynkernels.scatter_pixels(grad.contiguous(), index, zeros, 1), None
+def _gather_backward_with(scatter_op):
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        zeros = grad.new_zeros(ctx.x_shape).contiguous(memory_format=ctx.x_layout)
+        return scatter_op(grad.contiguous(), index, zeros, 1), None
+
+    return backward
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -303,13 +319,16 @@ def _scatter_setup(ctx, inputs, output):
     ctx.mode = mode
 
 
-def _scatter_backward(ctx, grad):
-    (index,) = ctx.saved_tensors
-    g_rows = torch.ops.dynkernels.gather_pixels(grad, index)
-    g_out = grad
-    if ctx.mode == 0:  # the set pixels' old values were overwritten
-        g_out = torch.ops.dynkernels.scatter_pixels(grad.new_zeros(g_rows.shape), index, grad, 0)
-    return g_rows, None, g_out, None
+def _scatter_backward_with(gather_op, scatter_op):
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        g_rows = gather_op(grad, index)
+        g_out = grad
+        if ctx.mode == 0:  # the set pixels' old values were overwritten
+            g_out = scatter_op(grad.new_zeros(g_rows.shape), index, grad, 0)
+        return g_rows, None, g_out, None
+
+    return backward
 
 
 def _fake_mask_to_index(mask, halo, capacity, with_inverse):
@@ -328,12 +347,39 @@ def _fake_scatter(rows, index, out, mode):
     return torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=_layout(out))
 
 
+# Opaque custom ops rather than torch.library.triton_op: see ops/pointops.py.
+@torch.library.custom_op("dynkernels::mask_to_index_triton", mutates_args=())
+def _mask_to_index_triton(
+    mask: torch.Tensor, halo: int, capacity: int, with_inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return family_kernels(FAMILY).mask_to_index(mask, halo, capacity, with_inverse)
+
+
+@torch.library.custom_op("dynkernels::gather_pixels_triton", mutates_args=())
+def _gather_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return family_kernels(FAMILY).gather(x, index)
+
+
+@torch.library.custom_op("dynkernels::scatter_pixels_triton", mutates_args=())
+def _scatter_triton(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor, mode: int) -> torch.Tensor:
+    return family_kernels(FAMILY).scatter(rows, index, out, mode)
+
+
+_PIXEL_OPS = [("_triton", torch.ops.dynkernels.gather_pixels_triton, torch.ops.dynkernels.scatter_pixels_triton)]
 if has_extension():
-    torch.library.register_fake("dynkernels::mask_to_index")(_fake_mask_to_index)
-    torch.library.register_fake("dynkernels::gather_pixels")(_fake_gather)
-    torch.library.register_fake("dynkernels::scatter_pixels")(_fake_scatter)
-    torch.library.register_autograd("dynkernels::gather_pixels", _gather_backward, setup_context=_gather_setup)
-    torch.library.register_autograd("dynkernels::scatter_pixels", _scatter_backward, setup_context=_scatter_setup)
+    _PIXEL_OPS.append(("", torch.ops.dynkernels.gather_pixels, torch.ops.dynkernels.scatter_pixels))
+for _suffix, _gather_op, _scatter_op in _PIXEL_OPS:
+    torch.library.register_fake(f"dynkernels::mask_to_index{_suffix}")(_fake_mask_to_index)
+    torch.library.register_fake(f"dynkernels::gather_pixels{_suffix}")(_fake_gather)
+    torch.library.register_fake(f"dynkernels::scatter_pixels{_suffix}")(_fake_scatter)
+    torch.library.register_autograd(
+        f"dynkernels::gather_pixels{_suffix}", _gather_backward_with(_scatter_op), setup_context=_gather_setup
+    )
+    torch.library.register_autograd(
+        f"dynkernels::scatter_pixels{_suffix}",
+        _scatter_backward_with(_gather_op, _scatter_op),
+        setup_context=_scatter_setup,
+    )
 
 
 def _pair_of(name: str, value, low: int | None) -> tuple[int, int]:
@@ -416,6 +462,10 @@ def _masked_conv(name, rows, inverse_map, out_index, weight, bias, stride, paddi
             rows, inverse_map, out_index, weight, bias, stride, padding, dilation
         )
     if chosen == "triton":
+        if rows.device.type == "cpu" and not torch.compiler.is_compiling() and inverse_map.numel():
+            low, high = int(inverse_map.min()), int(inverse_map.max())  # (the C++ kernel checks its own)
+            if low < -1 or high >= rows.shape[0]:
+                raise IndexError(f"inverse_map must hold rows in [-1, P_in = {rows.shape[0]}), got [{low}, {high}]")
         return getattr(torch.ops.dynkernels, name + "_triton")(
             rows, inverse_map, out_index, weight, bias, stride, padding, dilation
         )
@@ -445,17 +495,161 @@ def _fake_masked_backward(grad, rows, inverse, out_index, weight, with_bias, str
     return rows.new_empty(rows.shape), weight.new_empty(weight.shape), g_bias
 
 
-if has_extension():
-    register_kernel_pairs(
-        [
-            ("dynkernels::masked_depthwise_conv2d", "dynkernels::masked_depthwise_conv2d_backward"),
-            ("dynkernels::masked_conv2d", "dynkernels::masked_conv2d_backward"),
-        ],
-        fake=_fake_masked,
-        fake_backward=_fake_masked_backward,
-        setup_context=_masked_setup,
-        backward=_masked_backward,
+# ---- the Triton masked convolutions: tap tables built on the device, no sync ---
+
+
+def _output_size(inverse, kh, kw, stride, padding, dilation):
+    _, h, w = inverse.shape
+    return (
+        (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
+        (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1,
     )
+
+
+def _tap_table(inverse, out_index, kh, kw, stride, padding, dilation):
+    """(P_out, kh*kw): the input row each tap of each output row reads, -1 for none."""
+    b, h, w = inverse.shape
+    ho, wo = _output_size(inverse, kh, kw, stride, padding, dilation)
+    pos = out_index.clamp(min=0)
+    n, oy, ox = pos // (ho * wo), pos // wo % ho, pos % wo
+    taps_y = torch.arange(kh, device=pos.device) * dilation[0]
+    taps_x = torch.arange(kw, device=pos.device) * dilation[1]
+    iy = oy[:, None] * stride[0] - padding[0] + taps_y  # (P, kh)
+    ix = ox[:, None] * stride[1] - padding[1] + taps_x  # (P, kw)
+    ok = ((iy >= 0) & (iy < h))[:, :, None] & ((ix >= 0) & (ix < w))[:, None, :] & (out_index >= 0)[:, None, None]
+    flat = (n[:, None, None] * h + iy.clamp(0, h - 1)[:, :, None]) * w + ix.clamp(0, w - 1)[:, None, :]
+    return torch.where(ok, inverse.reshape(-1)[flat], -1).reshape(out_index.shape[0], kh * kw)
+
+
+def _inverse_of(index, size):
+    """(size,) int64: each slot's position in index (the entries that are >= 0), -1 for none."""
+    table = torch.full((size + 1,), -1, dtype=torch.int64, device=index.device)
+    table.scatter_(0, torch.where(index >= 0, index, size), torch.arange(index.numel(), device=index.device))
+    return table[:size]
+
+
+def _reader_table(inverse, out_index, rows_in, kh, kw, stride, padding, dilation):
+    """(P_in, kh*kw): the output row whose tap t reads each input row, -1 for none."""
+    b, h, w = inverse.shape
+    ho, wo = _output_size(inverse, kh, kw, stride, padding, dilation)
+    pix = _inverse_of(inverse.reshape(-1), rows_in)  # each input row's pixel
+    out_row = _inverse_of(out_index, b * ho * wo)  # each output pixel's row
+    p = pix.clamp(min=0)
+    n, iy, ix = p // (h * w), p // w % h, p % w
+    ty = iy[:, None] + padding[0] - torch.arange(kh, device=p.device) * dilation[0]  # (P, kh): oy * stride
+    tx = ix[:, None] + padding[1] - torch.arange(kw, device=p.device) * dilation[1]
+    oy, ox = ty.div(stride[0], rounding_mode="floor"), tx.div(stride[1], rounding_mode="floor")
+    ok_y = (ty >= 0) & (ty % stride[0] == 0) & (oy < ho)
+    ok_x = (tx >= 0) & (tx % stride[1] == 0) & (ox < wo)
+    ok = ok_y[:, :, None] & ok_x[:, None, :] & (pix >= 0)[:, None, None]
+    flat = (n[:, None, None] * ho + oy.clamp(0, ho - 1)[:, :, None]) * wo + ox.clamp(0, wo - 1)[:, None, :]
+    return torch.where(ok, out_row[flat], -1).reshape(rows_in, kh * kw)
+
+
+def _with_bias(bias, like, cout):
+    return bias if bias is not None else like.new_zeros((cout,))
+
+
+@torch.library.custom_op("dynkernels::masked_depthwise_conv2d_triton", mutates_args=())
+def _masked_depthwise_triton(
+    rows: torch.Tensor,
+    inverse: torch.Tensor,
+    out_index: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    kh, kw = weight.shape[2:]
+    table = _tap_table(inverse, out_index, kh, kw, stride, padding, dilation)
+    taps_by_channel = weight.reshape(weight.shape[0], kh * kw).t()
+    return family_kernels(FAMILY).tap_depthwise(rows, table, taps_by_channel, bias, out_index)
+
+
+@torch.library.custom_op("dynkernels::masked_depthwise_conv2d_backward_triton", mutates_args=())
+def _masked_depthwise_backward_triton(
+    grad: torch.Tensor,
+    rows: torch.Tensor,
+    inverse: torch.Tensor,
+    out_index: torch.Tensor,
+    weight: torch.Tensor,
+    with_bias: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = family_kernels(FAMILY)
+    c, _, kh, kw = weight.shape
+    taps_by_channel = weight.reshape(c, kh * kw).t()
+    readers = _reader_table(inverse, out_index, rows.shape[0], kh, kw, stride, padding, dilation)
+    g_rows = kernels.tap_depthwise(grad, readers, taps_by_channel)
+    table = _tap_table(inverse, out_index, kh, kw, stride, padding, dilation)
+    g_weight = kernels.tap_depthwise_wgrad(rows, table, grad).t().reshape(c, 1, kh, kw).contiguous()
+    return g_rows, g_weight, _bias_grad(grad, out_index, with_bias)
+
+
+def _bias_grad(grad, out_index, with_bias):
+    if not with_bias:
+        return grad.new_empty((0,))
+    return (grad * (out_index >= 0).to(grad.dtype)[:, None]).sum(0)
+
+
+@torch.library.custom_op("dynkernels::masked_conv2d_triton", mutates_args=())
+def _masked_conv_triton(
+    rows: torch.Tensor,
+    inverse: torch.Tensor,
+    out_index: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    cout, cin, kh, kw = weight.shape
+    table = _tap_table(inverse, out_index, kh, kw, stride, padding, dilation)
+    weight_kn = weight.permute(2, 3, 1, 0).reshape(kh * kw * cin, cout)
+    return family_kernels(FAMILY).tap_gemm(rows, table, weight_kn, bias, out_index)
+
+
+@torch.library.custom_op("dynkernels::masked_conv2d_backward_triton", mutates_args=())
+def _masked_conv_backward_triton(
+    grad: torch.Tensor,
+    rows: torch.Tensor,
+    inverse: torch.Tensor,
+    out_index: torch.Tensor,
+    weight: torch.Tensor,
+    with_bias: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = family_kernels(FAMILY)
+    cout, cin, kh, kw = weight.shape
+    readers = _reader_table(inverse, out_index, rows.shape[0], kh, kw, stride, padding, dilation)
+    g_rows = kernels.tap_gemm(grad, readers, weight.permute(2, 3, 0, 1).reshape(kh * kw * cout, cin))
+    table = _tap_table(inverse, out_index, kh, kw, stride, padding, dilation)
+    g_weight = kernels.tap_gemm_wgrad(rows, table, grad).view(kh, kw, cin, cout).permute(3, 2, 0, 1).contiguous()
+    return g_rows, g_weight, _bias_grad(grad, out_index, with_bias)
+
+
+_MASKED_PAIRS = [
+    ("dynkernels::masked_depthwise_conv2d_triton", "dynkernels::masked_depthwise_conv2d_backward_triton"),
+    ("dynkernels::masked_conv2d_triton", "dynkernels::masked_conv2d_backward_triton"),
+]
+if has_extension():
+    _MASKED_PAIRS += [
+        ("dynkernels::masked_depthwise_conv2d", "dynkernels::masked_depthwise_conv2d_backward"),
+        ("dynkernels::masked_conv2d", "dynkernels::masked_conv2d_backward"),
+    ]
+# one registration for the C++ and the Triton pairs (they share signatures)
+register_kernel_pairs(
+    _MASKED_PAIRS,
+    fake=_fake_masked,
+    fake_backward=_fake_masked_backward,
+    setup_context=_masked_setup,
+    backward=_masked_backward,
+)
 
 
 # ---- DynConv's gate and budget loss (compositions) ---------------------------
