@@ -270,6 +270,7 @@ def cases(size: str, device: str) -> list:
         blocks = [(8, 24, 56, d, False) for d in densities] + [(8, 24, 56, 0.25, True), (1, 24, 112, 0.25, False)]
         # DynConv's pose hourglass (NUM_FEATURES 96: 96 channels, hidden 576) at its 64x64 and 32x32 levels
         blocks += [(8, 96, 64, d, False) for d in densities] + [(1, 96, 64, 0.25, False), (8, 96, 32, 0.25, False)]
+        blocks += [(8, 96, 64, d, True) for d in (1.0, 0.25)]  # against the faster channels-last dense block
         if size == "full":
             blocks += [(8, 32, 28, d, False) for d in densities] + [(1, 64, 64, d, False) for d in (0.5, 0.25, 0.1)]
     skips = [(4, 16, 14, 0.5)] if size == "quick" else [(32, 64, 28, r) for r in (0.0, 0.25, 0.5, 0.75)]
