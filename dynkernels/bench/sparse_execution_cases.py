@@ -14,6 +14,7 @@ from .. import ops
 from ..reference import sparse_execution as ref
 from .base import Case as _case
 from .base import Impl as _impl
+from .base import have
 
 FAMILY = "sparse_execution"
 
@@ -96,6 +97,46 @@ def masked_depthwise_setup(batch, channels, size, density, device):
         _impl("dense depthwise conv x mask (NCHW)", dense, "anchor"),
         _impl("dense depthwise conv x mask (channels-last)", dense_last, "anchor"),
     ]
+
+
+def masked_conv_setup(batch, channels, size, density, device):
+    """A ResNet 3x3 conv (channels -> channels) at the active pixels of a coherent mask, its input
+    rows on the same pixels (a submanifold conv): dynkernels against the dense conv times the mask
+    (oneDNN, both layouts) and, where it installs, spconv's SubMConv2d on the same active set."""
+    g = torch.Generator().manual_seed(channels + size)
+    coarse = torch.rand(batch, 1, max(1, size // 8), max(1, size // 8), generator=g) < density
+    mask = F.interpolate(coarse.float(), size=(size, size)).to(device) > 0.5
+    index, _, inverse = ops.mask_to_index(mask, inverse=True)
+    x = (torch.randn(batch, channels, size, size, generator=g) * mask).to(device)
+    weight = torch.randn(channels, channels, 3, 3, generator=g).to(device) / (3 * channels**0.5)
+    rows = ops.gather_pixels(x, index)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    ours = lambda: ops.masked_conv2d(rows, inverse, index, weight, padding=1)  # noqa: E731
+    dense = lambda: F.conv2d(x, weight, padding=1) * mask  # noqa: E731
+    dense_last = lambda: F.conv2d(x_last, weight, padding=1) * mask  # noqa: E731
+    if not torch.allclose(ours(), ops.gather_pixels(dense(), index), rtol=1e-4, atol=1e-4):
+        raise AssertionError("masked_conv2d disagrees with the dense conv; refusing to time it")
+    impls = [
+        _impl("dynkernels", ours, "kernel"),
+        _impl("dense conv x mask (NCHW)", dense, "anchor"),
+        _impl("dense conv x mask (channels-last)", dense_last, "anchor"),
+    ]
+    if device == "cpu" and have("spconv"):
+        import spconv.pytorch as spconv
+
+        conv = spconv.SubMConv2d(channels, channels, 3, padding=1, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(weight.permute(0, 2, 3, 1))  # spconv's (Cout, kh, kw, Cin)
+        hw = size * size
+        coords = torch.stack([index // hw, index // size % size, index % size], 1).int()
+
+        def submanifold():  # the rule book built in every call, as our compaction is
+            with torch.no_grad():
+                return conv(spconv.SparseConvTensor(rows, coords, [size, size], batch)).features
+
+        same = torch.allclose(submanifold(), ours(), rtol=1e-4, atol=1e-4)
+        impls.append(_impl("spconv SubMConv2d", submanifold, "anchor", same, "same rows"))
+    return impls
 
 
 def _coherent(batch, channels, size, device, fmt):
@@ -261,6 +302,20 @@ def cases(size: str, device: str) -> list:
                     "dense depthwise conv x mask (channels-last)",
                 ),
                 floor_bytes=4 * c * b * s * s * dens * 2,  # the active rows in and out (halo not counted)
+            )
+        )
+    convs = [(2, 8, 16, 0.25)] if size == "quick" else [(8, 64, 56, d) for d in (0.5, 0.25, 0.1)]
+    for b, c, s, dens in convs:
+        out.append(
+            _case(
+                FAMILY,
+                "masked_conv2d 3x3",
+                f"B={b} C={c} {s}x{s} density={dens}",
+                lambda a=(b, c, s, dens): masked_conv_setup(*a, device),
+                dict(B=b, C=c, H=s, W=s, density=dens),
+                ("dynkernels", "dense conv x mask (NCHW)", "dense conv x mask (channels-last)")
+                + (("spconv SubMConv2d",) if device == "cpu" and have("spconv") else ()),
+                floor_flops=2 * b * s * s * dens * c * c * 9,
             )
         )
     if size == "quick":
