@@ -107,6 +107,10 @@ TORCH_LIBRARY(dynkernels, m) {
   // -> (grad_rows, grad_weight, grad_bias (empty without bias))
   m.def("masked_conv2d_backward(Tensor grad, Tensor rows, Tensor inverse, Tensor out_index, Tensor weight, "
         "bool with_bias, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor)");
+  // ---- token routing ----
+  // ToMe's matching: a (B, N_a, C), b (B, N_b, C) row-normalised; r in [0, N_a]
+  // -> (src_idx (B, r), dst_idx (B, r), unm_idx (B, N_a - r)) int64
+  m.def("tome_match(Tensor a, Tensor b, int r, bool class_token, bool distill_token) -> (Tensor, Tensor, Tensor)");
   // ---- ISDA ----
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.

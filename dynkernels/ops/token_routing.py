@@ -1,0 +1,113 @@
+"""Token routing (issue 15), part 1: ToMe's bipartite soft matching and token
+merging.
+
+* ``bipartite_soft_matching(metric, r, *, class_token=True, distill_token=False)
+  -> (src_idx, dst_idx, unm_idx)``: ToMe's matching (see
+  :mod:`dynkernels.reference.token_routing` for the rules) without the
+  ``N_a x N_b`` score matrix: the C++ kernel computes the scores in 64 x 512
+  tiles and keeps only each A token's best match. ``r`` above ToMe's limit,
+  ``(N - protected) // 2``, is clamped to it, as ToMe does (the outputs' shapes
+  say the r used); a negative ``r`` raises. Ties go to the lower index (ToMe's
+  argsort is not stable: on exactly tied scores its order may differ);
+  indices are int64, and the matching is not differentiable (ToMe runs it
+  under no_grad).
+* ``merge_tokens(x, match, size=None, *, mode="mean"|"sum"|"wavg",
+  distill_token=False) -> (merged, sizes)`` and ``unmerge_tokens(x, match,
+  n_tokens)``: ToMe's ``merge`` / ``merge_wavg`` / ``unmerge``, as PyTorch
+  compositions (gathers and one scatter_reduce; differentiable).
+* ``proportional_attention_bias(sizes) -> (B, 1, 1, N)``: ToMe's ``log(size)``
+  added to the attention logits (an additive mask for SDPA).
+
+Backends of the matching: "cpp" (auto on CPU), "reference" (the full scores,
+as ToMe)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backends import resolve
+from .._extension import has_extension
+from .._registry import register_op
+from ..reference import token_routing as ref
+from ._validation import check_int, check_tensor
+
+__all__ = ["bipartite_soft_matching", "merge_tokens", "proportional_attention_bias", "unmerge_tokens"]
+
+FAMILY = "token_routing"
+register_op("bipartite_soft_matching", FAMILY, ("reference", "cpp"), reference=ref.bipartite_soft_matching)
+_MODES = ("mean", "sum", "wavg")
+
+
+def _fake_tome_match(a, b, r, class_token, distill_token):
+    batch, n_a = a.shape[:2]
+    return tuple(a.new_empty((batch, size), dtype=torch.int64) for size in (r, r, n_a - r))
+
+
+if has_extension():
+    torch.library.register_fake("dynkernels::tome_match")(_fake_tome_match)
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor, r: int, *, class_token: bool = True, distill_token: bool = False, backend=None
+):
+    """See the module docstring. metric (B, N, C) floating."""
+    metric = check_tensor("metric", metric)
+    if metric.dim() != 3 or not metric.is_floating_point():
+        raise ValueError(f"metric must be a floating (B, N, C) tensor, got {metric.dtype} {tuple(metric.shape)}")
+    r = check_int("r", r, 0)
+    b, n, _ = metric.shape
+    r = ref.clamp_r(n, r, class_token, distill_token)
+    chosen = resolve("bipartite_soft_matching", metric.device, backend)
+    if chosen == "reference":
+        return ref.bipartite_soft_matching(metric, r, class_token=class_token, distill_token=distill_token)
+    with torch.no_grad():
+        unit = metric / metric.norm(dim=-1, keepdim=True)  # as ToMe normalises
+        return torch.ops.dynkernels.tome_match(unit[:, ::2], unit[:, 1::2], r, class_token, distill_token)
+
+
+def _check_match(match, x, n_a):
+    if not isinstance(match, (tuple, list)) or len(match) != 3:
+        raise ValueError("match must be the (src_idx, dst_idx, unm_idx) of bipartite_soft_matching")
+    src, dst, unm = (check_tensor(name, t) for name, t in zip(("src_idx", "dst_idx", "unm_idx"), match, strict=True))
+    b = x.shape[0]
+    if src.shape != dst.shape or src.dim() != 2 or src.shape[0] != b or unm.shape != (b, n_a - src.shape[1]):
+        raise ValueError(
+            f"match does not fit x (B = {b}, N_a = {n_a}): src_idx {tuple(src.shape)}, dst_idx {tuple(dst.shape)}, "
+            f"unm_idx {tuple(unm.shape)}"
+        )
+    return src, dst, unm
+
+
+def merge_tokens(x: torch.Tensor, match, size: torch.Tensor | None = None, *, mode: str = "mean", distill_token=False):
+    """ToMe's merge (see the module docstring): (B, N, C) -> ((B, N - r, C), sizes or None)."""
+    x = check_tensor("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, N, C), got {tuple(x.shape)}")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    match = _check_match(match, x, (x.shape[1] + 1) // 2)
+    if size is not None and check_tensor("size", size).shape != (*x.shape[:2], 1):
+        raise ValueError(f"size must be (B, N, 1) = {(*x.shape[:2], 1)}, got {tuple(size.shape)}")
+    if size is not None and mode != "wavg":
+        raise ValueError("size is only used with mode='wavg'")
+    return ref.merge_tokens(x, match, size, mode=mode, distill_token=distill_token)
+
+
+def unmerge_tokens(x: torch.Tensor, match, n_tokens: int) -> torch.Tensor:
+    """ToMe's unmerge: (B, N - r, C) -> (B, n_tokens, C)."""
+    x = check_tensor("x", x)
+    n_tokens = check_int("n_tokens", n_tokens, 1)
+    match = _check_match(match, x, (n_tokens + 1) // 2)
+    if x.dim() != 3 or x.shape[1] != n_tokens - match[0].shape[1]:
+        raise ValueError(
+            f"x must be (B, n_tokens - r, C) = (B, {n_tokens - match[0].shape[1]}, C), got {tuple(x.shape)}"
+        )
+    return ref.unmerge_tokens(x, match, n_tokens)
+
+
+def proportional_attention_bias(sizes: torch.Tensor) -> torch.Tensor:
+    """ToMe's proportional attention: log(size) per key token, (B, N, 1) -> (B, 1, 1, N)."""
+    sizes = check_tensor("sizes", sizes)
+    if sizes.dim() != 3 or sizes.shape[-1] != 1:
+        raise ValueError(f"sizes must be (B, N, 1), got {tuple(sizes.shape)}")
+    return sizes.log()[:, None, None, :, 0]
