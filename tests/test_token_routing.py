@@ -193,3 +193,82 @@ def _match(n, r):
 @pytest.mark.parametrize("call,error,match", bad_input_params(BAD_INPUTS))
 def test_bad_inputs_give_clear_errors(call, error, match):
     assert_clear_error(call, error, match)
+
+
+# ---- EViT ---------------------------------------------------------------------
+
+
+def _evit_official(x_tokens, q, k, keep_rate, fuse_token):
+    """EViT's Attention (keep_rate path) + Block selection on given q, k (B, H, N, d), transcribed."""
+    b, n, c = x_tokens.shape
+    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    attn = attn.softmax(dim=-1)
+    left_tokens = math.ceil(keep_rate * (n - 1))
+    if left_tokens == n - 1:
+        return x_tokens
+    cls_attn = attn[:, :, 0, 1:].mean(dim=1)
+    _, idx = torch.topk(cls_attn, left_tokens, dim=1, largest=True, sorted=True)
+    index = idx.unsqueeze(-1).expand(-1, -1, c)
+    non_cls = x_tokens[:, 1:]
+    x_others = torch.gather(non_cls, dim=1, index=index)
+    if not fuse_token:
+        return torch.cat([x_tokens[:, 0:1], x_others], dim=1)
+    a = torch.arange(n - 1)[None].expand(b, -1)  # EViT's complement_idx: scatter zeros, sort, drop k
+    compl = torch.sort(torch.scatter(a, -1, idx, 0), dim=-1).values[:, left_tokens:]
+    non_topk = torch.gather(non_cls, dim=1, index=compl.unsqueeze(-1).expand(-1, -1, c))
+    non_topk_attn = torch.gather(cls_attn, dim=1, index=compl)
+    extra_token = torch.sum(non_topk * non_topk_attn.unsqueeze(-1), dim=1, keepdim=True)
+    return torch.cat([x_tokens[:, 0:1], x_others, extra_token], dim=1)
+
+
+@pytest.mark.parametrize("keep_rate", [0.7, 0.5, 0.05, 1.0])
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3, 17, 8), (1, 4, 197, 16)], ids=["b2-n17", "b1-n197"])
+def test_evit_selection_equals_the_official_block(keep_rate, fuse, shape):
+    b, h, n, d = shape
+    g = torch.Generator().manual_seed(n)
+    q, k = (torch.randn(b, h, n, d, dtype=torch.float64, generator=g) for _ in range(2))
+    x = torch.randn(b, n, 10, dtype=torch.float64, generator=g)
+    want = _evit_official(x, q, k, keep_rate, fuse)
+    scores = ops.cls_attention_scores(q[:, :, 0], k)
+    torch.testing.assert_close(scores, ((q @ k.transpose(-2, -1)) * d**-0.5).softmax(-1)[:, :, 0, 1:].mean(1))
+    got, idx = ops.prune_tokens(x, scores, ops.evit_keep_count(n, keep_rate), fuse_complement=fuse)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if keep_rate == 1.0:
+        assert got is x and idx is None
+    else:
+        assert idx.shape == (b, math.ceil(keep_rate * (n - 1)))
+    if fuse and keep_rate < 1:
+        assert torch.autograd.gradcheck(
+            lambda v, s: ops.prune_tokens(v, s, 3)[0],
+            (x[:, :9].clone().requires_grad_(), scores[:, :8].clone().requires_grad_()),
+        )
+
+
+EVIT_BAD = [
+    ("keep-zero", lambda: ops.prune_tokens(torch.zeros(1, 5, 2), torch.zeros(1, 4), 0), ValueError, "keep"),
+    (
+        "keep-too-many",
+        lambda: ops.prune_tokens(torch.zeros(1, 5, 2), torch.zeros(1, 4), 5),
+        ValueError,
+        r"keep must be in \[1, N - 1 = 4\]",
+    ),
+    (
+        "scores-shape",
+        lambda: ops.prune_tokens(torch.zeros(1, 5, 2), torch.zeros(1, 5), 2),
+        ValueError,
+        r"scores \(B, N - 1\)",
+    ),
+    ("keep-rate", lambda: ops.evit_keep_count(10, 0.0), ValueError, "keep_rate"),
+    (
+        "qk-shapes",
+        lambda: ops.cls_attention_scores(torch.zeros(1, 2, 4), torch.zeros(1, 3, 5, 4)),
+        ValueError,
+        "q_cls must be",
+    ),
+]
+
+
+@pytest.mark.parametrize("call,error,match", bad_input_params(EVIT_BAD))
+def test_evit_bad_inputs_give_clear_errors(call, error, match):
+    assert_clear_error(call, error, match)

@@ -18,10 +18,19 @@ merging.
 * ``proportional_attention_bias(sizes) -> (B, 1, 1, N)``: ToMe's ``log(size)``
   added to the attention logits (an additive mask for SDPA).
 
+* ``cls_attention_scores(q_cls, k, *, scale=None) -> (B, N - 1)``: EViT's
+  CLS attention row averaged over heads, from the CLS query alone (one
+  ``q_cls K^T`` row per head: the block's own attention can stay SDPA).
+* ``prune_tokens(x, scores, keep, *, fuse_complement=True) -> (tokens, idx)``
+  and ``evit_keep_count(n_tokens, keep_rate)``: EViT's top-k selection and
+  complement fusion (compositions; ties in torch.topk's order, as EViT).
+
 Backends of the matching: "cpp" (auto on CPU), "reference" (the full scores,
 as ToMe)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -31,7 +40,15 @@ from .._registry import register_op
 from ..reference import token_routing as ref
 from ._validation import check_int, check_tensor
 
-__all__ = ["bipartite_soft_matching", "merge_tokens", "proportional_attention_bias", "unmerge_tokens"]
+__all__ = [
+    "bipartite_soft_matching",
+    "cls_attention_scores",
+    "evit_keep_count",
+    "merge_tokens",
+    "proportional_attention_bias",
+    "prune_tokens",
+    "unmerge_tokens",
+]
 
 FAMILY = "token_routing"
 register_op("bipartite_soft_matching", FAMILY, ("reference", "cpp"), reference=ref.bipartite_soft_matching)
@@ -111,3 +128,33 @@ def proportional_attention_bias(sizes: torch.Tensor) -> torch.Tensor:
     if sizes.dim() != 3 or sizes.shape[-1] != 1:
         raise ValueError(f"sizes must be (B, N, 1), got {tuple(sizes.shape)}")
     return sizes.log()[:, None, None, :, 0]
+
+
+def cls_attention_scores(q_cls: torch.Tensor, k: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """EViT's CLS scores (see the module docstring): q_cls (B, H, d), k (B, H, N, d); scale
+    defaults to d ** -0.5, as the block's attention."""
+    q_cls, k = check_tensor("q_cls", q_cls), check_tensor("k", k)
+    if q_cls.dim() != 3 or k.dim() != 4 or k.shape[:2] != q_cls.shape[:2] or k.shape[3] != q_cls.shape[2]:
+        raise ValueError(f"q_cls must be (B, H, d) and k (B, H, N, d), got {tuple(q_cls.shape)} and {tuple(k.shape)}")
+    if k.shape[2] < 2:
+        raise ValueError(f"k needs the CLS token and at least one other, got N = {k.shape[2]}")
+    scale = q_cls.shape[-1] ** -0.5 if scale is None else float(scale)
+    return ref.cls_attention_scores(q_cls, k, scale=scale)
+
+
+def evit_keep_count(n_tokens: int, keep_rate: float) -> int:
+    """EViT's number of kept tokens: ceil(keep_rate * (N - 1)), keep_rate in (0, 1]."""
+    if not 0 < keep_rate <= 1:
+        raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
+    return math.ceil(keep_rate * (check_int("n_tokens", n_tokens, 2) - 1))
+
+
+def prune_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, *, fuse_complement: bool = True):
+    """EViT's selection (see the module docstring): x (B, N, C), scores (B, N - 1)."""
+    x, scores = check_tensor("x", x), check_tensor("scores", scores)
+    if x.dim() != 3 or scores.shape != (x.shape[0], x.shape[1] - 1):
+        raise ValueError(f"x must be (B, N, C) and scores (B, N - 1), got {tuple(x.shape)} and {tuple(scores.shape)}")
+    keep = check_int("keep", keep, 1)
+    if keep > x.shape[1] - 1:
+        raise ValueError(f"keep must be in [1, N - 1 = {x.shape[1] - 1}], got {keep}")
+    return ref.prune_tokens(x, scores, keep, fuse_complement=fuse_complement)

@@ -26,7 +26,14 @@ import math
 
 import torch
 
-__all__ = ["bipartite_soft_matching", "merge_tokens", "tome_scores", "unmerge_tokens"]
+__all__ = [
+    "bipartite_soft_matching",
+    "cls_attention_scores",
+    "merge_tokens",
+    "prune_tokens",
+    "tome_scores",
+    "unmerge_tokens",
+]
 
 
 def clamp_r(n: int, r: int, class_token: bool, distill_token: bool) -> int:
@@ -104,3 +111,36 @@ def unmerge_tokens(x: torch.Tensor, match, n_tokens: int) -> torch.Tensor:
     out.scatter_(-2, (2 * unm_idx)[..., None].expand(b, kept, c), unm)
     out.scatter_(-2, (2 * src_idx)[..., None].expand(b, src_idx.shape[-1], c), src)
     return out
+
+
+def cls_attention_scores(q_cls: torch.Tensor, k: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """EViT's CLS attention ``attn[:, :, 0, 1:].mean(heads)`` from the CLS query
+    alone: q_cls (B, H, d), k (B, H, N, d) -> (B, N - 1), the softmax over all N
+    keys of ``(q_cls . k) * scale`` (as EViT scales after the product), its
+    non-CLS entries averaged over the heads."""
+    logits = (q_cls[:, :, None, :] @ k.transpose(-2, -1))[:, :, 0, :] * scale
+    return logits.softmax(dim=-1)[:, :, 1:].mean(dim=1)
+
+
+def prune_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, *, fuse_complement: bool = True):
+    """EViT's token selection (its Block.forward): the CLS token, then the
+    ``keep`` non-CLS tokens of highest score in torch.topk's sorted order, then
+    (``fuse_complement``) one token: the score-weighted sum of the others, in
+    ascending index order. Returns (tokens, idx (B, keep)); ``keep == N - 1``
+    returns x itself (EViT does not add the fused token then)."""
+    b, n, c = x.shape
+    if keep == n - 1:
+        return x, None
+    _, idx = torch.topk(scores, keep, dim=1, largest=True, sorted=True)
+    others = x[:, 1:]
+    kept = others.gather(1, idx[..., None].expand(-1, -1, c))
+    if not fuse_complement:
+        return torch.cat([x[:, :1], kept], dim=1), idx
+    marked = torch.ones(b, n - 1, dtype=torch.bool, device=x.device).scatter(1, idx, False)
+    compl = torch.sort(torch.where(marked, torch.arange(n - 1, device=x.device), n - 1), dim=1).values[
+        :, : n - 1 - keep
+    ]
+    rest = others.gather(1, compl[..., None].expand(-1, -1, c))
+    weights = scores.gather(1, compl)
+    extra = torch.sum(rest * weights[..., None], dim=1, keepdim=True)
+    return torch.cat([x[:, :1], kept, extra], dim=1), idx
