@@ -29,6 +29,15 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     return conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
 
 
+def _gate(block, x, tau, noise):
+    """The mask blocks' common start: x's shape checked, the mask unit run; info with the hard
+    mask and the block's FLOPs per position."""
+    if x.dim() != 4 or x.shape[1] != block.channels:
+        raise ValueError(f"x must be (B, {block.channels}, H, W), got {tuple(x.shape)}")
+    hard, _ = block.masker(x, tau, noise)
+    return hard, dict(mask=hard, flops=block.flops_per_position())
+
+
 def _input_rows(x, mask, halo, backend):
     """x's rows on the mask dilated by ``halo`` and their inverse map."""
     index, _, inverse = ops.mask_to_index(mask, halo=halo, inverse=True, backend=backend)
@@ -155,10 +164,7 @@ class SparseInvertedResidual(nn.Module):
         return float(self.hidden * 9 + self.channels * self.hidden), float(self.hidden * self.channels)
 
     def forward(self, x: torch.Tensor, tau: float = 1.0, noise: bool = True):
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"x must be (B, {self.channels}, H, W), got {tuple(x.shape)}")
-        hard, _ = self.masker(x, tau, noise)
-        info = dict(mask=hard, flops=self.flops_per_position())
+        hard, info = _gate(self, x, tau, noise)
         if self.training or not self.sparse:
             info["dilated"] = F.max_pool2d(hard.detach(), 3, 1, 1) > 0.5
             return x + hard * self.conv(x), info
@@ -256,10 +262,7 @@ class SparseBasicBlock(nn.Module):
         return per_conv, per_conv
 
     def forward(self, x: torch.Tensor, tau: float = 1.0, noise: bool = True):
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"x must be (B, {self.channels}, H, W), got {tuple(x.shape)}")
-        hard, _ = self.masker(x, tau, noise)
-        info = dict(mask=hard, flops=self.flops_per_position())
+        hard, info = _gate(self, x, tau, noise)
         if self.training or not self.sparse or self.path == "tiles":
             info["dilated"] = F.max_pool2d(hard.detach(), 3, 1, 1) > 0.5
         if self.training or not self.sparse:
@@ -330,10 +333,7 @@ class SparseBottleneck(nn.Module):
         return float(self.planes * self.planes * 9 + self.planes * self.channels), float(self.channels * self.planes)
 
     def forward(self, x: torch.Tensor, tau: float = 1.0, noise: bool = True):
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"x must be (B, {self.channels}, H, W), got {tuple(x.shape)}")
-        hard, _ = self.masker(x, tau, noise)
-        info = dict(mask=hard, flops=self.flops_per_position())
+        hard, info = _gate(self, x, tau, noise)
         if self.training or not self.sparse:
             info["dilated"] = F.max_pool2d(hard.detach(), 3, 1, 1) > 0.5
             y = torch.relu(self.bn1(self.conv1(x)))

@@ -546,10 +546,6 @@ def _reader_table(inverse, out_index, rows_in, kh, kw, stride, padding, dilation
     return torch.where(ok, out_row[flat], -1).reshape(rows_in, kh * kw)
 
 
-def _with_bias(bias, like, cout):
-    return bias if bias is not None else like.new_zeros((cout,))
-
-
 @torch.library.custom_op("dynkernels::masked_depthwise_conv2d_triton", mutates_args=())
 def _masked_depthwise_triton(
     rows: torch.Tensor,
