@@ -111,6 +111,17 @@ TORCH_LIBRARY(dynkernels, m) {
   // ToMe's matching: a (B, N_a, C), b (B, N_b, C) row-normalised; r in [0, N_a]
   // -> (src_idx (B, r), dst_idx (B, r), unm_idx (B, N_a - r)) int64
   m.def("tome_match(Tensor a, Tensor b, int r, bool class_token, bool distill_token) -> (Tensor, Tensor, Tensor)");
+  // MoE: experts (T, k) int64 -> (source (R,), slot_row (T, k), offsets (E + 1,), counts (E,)) int64;
+  // capacity < 0: dropless (R = T k), else R = E capacity (see csrc/token_routing/moe_cpu.cpp)
+  m.def("moe_plan(Tensor experts, int num_experts, int capacity) -> (Tensor, Tensor, Tensor, Tensor)");
+  // rows of x (T, d) at source (R,) -> (R, d), zero rows for -1 (slot_row: for the gradient)
+  m.def("moe_gather(Tensor x, Tensor source, Tensor slot_row) -> Tensor");
+  // y (R, d), slot_row (T, k), weights (T, k) -> (T, d); backward -> (grad_y, grad_weights)
+  m.def("moe_combine(Tensor y, Tensor slot_row, Tensor weights) -> Tensor");
+  m.def("moe_combine_backward(Tensor grad, Tensor y, Tensor slot_row, Tensor weights, bool need_y, bool need_weights) -> (Tensor, Tensor)");
+  // x (R, d_in) in expert segments offsets (E + 1,), w (E, d_in, d_out), bias (E, d_out) -> (R, d_out)
+  m.def("moe_grouped_mm(Tensor x, Tensor w, Tensor offsets, Tensor? bias) -> Tensor");
+  m.def("moe_grouped_mm_backward(Tensor grad, Tensor x, Tensor w, Tensor offsets, bool need_x, bool need_w, bool need_bias) -> (Tensor, Tensor, Tensor)");
   // ---- ISDA ----
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.
