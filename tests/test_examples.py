@@ -122,3 +122,18 @@ def test_sparse_mobilenet_example_trains_and_times_the_sparse_blocks():
         assert np.isfinite(float(line.split("task loss")[1].split(",")[0]))
     timings = [line for line in lines if line.startswith("density")]
     assert len(timings) == 4 and all(line.endswith("same output: True") for line in timings)
+
+
+def test_vit_token_routing_example_trains_both_paths_alike():
+    pytest.importorskip("timm")
+    cmd = [sys.executable, str(ROOT / "examples" / "vit_token_routing.py"), "--image", "64", "--batch", "2"]
+    cmd += ["--steps", "2", "--r", "0", "4"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    steps = [line for line in lines if line.startswith("step")]
+    assert len(steps) == 2 and all(line.endswith("same: True") for line in steps)
+    for line in steps:
+        assert np.isfinite(float(line.split("loss kernel ")[1].split(",")[0]))
+    rates = [line for line in lines if line.startswith("r ")]
+    assert len(rates) == 2 and all(float(line.split(": ")[1].split(" ")[0]) > 0 for line in rates)

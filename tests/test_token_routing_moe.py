@@ -262,6 +262,7 @@ def test_moe_mlp_equals_the_expert_loop_in_training(device, backend, capacity_fa
     torch.testing.assert_close(out.reshape(-1, 8), expected, rtol=1e-12, atol=1e-12)
     (out.square().sum() + moe.aux_loss).backward()
     assert all(p.grad is not None for p in moe.parameters())
+    assert copy.deepcopy(moe).aux_loss is None  # the last loss (a graph node) is not copied
 
 
 def test_apply_moe_patches_every_second_block_and_keeps_the_output():

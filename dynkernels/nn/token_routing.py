@@ -86,6 +86,11 @@ class MoEMlp(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
 
+    def __getstate__(self):  # copies and pickles drop the last forward's loss (a graph node)
+        state = self.__dict__.copy()
+        state["aux_loss"] = None
+        return state
+
     @classmethod
     def from_mlp(cls, mlp: nn.Module, **kwargs) -> MoEMlp:
         """Upcycling: every expert a copy of a timm ``Mlp`` (fc1, act, fc2)."""
@@ -251,7 +256,10 @@ def apply_tome(model: nn.Module, r, *, prop_attn: bool = True, backend: str | No
     def forward(self, *args, **kwargs):
         self._tome_info["r"] = _schedule(self.r, len(self.blocks))
         self._tome_info["size"] = None
-        return type(self).__mro__[1].forward(self, *args, **kwargs)
+        try:
+            return type(self).__mro__[1].forward(self, *args, **kwargs)
+        finally:
+            self._tome_info["size"] = None  # no graph kept alive (or copied) past the forward
 
     _patch_class(model, "ToMe", forward)
     return model
