@@ -122,6 +122,10 @@ TORCH_LIBRARY(dynkernels, m) {
   // x (R, d_in) in expert segments offsets (E + 1,), w (E, d_in, d_out), bias (E, d_out) -> (R, d_out)
   m.def("moe_grouped_mm(Tensor x, Tensor w, Tensor offsets, Tensor? bias) -> Tensor");
   m.def("moe_grouped_mm_backward(Tensor grad, Tensor x, Tensor w, Tensor offsets, bool need_x, bool need_w, bool need_bias) -> (Tensor, Tensor, Tensor)");
+  // DynamicViT's softmax_with_policy: attn (B, H, N, N) logits, policy (B, N, 1) -> (B, H, N, N);
+  // backward -> (grad_attn, grad_policy (B, N, 1)) (see csrc/token_routing/policy_softmax_cpu.cpp)
+  m.def("softmax_with_policy(Tensor attn, Tensor policy, float eps) -> Tensor");
+  m.def("softmax_with_policy_backward(Tensor grad, Tensor attn, Tensor policy, float eps, bool need_attn, bool need_policy) -> (Tensor, Tensor)");
   // ---- ISDA ----
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.

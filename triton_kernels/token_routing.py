@@ -13,6 +13,12 @@ dispatch, grouped GEMM and combine.
   row block lies past its expert's segment runs an empty K loop and stores
   nothing. tl.dot in IEEE precision (no TF32). ``w`` is read through its
   strides, so ``grouped_mm(g, w.transpose(1, 2))`` is the input gradient.
+* ``softmax_with_policy`` / ``..._backward``: DynamicViT's policy softmax (see
+  csrc/token_routing/policy_softmax_cpu.cpp for the formulas), one program
+  per row (the whole row in registers); the backward writes the row's
+  gradient and its statistics (max, <g, out>, 1 / (U + eps)), then one
+  program per (sample, column block) sums the policy gradient over heads and
+  rows in order (deterministic, no atomics).
 * ``grouped_mm_wgrad``: dW[e] = x_e^T g_e, one (expert, K block, N block) per
   program over the segment's rows in order (deterministic, no atomics); an
   empty segment gives zeros.
@@ -25,7 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["combine", "combine_backward", "gather", "grouped_mm", "grouped_mm_wgrad"]
+__all__ = [
+    "combine",
+    "combine_backward",
+    "gather",
+    "grouped_mm",
+    "grouped_mm_wgrad",
+    "softmax_with_policy",
+    "softmax_with_policy_backward",
+]
 
 
 def _compute(t: torch.Tensor):
@@ -217,3 +231,100 @@ def grouped_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor,
             ACC=_compute(x),
         )
     return out
+
+
+@triton.jit
+def _policy_row(a_ptr, p_ptr, row, N, H, EPS, BN: tl.constexpr, ACC: tl.constexpr):
+    """One row's (cols, in-row mask, logits, e_j, u_j, U + eps, max position) in ACC.
+    EPS arrives as a loaded value of the ACC type (a float argument would be float32)."""
+    cols = tl.arange(0, BN)
+    inside = cols < N
+    i = row % N
+    a = tl.load(a_ptr + row * N + cols, mask=inside, other=float("-inf")).to(ACC)
+    p = tl.load(p_ptr + (row // (H * N)) * N + cols, mask=inside, other=0.0).to(ACC)
+    m = tl.max(a, axis=0)
+    e = tl.where(inside, tl.exp(a - m), 0.0)
+    u = tl.where(cols == i, e, e * p)
+    return cols, inside, a, e, u, tl.sum(u, axis=0) + EPS, tl.argmax(a, axis=0), m
+
+
+@triton.jit
+def _policy_forward_kernel(a_ptr, p_ptr, out_ptr, eps_ptr, N, H, BN: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    EPS = tl.load(eps_ptr)
+    cols, inside, a, e, u, denom, at, m = _policy_row(a_ptr, p_ptr, row, N, H, EPS, BN, ACC)
+    out = (u + EPS / N) / denom
+    tl.store(out_ptr + row * N + cols, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def softmax_with_policy(attn: torch.Tensor, policy: torch.Tensor, eps: float) -> torch.Tensor:
+    b, h, n, _ = attn.shape
+    out = torch.empty(attn.shape, dtype=attn.dtype, device=attn.device)
+    if out.numel():
+        p = policy.reshape(b, n).to(_float_of(attn)).contiguous()
+        _policy_forward_kernel[(b * h * n,)](attn.contiguous(), p, out, _scalar(eps, attn), n, h, BN=triton.next_power_of_2(n),
+                                             ACC=_compute(attn))  # fmt: skip
+    return out
+
+
+@triton.jit
+def _policy_backward_kernel(g_ptr, a_ptr, p_ptr, ga_ptr, stats_ptr, eps_ptr, N, H, NEED_ATTN: tl.constexpr,
+                            BN: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    EPS = tl.load(eps_ptr)
+    cols, inside, a, e, u, denom, at, m = _policy_row(a_ptr, p_ptr, row, N, H, EPS, BN, ACC)
+    g = tl.load(g_ptr + row * N + cols, mask=inside, other=0.0).to(ACC)
+    c = EPS / N
+    dot = tl.sum(g * (u + c) / denom, axis=0)
+    if NEED_ATTN:
+        ga = u / denom * (g - dot)
+        extra = c * tl.sum(g, axis=0) / denom - dot * EPS / denom
+        ga = tl.where(cols == at, ga + extra, ga)
+        tl.store(ga_ptr + row * N + cols, ga.to(ga_ptr.dtype.element_ty), mask=inside)
+    tl.store(stats_ptr + row * 3, m)
+    tl.store(stats_ptr + row * 3 + 1, dot)
+    tl.store(stats_ptr + row * 3 + 2, 1.0 / denom)
+
+
+@triton.jit
+def _policy_grad_kernel(g_ptr, a_ptr, stats_ptr, gp_ptr, N, H, BC: tl.constexpr, ACC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    inside = cols < N
+    acc = tl.zeros([BC], ACC)
+    for r in range(0, H * N):
+        row = b * H * N + r
+        m = tl.load(stats_ptr + row * 3)
+        dot = tl.load(stats_ptr + row * 3 + 1)
+        inv = tl.load(stats_ptr + row * 3 + 2)
+        a = tl.load(a_ptr + row * N + cols, mask=inside, other=0.0).to(ACC)
+        g = tl.load(g_ptr + row * N + cols, mask=inside, other=0.0).to(ACC)
+        keep = inside & (cols != r % N)  # the diagonal's weight does not depend on the policy
+        acc += tl.where(keep, tl.exp(a - m) * (g - dot) * inv, 0.0)
+    tl.store(gp_ptr + b * N + cols, acc.to(gp_ptr.dtype.element_ty), mask=inside)
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([value], dtype=_float_of(like), device=like.device)
+
+
+def _float_of(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def softmax_with_policy_backward(grad, attn, policy, eps: float, need_attn: bool, need_policy: bool):
+    b, h, n, _ = attn.shape
+    acc = _float_of(attn)
+    grad, attn = grad.to(attn.dtype).contiguous(), attn.contiguous()
+    ga = torch.empty(attn.shape, dtype=attn.dtype, device=attn.device) if need_attn else None
+    gp = torch.zeros((b, n), dtype=acc, device=attn.device) if need_policy else None
+    if attn.numel() and (need_attn or need_policy):
+        p = policy.reshape(b, n).to(acc).contiguous()
+        stats = torch.empty((b * h * n, 3), dtype=acc, device=attn.device)
+        bn = triton.next_power_of_2(n)
+        _policy_backward_kernel[(b * h * n,)](grad, attn, p, attn if ga is None else ga, stats, _scalar(eps, attn), n, h,
+                                              NEED_ATTN=need_attn, BN=bn, ACC=_compute(attn))  # fmt: skip
+        if need_policy:
+            bc = min(128, bn)
+            _policy_grad_kernel[(b, triton.cdiv(n, bc))](grad, attn, stats, gp, n, h, BC=bc, ACC=_compute(attn))
+    return ga, None if gp is None else gp.to(policy.dtype).reshape(b, n, 1)

@@ -6,6 +6,10 @@
 * timm ViT-S/16 and ViT-B/16 (random weights, eval, float32) at batch 1 and
   8: ToMe r = 8 / 16 and EViT keep 0.7 (blocks 3, 6, 9) against the unpatched
   model. images/s = batch / time.
+* DynamicViT's softmax_with_policy (DeiT-S: H = 6, N = 197, batch 8)
+  forward and forward + backward against its own formulation (written from
+  its code), with peak memory; floor: the logits read and the output written
+  (and the gradient read and written) once.
 * An MoE MLP layer (d -> 4d -> d, GELU, T = 4096, routing balanced or Zipf)
   forward and forward + backward: dispatch, two grouped GEMMs and the
   combine, against a per-expert Python loop, ``torch.nn.functional.grouped_mm``
@@ -51,6 +55,7 @@ def vit_setup(name, batch, image, device):
     images = torch.randn(batch, 3, image, image, device=device)
     tome8, tome16 = (dnn.apply_tome(copy.deepcopy(model), r) for r in (8, 16))
     evit = dnn.apply_evit(copy.deepcopy(model), 0.7, (3, 6, 9))
+    dyvit = dnn.apply_dynamicvit(copy.deepcopy(model), 0.7, (3, 6, 9)).eval()
     check = dnn.apply_tome(copy.deepcopy(model), 16, backend="reference")
     with torch.no_grad():
         if not torch.allclose(tome16(images), check(images), rtol=1e-4, atol=1e-4):
@@ -67,6 +72,7 @@ def vit_setup(name, batch, image, device):
         _impl("ToMe r=16", run(tome16), "kernel", None),
         _impl("ToMe r=8", run(tome8), "variant", None),
         _impl("EViT 0.7", run(evit), "variant", None),
+        _impl("DynamicViT 0.7", run(dyvit), "variant", None),
         _impl("unpatched", run(model), "anchor", None),
     ]
 
@@ -148,6 +154,51 @@ def moe_setup(tokens, d, experts, k, routing, backward, device):
     return impls
 
 
+def policy_setup(b, h, n, backward, device):
+    from ..reference import token_routing_pruning as pruning
+
+    g = torch.Generator().manual_seed(n)
+    attn = (torch.randn(b, h, n, n, generator=g) * 3).to(device).requires_grad_(backward)
+    policy = (torch.rand(b, n, 1, generator=g) < 0.7).float().to(device).requires_grad_(backward)
+    grad = torch.randn(b, h, n, n, generator=g).to(device)
+
+    def run(fn):
+        def call():
+            if not backward:
+                with torch.no_grad():
+                    return fn(attn, policy)
+            out = fn(attn, policy)
+            out.backward(grad)
+            return out.detach()
+
+        return call
+
+    ours, theirs = run(ops.softmax_with_policy), run(pruning.softmax_with_policy)
+    if not torch.allclose(ours(), theirs(), rtol=1e-5, atol=1e-6):
+        raise AssertionError("softmax_with_policy disagrees with DynamicViT's formulation; refusing to time it")
+    return [
+        _impl("dynkernels", ours, "kernel", measure_memory=True),
+        _impl("DynamicViT's formulation", theirs, "anchor", True, measure_memory=True),
+    ]
+
+
+def _policy_cases(size, device):
+    b, h, n = (2, 2, 17) if size == "quick" else (8, 6, 197)
+    elements = b * h * n * n
+    return [
+        _case(
+            FAMILY,
+            "softmax_with_policy_fwd_bwd" if bwd else "softmax_with_policy_fwd",
+            f"B={b} H={h} N={n}",
+            lambda a=(b, h, n, bwd): policy_setup(*a, device),
+            dict(B=b, H=h, N=n, backward=bwd),
+            ("dynkernels", "DynamicViT's formulation"),
+            floor_bytes=4 * elements * (5 if bwd else 2),
+        )
+        for bwd in (False, True)
+    ]
+
+
 def _vit_cases(size, device):
     if not have("timm"):
         return []
@@ -164,7 +215,7 @@ def _vit_cases(size, device):
             f"{name.split('_patch')[0]} B={b} {image}px",
             lambda a=(name, b, image): vit_setup(*a, device),
             dict(model=name, B=b, image=image),
-            ("ToMe r=16", "ToMe r=8", "EViT 0.7", "unpatched"),
+            ("ToMe r=16", "ToMe r=8", "EViT 0.7", "DynamicViT 0.7", "unpatched"),
         )
         for name, b, image in shapes
     ]
@@ -213,7 +264,7 @@ def cases(size: str, device: str) -> list:
         if size == "quick"
         else [(8, 197, 64, 16), (8, 577, 64, 16), (8, 1025, 64, 16), (2, 4096, 64, 16)]
     )
-    out = _vit_cases(size, device) + _moe_cases(size, device)
+    out = _vit_cases(size, device) + _policy_cases(size, device) + _moe_cases(size, device)
     for b, n, c, r in shapes:
         na, nb = (n + 1) // 2, n // 2
         out.append(

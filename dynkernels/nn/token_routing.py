@@ -14,6 +14,14 @@ over :mod:`dynkernels.ops.token_routing` and :mod:`dynkernels.ops.token_routing_
   attention by size-weighted averages, and with ``prop_attn`` adds
   ``log(size)`` to the attention logits. The attention runs through SDPA with
   that bias (ToMe materialises the attention).
+* :class:`DynamicViTPredictor` and :func:`apply_dynamicvit` -- DynamicViT
+  (``models/dyvit.py``): at the pruning locations a predictor scores the
+  tokens from a local and a policy-pooled global feature; training keeps a
+  Gumbel hard decision per token (straight-through) and runs every block with
+  the masked attention ``softmax_with_policy`` (the fused op); eval keeps the
+  ``int(N0 keep_ratio)`` best-scored tokens by ``batch_index_select`` and runs
+  the blocks unmasked (SDPA). :func:`dynamicvit_decisions` returns the last
+  training forward's decisions (for DynamicViT's ratio loss).
 * :func:`apply_evit` -- EViT: at the given blocks, the CLS attention row
   (from the CLS query alone; SDPA stays) selects ``ceil(keep_rate (N - 1))``
   tokens after the attention and fuses the rest into one token.
@@ -31,7 +39,16 @@ from .. import ops
 from .._backends import check_module_backend, op_backend
 from ..ops._validation import check_int
 
-__all__ = ["MoEMlp", "apply_evit", "apply_moe", "apply_tome", "moe_aux_loss"]
+__all__ = [
+    "DynamicViTPredictor",
+    "MoEMlp",
+    "apply_dynamicvit",
+    "apply_evit",
+    "apply_moe",
+    "apply_tome",
+    "dynamicvit_decisions",
+    "moe_aux_loss",
+]
 
 _MOE_OPS = ("moe_dispatch", "moe_grouped_mm", "moe_combine")
 
@@ -228,11 +245,11 @@ def _schedule(r, depth: int) -> list[int]:
     return r
 
 
-def _patch_class(module: nn.Module, name: str, forward) -> None:
+def _patch_class(module: nn.Module, name: str, forward, **extra) -> None:
     base = type(module)
     if getattr(base, "_dk_patched", None) == name:
         return
-    module.__class__ = type(f"{name}{base.__name__}", (base,), {"forward": forward, "_dk_patched": name})
+    module.__class__ = type(f"{name}{base.__name__}", (base,), {"forward": forward, "_dk_patched": name, **extra})
 
 
 def apply_tome(model: nn.Module, r, *, prop_attn: bool = True, backend: str | None = None) -> nn.Module:
@@ -297,3 +314,125 @@ def apply_evit(model: nn.Module, keep_rate: float, locations=(3, 6, 9), *, fuse_
         block._evit_keep_rate, block._evit_fuse = keep_rate, fuse_token
         _patch_class(block, "EViT", _evit_block_forward)
     return model
+
+
+# ---- DynamicViT ---------------------------------------------------------------
+
+
+class DynamicViTPredictor(nn.Module):
+    """DynamicViT's PredictorLG: x (B, N, C), policy (B, N, 1) -> log-probabilities
+    (B, N, 2) of (keep, drop). A LayerNorm + Linear + GELU, half the features
+    kept per token and half averaged over the kept tokens, then a 3-layer MLP
+    (C -> C/2 -> C/4 -> 2) and a log-softmax."""
+
+    def __init__(self, embed_dim: int = 384):
+        super().__init__()
+        embed_dim = check_int("embed_dim", embed_dim, 4)
+        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim // 2),
+            nn.GELU(),
+            nn.Linear(embed_dim // 2, embed_dim // 4),
+            nn.GELU(),
+            nn.Linear(embed_dim // 4, 2),
+            nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+        x = self.in_conv(x)
+        b, n, c = x.shape
+        local_x = x[:, :, : c // 2]
+        global_x = (x[:, :, c // 2 :] * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True)
+        return self.out_conv(torch.cat([local_x, global_x.expand(b, n, c // 2)], dim=-1))
+
+
+def _policy_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor, backend) -> torch.Tensor:
+    """DynamicViT's Attention with a policy: materialised logits, the fused masked softmax."""
+    b, n, _ = x.shape
+    q, k, v = _heads(attn, x)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    probs = attn.attn_drop(ops.softmax_with_policy(logits, policy, backend=backend))
+    out = attn.norm((probs @ v).transpose(1, 2).reshape(b, n, -1))
+    return attn.proj_drop(attn.proj(out))
+
+
+def _dynamicvit_block_forward(self, x, policy=None, attn_mask=None, is_causal=False):
+    if policy is None:
+        return type(self).__mro__[1].forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+    _no_mask(attn_mask, is_causal)
+    x = x + self.drop_path1(self.ls1(_policy_attention(self.attn, self.norm1(x), policy, self._dynamicvit_backend)))
+    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _dynamicvit_forward(self, images: torch.Tensor) -> torch.Tensor:
+    x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
+    b, n0 = x.shape[0], x.shape[1] - 1
+    prev = x.new_ones(b, n0, 1)
+    policy = x.new_ones(b, n0 + 1, 1)
+    decisions = []
+    stage = 0
+    for i, block in enumerate(self.blocks):
+        if i in self._dynamicvit_locations:
+            score = self.score_predictor[stage](x[:, 1:], prev).reshape(b, -1, 2)
+            if self.training:
+                keep = F.gumbel_softmax(score, hard=True)[:, :, 0:1] * prev
+                decisions.append(keep.reshape(b, n0))
+                policy = torch.cat([x.new_ones(b, 1, 1), keep], dim=1)
+                x = block(x, policy=policy)
+                prev = keep
+            else:
+                n_keep = int(n0 * self._dynamicvit_ratios[stage])
+                order = torch.argsort(score[:, :, 0], dim=1, descending=True)[:, :n_keep]
+                now = torch.cat([order.new_zeros(b, 1), order + 1], dim=1)
+                x = block(ops.batch_index_select(x, now))
+                prev = ops.batch_index_select(prev, order)
+            stage += 1
+        else:
+            x = block(x, policy=policy) if self.training else block(x)
+    self._dynamicvit_decisions = decisions
+    return self.forward_head(self.norm(x))
+
+
+def apply_dynamicvit(model: nn.Module, keep_ratio=0.7, locations=(3, 6, 9), *, backend=None) -> nn.Module:
+    """Patch a timm VisionTransformer in place into DynamicViT: a
+    :class:`DynamicViTPredictor` before each block in ``locations`` (DeiT: 3,
+    6, 9), keep ratios ``keep_ratio ** (s + 1)`` at stage s (or one ratio per
+    location), relative to the initial token count as DynamicViT's. Needs a
+    class token and no other prefix token."""
+    blocks = _blocks(model)
+    if getattr(model, "cls_token", None) is None or getattr(model, "num_prefix_tokens", 1) != 1:
+        raise ValueError("DynamicViT needs exactly one prefix token, the class token")
+    locations = tuple(check_int("location", i) for i in locations)
+    if sorted(set(locations)) != list(locations) or not all(0 <= i < len(blocks) for i in locations):
+        raise ValueError(f"locations must be increasing block indices in [0, {len(blocks)}), got {locations}")
+    if isinstance(keep_ratio, (int, float)):
+        ratios = [float(keep_ratio) ** (s + 1) for s in range(len(locations))]
+    else:
+        ratios = [float(r) for r in keep_ratio]
+    if len(ratios) != len(locations) or not all(0 < r <= 1 for r in ratios):
+        raise ValueError(f"keep_ratio must be in (0, 1] (or one such per location), got {keep_ratio}")
+    dim = blocks[0].norm1.normalized_shape[0]
+    predictors = [DynamicViTPredictor(dim) for _ in locations]
+    weight = model.cls_token
+    model.score_predictor = nn.ModuleList(predictors).to(device=weight.device, dtype=weight.dtype)
+    model._dynamicvit_locations, model._dynamicvit_ratios = locations, ratios
+    model._dynamicvit_decisions = []
+    for block in blocks:
+        _check_vit_attention(block)
+        block._dynamicvit_backend = backend
+        _patch_class(block, "DynamicViT", _dynamicvit_block_forward)
+    _patch_class(model, "DynamicViT", _dynamicvit_forward, __getstate__=_without_decisions)
+    return model
+
+
+def _without_decisions(self):  # copies and pickles drop the last forward's decisions (graph nodes)
+    state = self.__dict__.copy()
+    state["_dynamicvit_decisions"] = []
+    return state
+
+
+def dynamicvit_decisions(model: nn.Module) -> list[torch.Tensor]:
+    """The hard keep decisions (B, N0) of each stage from the last training forward."""
+    if not hasattr(model, "_dynamicvit_decisions"):
+        raise ValueError("the model is not patched by apply_dynamicvit")
+    return list(model._dynamicvit_decisions)
