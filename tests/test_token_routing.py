@@ -59,6 +59,8 @@ SHAPES = [(2, 197, 16), (1, 16, 8), (3, 25, 5), (2, 1100, 12)]  # ViT-Ti, tiny, 
 def test_matching_equals_tome(device, backend, shape, tokens, dtype):
     class_token, distill_token = tokens
     b, n, c = shape
+    if backend == "triton" and device == "cpu" and n > 512:
+        pytest.skip("12 s under the interpreter; N = 197 already spans several row blocks and column tiles")
     metric = torch.randn(b, n, c, dtype=dtype, generator=torch.Generator().manual_seed(n)).to(device)
     for r in (0, 1, n // 4, (n - sum(tokens)) // 2):
         want = _tome_official(metric.double(), r, class_token, distill_token)

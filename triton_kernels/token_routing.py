@@ -19,6 +19,12 @@ dispatch, grouped GEMM and combine.
   gradient and its statistics (max, <g, out>, 1 / (U + eps)), then one
   program per (sample, column block) sums the policy gradient over heads and
   rows in order (deterministic, no atomics).
+* ``tome_best``: ToMe's node_max / node_idx without the score matrix: per
+  (sample, BM A rows) the cosine scores against BN B rows at a time by tl.dot
+  (IEEE), the running max replaced only by a strictly greater tile max (tl's
+  argmax breaks ties to the left: ties keep the lower index), a NaN winning
+  and staying (as torch.max), the class token's row and the distillation
+  token's column at -inf.
 * ``grouped_mm_wgrad``: dW[e] = x_e^T g_e, one (expert, K block, N block) per
   program over the segment's rows in order (deterministic, no atomics); an
   empty segment gives zeros.
@@ -39,6 +45,7 @@ __all__ = [
     "grouped_mm_wgrad",
     "softmax_with_policy",
     "softmax_with_policy_backward",
+    "tome_best",
 ]
 
 
@@ -328,3 +335,61 @@ def softmax_with_policy_backward(grad, attn, policy, eps: float, need_attn: bool
             bc = min(128, bn)
             _policy_grad_kernel[(b, triton.cdiv(n, bc))](grad, attn, stats, gp, n, h, BC=bc, ACC=_compute(attn))
     return ga, None if gp is None else gp.to(policy.dtype).reshape(b, n, 1)
+
+
+@triton.jit
+def _tome_best_kernel(a_ptr, b_ptr, max_ptr, idx_ptr, NA, NB, C, MT, CLASS: tl.constexpr, DISTILL: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0)
+    s = (pid // MT).to(tl.int64)
+    rows = (pid % MT) * BM + tl.arange(0, BM)
+    r_in = rows < NA
+    best = tl.full([BM], float("-inf"), ACC)
+    where = tl.zeros([BM], tl.int64)
+    dead = tl.zeros([BM], tl.int1)  # NaN seen: the max stays NaN at its first position
+    if CLASS:
+        dead = rows == 0  # the class token's row is all -inf: max -inf at index 0, as torch.max
+    for c0 in range(0, NB, BN):
+        cols = c0 + tl.arange(0, BN)
+        c_in = cols < NB
+        acc = tl.zeros([BM, BN], ACC)
+        for k0 in range(0, C, BC):
+            ks = k0 + tl.arange(0, BC)
+            k_in = ks < C
+            a = tl.load(a_ptr + (s * NA + rows)[:, None] * C + ks[None, :], mask=r_in[:, None] & k_in[None, :],
+                        other=0.0)  # fmt: skip
+            b = tl.load(b_ptr + (s * NB + cols)[None, :] * C + ks[:, None], mask=k_in[:, None] & c_in[None, :],
+                        other=0.0)  # fmt: skip
+            acc += tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+        valid = c_in[None, :] & r_in[:, None]
+        if DISTILL:
+            valid = valid & (cols != 0)[None, :]
+        is_nan = (acc != acc) & valid
+        has_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0
+        first_nan = tl.min(tl.where(is_nan, cols[None, :], NB), axis=1)
+        scores = tl.where(valid & (acc == acc), acc, float("-inf"))
+        tile_max, tile_at = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        better = (tile_max > best) & ~dead
+        best = tl.where(better, tile_max, best)
+        where = tl.where(better, (c0 + tile_at).to(tl.int64), where)
+        nan_now = has_nan & ~dead
+        best = tl.where(nan_now, float("nan"), best)
+        where = tl.where(nan_now, first_nan.to(tl.int64), where)
+        dead = dead | nan_now
+    tl.store(max_ptr + s * NA + rows, best.to(max_ptr.dtype.element_ty), mask=r_in)
+    tl.store(idx_ptr + s * NA + rows, where, mask=r_in)
+
+
+def tome_best(a: torch.Tensor, b: torch.Tensor, class_token: bool, distill_token: bool):
+    """(node_max (B, N_a), node_idx (B, N_a) int64) of row-normalised a (B, N_a, C), b (B, N_b, C)."""
+    batch, na, c = a.shape
+    nb = b.shape[1]
+    node_max = torch.full((batch, na), float("-inf"), dtype=a.dtype, device=a.device)
+    node_idx = torch.zeros((batch, na), dtype=torch.int64, device=a.device)
+    if batch and na and nb:
+        bm, bn, bc = _dot_block(na, 64), _dot_block(nb, 64), _dot_block(c, 32)
+        mt = triton.cdiv(na, bm)
+        _tome_best_kernel[(batch * mt,)](a.contiguous(), b.contiguous(), node_max, node_idx, na, nb, c, mt,
+                                         CLASS=class_token, DISTILL=distill_token, BM=bm, BN=bn, BC=bc,
+                                         ACC=_compute(a))  # fmt: skip
+    return node_max, node_idx

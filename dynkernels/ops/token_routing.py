@@ -25,8 +25,9 @@ merging.
   and ``evit_keep_count(n_tokens, keep_rate)``: EViT's top-k selection and
   complement fusion (compositions; ties in torch.topk's order, as EViT).
 
-Backends of the matching: "cpp" (auto on CPU), "reference" (the full scores,
-as ToMe)."""
+Backends of the matching: "cpp" (auto on CPU), "triton" (auto on CUDA: the
+best matches without the score matrix, then a device-side stable sort; no
+host sync), "reference" (the full scores, as ToMe)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import torch
 from .._backends import resolve
 from .._extension import has_extension
 from .._registry import register_op
+from .._triton import family_kernels
 from ..reference import token_routing as ref
 from ._validation import check_int, check_tensor
 
@@ -51,7 +53,13 @@ __all__ = [
 ]
 
 FAMILY = "token_routing"
-register_op("bipartite_soft_matching", FAMILY, ("reference", "cpp"), reference=ref.bipartite_soft_matching)
+register_op(
+    "bipartite_soft_matching",
+    FAMILY,
+    ("reference", "cpp", "triton"),
+    reference=ref.bipartite_soft_matching,
+    auto={"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")},
+)
 _MODES = ("mean", "sum", "wavg")
 
 
@@ -79,7 +87,26 @@ def bipartite_soft_matching(
         return ref.bipartite_soft_matching(metric, r, class_token=class_token, distill_token=distill_token)
     with torch.no_grad():
         unit = metric / metric.norm(dim=-1, keepdim=True)  # as ToMe normalises
+        if chosen == "triton":
+            return torch.ops.dynkernels.tome_match_triton(unit[:, ::2], unit[:, 1::2], r, class_token, distill_token)
         return torch.ops.dynkernels.tome_match(unit[:, ::2], unit[:, 1::2], r, class_token, distill_token)
+
+
+@torch.library.custom_op("dynkernels::tome_match_triton", mutates_args=())
+def _tome_match_triton(
+    a: torch.Tensor, b: torch.Tensor, r: int, class_token: bool, distill_token: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton best matches, then the ranking as the C++ kernel's: a stable
+    descending sort (NaN first, ties to the lower index), device-side."""
+    node_max, node_idx = family_kernels(FAMILY).tome_best(a, b, class_token, distill_token)
+    order = torch.sort(node_max, dim=1, descending=True, stable=True).indices
+    src, unm = order[:, :r], order[:, r:]
+    if class_token:
+        unm = unm.sort(dim=1).values
+    return src.clone(), node_idx.gather(1, src), unm.clone()  # fresh outputs: a custom op's may not alias
+
+
+torch.library.register_fake("dynkernels::tome_match_triton")(_fake_tome_match)
 
 
 def _check_match(match, x, n_a):
