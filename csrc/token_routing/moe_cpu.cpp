@@ -248,6 +248,22 @@ void check_grouped(const at::Tensor& x, const at::Tensor& w, const std::optional
   }
 }
 
+// Segments too small to keep BLAS's threads busy run one per thread (BLAS is
+// single-threaded inside a parallel region), the others one after another
+// with BLAS's own threads. `run(e)` does expert e's work.
+template <typename F>
+void for_each_expert(const std::vector<int64_t>& off, F run) {
+  const int64_t experts = int64_t(off.size()) - 1, rows = off[experts];
+  const int64_t threads = at::get_num_threads();
+  const int64_t small = threads > 1 ? rows / (2 * threads) : 0;
+  std::vector<int64_t> alone, shared;
+  for (int64_t e = 0; e < experts; ++e) (off[e + 1] - off[e] > small ? alone : shared).push_back(e);
+  for (const int64_t e : alone) run(e);
+  at::parallel_for(0, int64_t(shared.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) run(shared[i]);
+  });
+}
+
 at::Tensor moe_grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& offsets,
                               const std::optional<at::Tensor>& bias) {
   check_grouped(x_in, w, bias);
@@ -255,16 +271,17 @@ at::Tensor moe_grouped_mm_cpu(const at::Tensor& x_in, const at::Tensor& w, const
   const std::vector<int64_t> off = read_offsets(offsets, experts, rows);
   const at::Tensor x = x_in.detach().contiguous();
   at::Tensor y = at::empty({rows, w.size(2)}, x.options());
-  for (int64_t e = 0; e < experts; ++e) {
+  const at::Tensor wd = w.detach(), bd = bias.has_value() ? bias->detach() : at::Tensor();
+  for_each_expert(off, [&](int64_t e) {
     const int64_t n = off[e + 1] - off[e];
-    if (n == 0) continue;
+    if (n == 0) return;
     at::Tensor ye = y.narrow(0, off[e], n);
-    if (bias.has_value()) {
-      at::addmm_out(ye, bias->detach()[e], x.narrow(0, off[e], n), w.detach()[e]);
+    if (bd.defined()) {
+      at::addmm_out(ye, bd[e], x.narrow(0, off[e], n), wd[e]);
     } else {
-      at::mm_out(ye, x.narrow(0, off[e], n), w.detach()[e]);
+      at::mm_out(ye, x.narrow(0, off[e], n), wd[e]);
     }
-  }
+  });
   return y;
 }
 
@@ -283,13 +300,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_grouped_mm_backward_cpu(const
   at::Tensor gx = need_x ? at::empty_like(x) : at::Tensor();
   at::Tensor gw = need_w ? at::empty(w.sizes(), w.options()) : at::Tensor();
   at::Tensor gb = need_bias ? at::empty({experts, w.size(2)}, w.options()) : at::Tensor();
-  for (int64_t e = 0; e < experts; ++e) {
+  for_each_expert(off, [&](int64_t e) {
     const int64_t n = off[e + 1] - off[e];
     const at::Tensor ge = g.narrow(0, off[e], n);
     if (n == 0) {
       if (need_w) gw[e].zero_();
       if (need_bias) gb[e].zero_();
-      continue;
+      return;
     }
     if (need_x) {
       at::Tensor gxe = gx.narrow(0, off[e], n);
@@ -303,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_grouped_mm_backward_cpu(const
       at::Tensor gbe = gb[e];
       at::sum_out(gbe, ge, {0});
     }
-  }
+  });
   return {gx, gw, gb};
 }
 

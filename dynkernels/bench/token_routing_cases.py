@@ -94,7 +94,9 @@ def moe_setup(tokens, d, experts, k, routing, backward, device):
     w1, b1, w2, b2 = layer.fc1_weight, layer.fc1_bias, layer.fc2_weight, layer.fc2_bias
 
     def finish(out):
-        if backward:
+        if backward:  # as a training step after zero_grad(set_to_none=True): no accumulation into old grads
+            for t in (x, w1, b1, w2, b2):
+                t.grad = None
             out.backward(grad)
         return out.detach()
 
@@ -129,6 +131,8 @@ def moe_setup(tokens, d, experts, k, routing, backward, device):
     def dense():  # the same active FLOPs: T k rows through one MLP
         out = fc2(F.gelu(fc1(dense_x)))
         if backward:
+            for t in (dense_x, *fc1.parameters(), *fc2.parameters()):
+                t.grad = None
             out.backward(dense_grad)
         return out.detach()
 
