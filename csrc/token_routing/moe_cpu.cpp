@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "common/checks.h"
@@ -248,19 +249,36 @@ void check_grouped(const at::Tensor& x, const at::Tensor& w, const std::optional
   }
 }
 
-// Segments too small to keep BLAS's threads busy run one per thread (BLAS is
-// single-threaded inside a parallel region), the others one after another
-// with BLAS's own threads. `run(e)` does expert e's work.
+// Experts' GEMMs scheduled over the threads: a segment larger than a fair
+// share of the rows still to place (rows / threads) runs alone on BLAS's own
+// threads; the rest run one GEMM per thread (BLAS is single-threaded inside a
+// parallel region), placed largest first on the least loaded thread (LPT).
+// Measured: per-thread GEMMs beat 2-thread BLAS on 128-1024-row segments.
+// `run(e)` does expert e's work; each expert runs exactly once.
 template <typename F>
 void for_each_expert(const std::vector<int64_t>& off, F run) {
-  const int64_t experts = int64_t(off.size()) - 1, rows = off[experts];
-  const int64_t threads = at::get_num_threads();
-  const int64_t small = threads > 1 ? rows / (2 * threads) : 0;
-  std::vector<int64_t> alone, shared;
-  for (int64_t e = 0; e < experts; ++e) (off[e + 1] - off[e] > small ? alone : shared).push_back(e);
-  for (const int64_t e : alone) run(e);
-  at::parallel_for(0, int64_t(shared.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) run(shared[i]);
+  const int64_t experts = int64_t(off.size()) - 1, threads = at::get_num_threads();
+  auto size = [&](int64_t e) { return off[e + 1] - off[e]; };
+  std::vector<int64_t> order(experts);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return size(a) > size(b); });
+  int64_t remaining = off[experts], first = 0;
+  while (first < experts && (threads == 1 || size(order[first]) * threads > remaining)) {
+    remaining -= size(order[first]);
+    run(order[first++]);
+  }
+  if (first == experts) return;
+  std::vector<std::vector<int64_t>> lists(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (int64_t i = first; i < experts; ++i) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    lists[t].push_back(order[i]);
+    load[t] += size(order[i]);
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (const int64_t e : lists[t]) run(e);
+    }
   });
 }
 
