@@ -1,0 +1,70 @@
+"""References of the early-exit family (issue 16): MSDNet's budgeted
+thresholds as its code computes them (kalviny/MSDNet-PyTorch
+``adaptive_inference.py``; RANet's and GFNet's ``inference.py`` use the same
+scheme), loop by loop.
+
+* Proportions for a budget q (MSDNet's ``p / 20``): ``exp(log(q) * [1..T])``
+  normalised, in float32.
+* Thresholds: all start at 1e8; for each stage k but the last, walk the
+  samples by descending confidence at k and take the confidence of the
+  ``floor(N * p_k)``-th one that no earlier stage let out (none: 1e8 stays);
+  then every sample with confidence >= T_k is out. The last threshold is
+  -1e8 (every remaining sample exits there).
+* Evaluation: each sample exits at the first stage whose threshold its
+  confidence reaches; the expected cost is ``sum_k (n_k / N) cost_k``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["budget_proportions", "budget_thresholds", "exit_stage", "expected_cost"]
+
+
+def budget_proportions(q: float, stages: int) -> torch.Tensor:
+    p = torch.full((1,), float(q), dtype=torch.float32)
+    probs = torch.exp(torch.log(p) * torch.arange(1, stages + 1, dtype=torch.float32))
+    return probs / probs.sum()
+
+
+def budget_thresholds(confidence: torch.Tensor, proportions: torch.Tensor) -> torch.Tensor:
+    """The official loop (confidence (T, N) on the CPU); thresholds in confidence's dtype."""
+    stages, n = confidence.shape
+    order = confidence.sort(dim=1, descending=True).indices
+    filtered = torch.zeros(n)
+    thresholds = torch.full((stages,), 1e8, dtype=confidence.dtype)
+    for k in range(stages - 1):
+        count = 0
+        out_n = math.floor(n * proportions[k])  # in the proportions' dtype, as the official float32 product
+        for i in range(n):
+            idx = order[k][i]
+            if filtered[idx] == 0:
+                count += 1
+                if count == out_n:
+                    thresholds[k] = confidence[k][idx]
+                    break
+        filtered.add_(confidence[k].ge(thresholds[k]).type_as(filtered))
+    thresholds[stages - 1] = -1e8
+    return thresholds
+
+
+def exit_stage(confidence: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Per sample the first stage k with confidence >= T_k, or -1 (the official loop skips it)."""
+    stages, n = confidence.shape
+    out = torch.full((n,), -1, dtype=torch.int64)
+    for i in range(n):
+        for k in range(stages):
+            if confidence[k][i].item() >= thresholds[k]:
+                out[i] = k
+                break
+    return out
+
+
+def expected_cost(stage: torch.Tensor, stage_costs) -> torch.Tensor:
+    n = stage.numel()
+    total = 0.0
+    for k, cost in enumerate(stage_costs):
+        total += float((stage == k).sum()) / n * float(cost)
+    return torch.tensor(total, dtype=torch.float64)
