@@ -155,8 +155,6 @@ def combine_backward(grad, y, slot_row, weights, need_y: bool, need_weights: boo
                                                         y if gw is None else gw, t, y.shape[0], d, k, NEED_Y=need_y,
                                                         NEED_W=need_weights, BR=br, BC=bc,
                                                         ACC=_compute(y))  # fmt: skip
-    if gw is not None and d == 0:
-        gw.zero_()
     return gy, gw
 
 

@@ -256,7 +256,11 @@ def apply_tome(model: nn.Module, r, *, prop_attn: bool = True, backend: str | No
     """Patch a timm VisionTransformer in place so every block merges r tokens
     (an int, or one value per block) after its attention, as ToMe's timm patch.
     ``model.r`` may be changed later. The class and distillation tokens are
-    protected when the model has them (``cls_token``, ``dist_token``)."""
+    protected when the model has them (``cls_token``, ``dist_token``).
+    Differs from ToMe's patch on purpose: timm's LayerScale (``ls1``, ``ls2``;
+    identity without it) is applied, the attention is SDPA with the log-size
+    bias as an additive mask (ToMe materialises it), and source tracing is
+    not implemented."""
     blocks = _blocks(model)
     _schedule(r, len(blocks))
     for block in blocks:

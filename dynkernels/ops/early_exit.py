@@ -65,11 +65,12 @@ def budget_thresholds(
     proportions = check_tensor("proportions", proportions)
     if proportions.shape != (stages,) or not proportions.is_floating_point():
         raise ValueError(f"proportions must be a floating (T = {stages},) tensor, got {tuple(proportions.shape)}")
-    if (proportions < 0).any() or abs(float(proportions.double().sum()) - 1.0) > 1e-5:
-        raise ValueError(f"proportions must be >= 0 and sum to 1, got {proportions.tolist()}")
+    values = proportions.detach().cpu()  # T numbers, read once (calibration is offline)
+    if (values < 0).any() or abs(float(values.double().sum()) - 1.0) > 1e-5:
+        raise ValueError(f"proportions must be >= 0 and sum to 1, got {values.tolist()}")
     high, low = _SENTINELS[sentinel]
     device = confidence.device
-    wanted = torch.floor(n * proportions.to(device)).to(torch.int64)  # the official float product, floored
+    wanted = torch.floor(n * values).to(torch.int64).to(device)  # the official float product, floored
     thresholds = torch.full((stages,), high, dtype=confidence.dtype, device=device)
     out = torch.zeros(n, dtype=torch.bool, device=device)
     lowest = torch.tensor(float("-inf"), dtype=confidence.dtype, device=device)
