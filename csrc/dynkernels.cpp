@@ -126,6 +126,12 @@ TORCH_LIBRARY(dynkernels, m) {
   // backward -> (grad_attn, grad_policy (B, N, 1)) (see csrc/token_routing/policy_softmax_cpu.cpp)
   m.def("softmax_with_policy(Tensor attn, Tensor policy, float eps) -> Tensor");
   m.def("softmax_with_policy_backward(Tensor grad, Tensor attn, Tensor policy, float eps, bool need_attn, bool need_policy) -> (Tensor, Tensor)");
+  // ---- early exit ----
+  // GFNet's focus patches: images (B, C, H, W), actions (B, 2) in [0, 1] -> (B, C, P, P), the window at
+  // (floor(a_y (H - P)), floor(a_x (W - P))); channels-last in, channels-last out; index (n,): patch s from
+  // image index[s] (actions (n, 2), no gradient). Backward (no index) -> (B, C, H, W).
+  m.def("crop_patches(Tensor images, Tensor actions, Tensor? index, int patch_size) -> Tensor");
+  m.def("crop_patches_backward(Tensor grad, Tensor actions, int height, int width) -> Tensor");
   // ---- ISDA ----
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.

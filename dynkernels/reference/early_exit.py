@@ -12,6 +12,14 @@ scheme), loop by loop.
   -1e8 (every remaining sample exits there).
 * Evaluation: each sample exits at the first stage whose threshold its
   confidence reaches; the expected cost is ``sum_k (n_k / N) cost_k``.
+* GFNet's focus patches (``utils.get_patch``): a loop over the batch, the
+  window at ``floor(action * (S - P))`` read back with ``.item()``; the
+  official code takes S from the height for both axes, here y uses H and x
+  uses W (the same crop on square images).
+* GFNet's glance (``utils.get_prime``): ``F.interpolate(images, [P, P],
+  mode, align_corners=True)``.
+* Compaction: the kept rows selected with a boolean mask; results written
+  back row by row.
 """
 
 from __future__ import annotations
@@ -19,8 +27,18 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["budget_proportions", "budget_thresholds", "exit_stage", "expected_cost"]
+__all__ = [
+    "budget_proportions",
+    "budget_thresholds",
+    "compact_active",
+    "crop_patches",
+    "exit_stage",
+    "expand_results",
+    "expected_cost",
+    "glance",
+]
 
 
 def budget_proportions(q: float, stages: int) -> torch.Tensor:
@@ -68,3 +86,34 @@ def expected_cost(stage: torch.Tensor, stage_costs) -> torch.Tensor:
     for k, cost in enumerate(stage_costs):
         total += float((stage == k).sum()) / n * float(cost)
     return torch.tensor(total, dtype=torch.float64)
+
+
+def crop_patches(images: torch.Tensor, actions: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """get_patch's loop (differentiable in the images through the slices)."""
+    _, _, h, w = images.shape
+    ys = torch.floor(actions[:, 0] * (h - patch_size)).int()
+    xs = torch.floor(actions[:, 1] * (w - patch_size)).int()
+    patches = []
+    for i in range(images.shape[0]):
+        y, x = ys[i].item(), xs[i].item()
+        patches.append(images[i : i + 1, :, y : y + patch_size, x : x + patch_size])
+    return torch.cat(patches, 0)
+
+
+def glance(images: torch.Tensor, size, mode: str = "bicubic") -> torch.Tensor:
+    size = [size, size] if isinstance(size, int) else list(size)
+    return F.interpolate(images, size=size, mode=mode, align_corners=True)
+
+
+def compact_active(keep: torch.Tensor, *tensors, dims=0):
+    dims = [dims] * len(tensors) if isinstance(dims, int) else list(dims)
+    index = torch.arange(keep.numel(), device=keep.device)[keep]
+    out = [None if t is None else t.movedim(d, 0)[keep].movedim(0, d) for t, d in zip(tensors, dims, strict=True)]
+    return (index, *out)
+
+
+def expand_results(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    result = out.clone()
+    for j in range(index.numel()):
+        result.select(dim, int(index[j])).copy_(values.select(dim, j))
+    return result
