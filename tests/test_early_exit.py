@@ -70,3 +70,17 @@ BAD = [
 @pytest.mark.parametrize("call,error,match", bad_input_params(BAD))
 def test_bad_inputs_give_clear_errors(call, error, match):
     assert_clear_error(call, error, match)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_budget_evaluate_equals_dynamic_evaluate(ties):
+    confidence = _confidence(4, 300, ties, seed=2)
+    g = torch.Generator().manual_seed(3)
+    predictions, targets = torch.randint(0, 3, (4, 300), generator=g), torch.randint(0, 3, (300,), generator=g)
+    costs = [1.0, 2.5, 4.0, 7.0]
+    for thresholds in (ops.budget_thresholds(confidence, q=0.7), torch.tensor([0.9, 0.8, 0.7, 0.95])):
+        acc, cost = ops.budget_evaluate(confidence, predictions, targets, thresholds, costs)
+        want_acc, want_cost = ref.budget_evaluate(confidence, predictions, targets, thresholds, costs)
+        assert acc.item() == pytest.approx(want_acc, rel=1e-15) and cost.item() == pytest.approx(want_cost, rel=1e-15)
+    with pytest.raises(ValueError, match="predictions must be"):
+        ops.budget_evaluate(confidence, predictions[:2], targets, thresholds, costs)

@@ -137,3 +137,21 @@ def test_vit_token_routing_example_trains_both_paths_alike():
         assert np.isfinite(float(line.split("loss kernel ")[1].split(",")[0]))
     rates = [line for line in lines if line.startswith("r ")]
     assert len(rates) == 2 and all(float(line.split(": ")[1].split(" ")[0]) > 0 for line in rates)
+
+
+def test_gfnet_toy_example_trains_three_stages_and_plots_the_budget_sweep(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "gfnet.png"
+    cmd = [sys.executable, str(ROOT / "examples" / "gfnet_toy.py"), "--steps", "3", "2", "2", "--batch", "8"]
+    cmd += ["--test", "48", "--budgets", "3", "--glimpses", "3", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert {line.split(" step")[0] for line in lines if line.startswith("stage")} == {"stage 1", "stage 2", "stage 3"}
+    budgets = [line for line in lines if line.startswith("budget q=")]
+    assert len(budgets) == 3
+    for line in budgets:
+        accuracy = float(line.split("accuracy ")[1].split("%")[0])
+        exits = [int(v) for v in line.split("exits [")[1].rstrip("]").split(",")]
+        assert 0 <= accuracy <= 100 and sum(exits) == 48
+    assert out.stat().st_size > 10_000

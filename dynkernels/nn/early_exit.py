@@ -38,9 +38,10 @@ the crop uses H for y and W for x (the official code uses H for both, the
 same on square images); ``simulate`` and ``predict`` need ``.eval()``; the
 glance's mode is ``glance_mode`` in training and ``eval_glance_mode`` in
 evaluation (official: bicubic in training; bilinear in evaluation for
-DenseNet and RegNet); ``first_exit="encoder"`` reproduces the official
+DenseNet and RegNet); ``eval_first_exit="encoder"`` reproduces the official
 RegNet evaluation, which classifies step 0 with the global encoder's head
-although training used the GRU classifier there."""
+although training used the GRU classifier there (the "fc" classifier always
+uses the head at step 0, as the official MobileNetV3 / EfficientNet)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops._validation import check_tensor
 
-__all__ = ["EarlyExitCascade", "EarlyExitResult", "GFNet", "GFNetClassifier", "GFNetPolicy"]
+__all__ = ["EarlyExitCascade", "EarlyExitResult", "GFNet", "GFNetClassifier", "GFNetPolicy", "TimmEncoder"]
 
 
 @dataclass
@@ -133,6 +134,20 @@ def _calibrate(simulate: Callable, batches, q, proportions, sentinel) -> torch.T
 def _require_eval(module: nn.Module, what: str) -> None:
     if module.training:
         raise RuntimeError(f"{what} evaluates the model: call .eval() first (batch norm statistics, dropout)")
+
+
+class TimmEncoder(nn.Module):
+    """A timm classifier as a GFNet encoder: (pre-logits feature, last
+    feature map detached); the model's own classifier stays unused here (pass
+    ``model.get_classifier()`` as the head)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        fmap = self.model.forward_features(x)
+        return self.model.forward_head(fmap, pre_logits=True), fmap.detach()
 
 
 class GFNetPolicy(nn.Module):
@@ -236,8 +251,8 @@ class GFNet(nn.Module):
     DenseNet, RegNet; 3 for MobileNetV3; 4 for EfficientNet); ``classifier``
     "gru" | "fc"; ``policy`` "mlp" | "conv"; ``global_head`` / ``local_head``
     the encoders' own classifiers (F -> K) for the deep-supervision loss
-    (``dsn_ratio``) and, with ``first_exit="encoder"`` (the default for
-    "fc"), step 0's prediction; ``feature_dim`` / ``state_shape`` are read
+    (``dsn_ratio``) and step 0's prediction for "fc" (and in evaluation with
+    ``eval_first_exit="encoder"``, as the official RegNet evaluation); ``feature_dim`` / ``state_shape`` are read
     from one probe of the local encoder when not given. ``backend`` is the
     crop's (see :func:`dynkernels.ops.crop_patches`)."""
 
@@ -253,7 +268,7 @@ class GFNet(nn.Module):
         policy: str = "mlp",
         global_head: nn.Module | None = None,
         local_head: nn.Module | None = None,
-        first_exit: str | None = None,
+        eval_first_exit: str = "classifier",
         feature_dim: int | None = None,
         state_shape: Sequence[int] | None = None,
         in_channels: int = 3,
@@ -272,13 +287,10 @@ class GFNet(nn.Module):
         super().__init__()
         if steps < 1 or (classifier == "fc" and steps < 2):
             raise ValueError(f"steps must be >= 1 (>= 2 for the 'fc' classifier), got {steps}")
-        first_exit = first_exit or ("encoder" if classifier == "fc" else "classifier")
-        if first_exit not in ("classifier", "encoder"):
-            raise ValueError(f"first_exit must be 'classifier' or 'encoder', got {first_exit!r}")
-        if (first_exit == "encoder" or classifier == "fc") and global_head is None:
+        if eval_first_exit not in ("classifier", "encoder"):
+            raise ValueError(f"eval_first_exit must be 'classifier' or 'encoder', got {eval_first_exit!r}")
+        if (eval_first_exit == "encoder" or classifier == "fc") and global_head is None:
             raise ValueError("step 0 classifies with the global encoder's head here: pass global_head")
-        if classifier == "fc" and first_exit != "encoder":
-            raise ValueError("the 'fc' classifier has no step-0 FC: first_exit must be 'encoder'")
         for mode in (glance_mode, eval_glance_mode or glance_mode):
             if mode not in ("bicubic", "bilinear"):
                 raise ValueError(f"glance modes must be 'bicubic' or 'bilinear', got {mode!r}")
@@ -292,12 +304,45 @@ class GFNet(nn.Module):
         self.classifier = GFNetClassifier(feature_dim, num_classes, steps, classifier, classifier_hidden)
         self.policy = GFNetPolicy(state_shape, policy_hidden, policy, action_std)
         self.policy_old = copy.deepcopy(self.policy).requires_grad_(False)  # acts while PPO collects data
-        self.first_exit = first_exit
+        self.eval_first_exit = eval_first_exit
         self.glance_mode, self.eval_glance_mode = glance_mode, eval_glance_mode or glance_mode
         self.dsn_ratio, self.train_global_encoder = float(dsn_ratio), bool(train_global_encoder)
         self.gamma, self.clip, self.ppo_epochs = float(gamma), float(clip), int(ppo_epochs)
         self.backend = backend
         self._ppo_optimizer = None
+
+    @classmethod
+    def from_timm(cls, name: str, *, num_classes: int, pretrained: bool = False, **kwargs) -> GFNet:
+        """Two timm backbones ``name`` (global and local) wrapped to return
+        (pre-logits feature, last feature map), their classifiers as the heads,
+        and the official per-family defaults: T = 3 for MobileNetV3, 4 for
+        EfficientNet, 5 otherwise; "fc" classifier and "conv" policy (hidden
+        256) for MobileNetV3 / EfficientNet, "gru" + "conv" (256) for RegNet,
+        "gru" + "mlp" (1024) for ResNet / DenseNet; a bilinear evaluation
+        glance for DenseNet and RegNet. ``kwargs`` override any of them."""
+        import timm
+
+        def make():
+            return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+
+        small = any(k in name for k in ("mobilenetv3", "efficientnet"))
+        defaults = {
+            "steps": 3 if "mobilenetv3" in name else 4 if "efficientnet" in name else 5,
+            "classifier": "fc" if small else "gru",
+            "policy": "conv" if small or "regnet" in name else "mlp",
+            "policy_hidden": 256 if small or "regnet" in name else 1024,
+            "eval_glance_mode": "bilinear" if ("densenet" in name or "regnet" in name) else "bicubic",
+        }
+        defaults.update(kwargs)
+        global_model, local_model = make(), make()
+        return cls(
+            TimmEncoder(global_model),
+            TimmEncoder(local_model),
+            num_classes=num_classes,
+            global_head=global_model.get_classifier(),
+            local_head=local_model.get_classifier(),
+            **defaults,
+        )
 
     def _probe(self, encoder, in_channels):
         was = encoder.training
@@ -318,9 +363,10 @@ class GFNet(nn.Module):
         feature, fmap = self.global_encoder(ops.glance(images, self.patch_size, mode=mode))
         return feature, fmap.detach()
 
-    def _first(self, feature):
+    def _first(self, feature, evaluation):
+        # training: the GRU classifier's step 0 ("gru"), the global head ("fc"); evaluation: eval_first_exit
         logits, state = self.classifier.step(feature, 0, None)
-        if self.first_exit == "encoder":
+        if logits is None or (evaluation and self.eval_first_exit == "encoder"):
             logits = self.global_head(feature)
         return logits, state
 
@@ -333,29 +379,39 @@ class GFNet(nn.Module):
         mean, _, hidden = policy.step(fmap, hidden)
         if not sample:
             return mean, hidden, None
-        action = (mean + policy.action_std * torch.randn_like(mean)).clamp(0, 1)
+        action = mean + policy.action_std * torch.randn_like(mean)
+        action = 1 - F.relu(1 - F.relu(action))  # the official clamp, to the ulp (1 - (1 - a) may differ from a)
         return action, hidden, policy.log_prob(mean, action)
 
-    def rollout(self, images: torch.Tensor, *, actions: str = "policy", sample: bool = False, mode: str | None = None):
+    def rollout(
+        self,
+        images: torch.Tensor,
+        *,
+        actions: str = "policy",
+        sample: bool = False,
+        mode: str | None = None,
+        evaluation: bool = False,
+    ):
         """All T steps for every sample (the official training / evaluation
         loop). ``actions``: "random" (stage 1) or "policy" (the acting policy;
         ``sample=True`` draws from its Gaussian and clamps, as PPO collects
         data; else its mean). Returns a dict: ``logits`` [T x (B, K)],
         ``dsn`` [T x (B, K) or None] (the encoders' heads), ``states`` (T-1,
         B, C, h, w) (the feature maps the policy saw), ``actions`` (T-1, B, 2),
-        ``logprobs`` (T-1, B) (sampled only)."""
+        ``logprobs`` (T-1, B) (sampled only). ``evaluation``: step 0 as
+        ``eval_first_exit`` says (else as the official training)."""
         if actions not in ("random", "policy"):
             raise ValueError(f"actions must be 'random' or 'policy', got {actions!r}")
         mode = mode or (self.glance_mode if self.training else self.eval_glance_mode)
         policy = self.policy_old if sample else self.policy
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_global_encoder):
             feature, fmap = self._glance(images, mode)
-            logits, cls_state = self._first(feature)
+            logits, cls_state = self._first(feature, evaluation)
             out = {"logits": [logits], "dsn": [self.global_head(feature) if self.global_head is not None else None]}
         states, taken, logprobs, hidden = [], [], [], None
         for k in range(1, self.steps):
             if actions == "random":
-                action = torch.rand(images.shape[0], 2, device=images.device, dtype=images.dtype)
+                action = torch.rand(images.shape[0], 2, device=images.device)  # float32, as the official
             else:
                 with torch.no_grad():
                     action, hidden, logprob = self._act(policy, fmap, hidden, sample)
@@ -440,7 +496,7 @@ class GFNet(nn.Module):
         """The official evaluation: every step for every sample; softmax
         probabilities (T, B, K) (the policy's mean actions)."""
         _require_eval(self, "simulate")
-        return torch.stack([F.softmax(z, 1) for z in self.rollout(images)["logits"]])
+        return torch.stack([F.softmax(z, 1) for z in self.rollout(images, evaluation=True)["logits"]])
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, thresholds: torch.Tensor) -> EarlyExitResult:
@@ -453,7 +509,7 @@ class GFNet(nn.Module):
             fmap, cls_state, hidden = state
             if k == 0:
                 feature, fmap = self._glance(images, self.eval_glance_mode)
-                logits, cls_state = self._first(feature)
+                logits, cls_state = self._first(feature, True)
                 return logits, (fmap, cls_state, None)
             action, hidden, _ = self._act(self.policy, fmap, hidden, False)
             feature, fmap = self._focus(images, action, index=rows)

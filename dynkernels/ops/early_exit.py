@@ -13,8 +13,8 @@ GFNet's glance and focus patches, and the compaction a real early exit needs.
   (the official code multiplies by its float32 proportions), and the
   thresholds are confidence values, in confidence's dtype: bit-identical to
   the official loop whatever its sort does with ties (tested). ``sentinel=
-  "inf"`` gives +inf / -inf instead of 1e8 / -1e8. One sort per stage on the
-  device, no loop over samples.
+  "inf"`` gives +inf / -inf instead of 1e8 / -1e8. One selection
+  (``kthvalue``) per stage on the device, no loop over samples, no sync.
 * ``exit_stage(confidence, thresholds) -> (N,)``: the first stage each
   sample's confidence reaches, -1 where none does (only possible when the
   last threshold is not the sentinel; the official evaluation skips such a
@@ -39,6 +39,7 @@ from ._registration import register_kernel_pairs
 from ._validation import check_int, check_real, check_same_device, check_tensor
 
 __all__ = [
+    "budget_evaluate",
     "budget_proportions",
     "budget_thresholds",
     "compact_active",
@@ -98,16 +99,17 @@ def budget_thresholds(
         raise ValueError(f"proportions must be >= 0 and sum to 1, got {values.tolist()}")
     high, low = _SENTINELS[sentinel]
     device = confidence.device
-    wanted = torch.floor(n * values).to(torch.int64).to(device)  # the official float product, floored
+    wanted = torch.floor(n * values).to(torch.int64).tolist()  # the official float product, floored (on the CPU copy)
     thresholds = torch.full((stages,), high, dtype=confidence.dtype, device=device)
     out = torch.zeros(n, dtype=torch.bool, device=device)
     lowest = torch.tensor(float("-inf"), dtype=confidence.dtype, device=device)
     for k in range(stages - 1):
-        ranked = torch.where(out, lowest, confidence[k]).sort(descending=True).values
-        left = (~out).sum()
-        ok = (wanted[k] >= 1) & (wanted[k] <= left)
-        pick = ranked[(wanted[k] - 1).clamp(0, n - 1)]
-        thresholds[k] = torch.where(ok, pick, thresholds[k])
+        if 1 <= wanted[k] <= n:
+            # the wanted-th largest among those still in: the (n - wanted + 1)-th smallest once the others
+            # are -inf (a selection, not a sort); more wanted than are left keeps the sentinel, as the loop
+            pick = torch.where(out, lowest, confidence[k]).kthvalue(n - wanted[k] + 1).values
+            ok = (~out).sum() >= wanted[k]
+            thresholds[k] = torch.where(ok, pick, thresholds[k])
         out = out | (confidence[k] >= thresholds[k])
     thresholds[stages - 1] = low
     return thresholds
@@ -120,8 +122,10 @@ def exit_stage(confidence: torch.Tensor, thresholds: torch.Tensor) -> torch.Tens
     if thresholds.shape != (confidence.shape[0],):
         raise ValueError(f"thresholds must be (T = {confidence.shape[0]},), got {tuple(thresholds.shape)}")
     passed = confidence >= thresholds.to(confidence.device, confidence.dtype)[:, None]
-    first = passed.to(torch.int8).argmax(dim=0)  # the first True (argmax returns the first maximum)
-    return torch.where(passed.any(dim=0), first.to(torch.int64), -1)
+    stage = torch.full(passed.shape[1:], -1, dtype=torch.int64, device=passed.device)
+    for k in range(passed.shape[0] - 1, -1, -1):  # T elementwise passes (an argmax over dim 0 is 50x slower)
+        stage = torch.where(passed[k], k, stage)
+    return stage
 
 
 def expected_cost(stage: torch.Tensor, stage_costs) -> torch.Tensor:
@@ -321,3 +325,19 @@ def expand_results(
             raise IndexError(f"index must lie in [0, {out.shape[dim]})")
     values = values.to(out.dtype)
     return out.index_copy_(dim, index, values) if inplace else out.index_copy(dim, index, values)
+
+
+def budget_evaluate(
+    confidence: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor, stage_costs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See the module docstring."""
+    stage = exit_stage(confidence, thresholds)
+    predictions, targets = check_tensor("predictions", predictions), check_tensor("targets", targets)
+    if predictions.shape != confidence.shape or targets.shape != confidence.shape[1:]:
+        raise ValueError(
+            f"predictions must be (T, N) = {tuple(confidence.shape)} and targets (N,), "
+            f"got {tuple(predictions.shape)} and {tuple(targets.shape)}"
+        )
+    at_exit = predictions.gather(0, stage.clamp(min=0)[None])[0]
+    correct = ((at_exit == targets) & (stage >= 0)).sum(dtype=torch.float64)
+    return correct * 100.0 / stage.numel(), expected_cost(stage, stage_costs)

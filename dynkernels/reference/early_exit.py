@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "budget_evaluate",
     "budget_proportions",
     "budget_thresholds",
     "compact_active",
@@ -117,3 +118,18 @@ def expand_results(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor,
     for j in range(index.numel()):
         result.select(dim, int(index[j])).copy_(values.select(dim, j))
     return result
+
+
+def budget_evaluate(confidence, predictions, targets, thresholds, stage_costs):
+    """dynamic_evaluate's loop: per sample the first stage it reaches; (accuracy in %, expected cost)."""
+    stages, n = confidence.shape
+    correct, exits = 0, [0] * stages
+    for i in range(n):
+        for k in range(stages):
+            if confidence[k][i].item() >= thresholds[k]:
+                if int(targets[i].item()) == int(predictions[k][i].item()):
+                    correct += 1
+                exits[k] += 1
+                break
+    cost = sum(exits[k] / n * float(stage_costs[k]) for k in range(stages))
+    return correct * 100.0 / n, cost
