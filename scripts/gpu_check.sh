@@ -86,6 +86,13 @@ for dtype in (torch.float32, torch.float16):
     dense = torch.randn(32, 64, 3, 3, device="cuda", dtype=dtype, requires_grad=True)
     ops.masked_depthwise_conv2d(r, inverse, out_index, dw, padding=1, backend="triton").float().sum().backward()
     ops.masked_conv2d(r, inverse, out_index, dense, padding=1, backend="triton").float().sum().backward()
+# Early exit: GFNet's crop (Triton), NCHW / channels-last, with an index, fwd + bwd
+imgs = torch.randn(256, 3, 224, 224, device="cuda")
+acts = torch.rand(256, 2, device="cuda")
+for fmt in (torch.contiguous_format, torch.channels_last):
+    xi = imgs.contiguous(memory_format=fmt).requires_grad_()
+    ops.crop_patches(xi, acts, 96, backend="triton").square().sum().backward()
+    ops.crop_patches(xi.detach(), acts[:100], 96, index=torch.randperm(256, device="cuda")[:100], backend="triton")
 torch.cuda.synchronize()
 print("sanitize run ok")
 PY

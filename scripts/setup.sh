@@ -24,7 +24,7 @@ if ! $PY -c "import torch, torchvision, sys; v = tuple(int(x) for x in torch.__v
 fi
 # triton comes with a CUDA build of torch, pinned to its version: keep that one.
 $PY -c "import triton" 2>/dev/null || $PY -m pip install -q triton
-$PY -m pip install -q timm pybind11 ninja numpy pytest pytest-benchmark open3d fpsample matplotlib spconv
+$PY -m pip install -q timm pybind11 ninja numpy pytest pytest-benchmark open3d fpsample matplotlib spconv kornia
 # No NVIDIA driver here: build the CPU kernels only (a CUDA build of torch
 # would otherwise compile every CUDA kernel, minutes of work that cannot run).
 if ! { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then

@@ -201,6 +201,18 @@ def test_compact_and_expand_equal_the_reference():
     assert torch.equal(kept, images)
 
 
+def test_compact_active_compiles_with_dynamic_output_shapes():
+    def fn(keep, x, h):
+        index, a, b = ops.compact_active(keep, x, h, dims=(0, 1))
+        return index, a * 2, b + 1
+
+    keep, x, h = torch.tensor([True, False, True, True]), torch.randn(4, 3), torch.randn(1, 4, 2)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(fn, fullgraph=True)(keep, x, h)
+    for a, b in zip(compiled, fn(keep, x, h), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_compaction_ops_compile():
     fn = lambda out, idx, v: ops.expand_results(out, idx, v) * 2  # noqa: E731
     out, idx, v = torch.zeros(6, 3), torch.tensor([4, 1]), torch.randn(2, 3)

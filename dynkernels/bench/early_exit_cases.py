@@ -170,22 +170,6 @@ def gfnet_setup(batch, q, device):
 
 def cases(size: str, device: str) -> list:
     out = []
-    crops = (
-        [(4, 32, 12, False)] if size == "quick" else [(64, 224, 96, False), (256, 224, 96, False), (256, 224, 96, True)]
-    )
-    for b, s, p, cl in crops:
-        names = ("dynkernels", "GFNet get_patch loop") + (("kornia crop_by_indices",) if have("kornia") else ())
-        out.append(
-            _case(
-                FAMILY,
-                "crop_patches",
-                f"B={b} 3x{s}x{s} P={p}" + (" channels-last" if cl else ""),
-                lambda a=(b, s, p, cl): crop_setup(*a, device),
-                dict(B=b, C=3, H=s, W=s, P=p, channels_last=cl),
-                names + ("copy of the output (floor)",),
-                floor_bytes=2 * 4 * b * 3 * p * p,
-            )
-        )
     n_cal, n_eval = (2000, 1000) if size == "quick" else (200_000, 50_000)
     out.append(
         _case(
@@ -209,6 +193,22 @@ def cases(size: str, device: str) -> list:
             floor_bytes=(4 + 8) * 5 * n_eval + 8 * n_eval,
         )
     )
+    crops = (
+        [(4, 32, 12, False)] if size == "quick" else [(64, 224, 96, False), (256, 224, 96, False), (256, 224, 96, True)]
+    )
+    for b, s, p, cl in crops:
+        names = ("dynkernels", "GFNet get_patch loop") + (("kornia crop_by_indices",) if have("kornia") else ())
+        out.append(
+            _case(
+                FAMILY,
+                "crop_patches",
+                f"B={b} 3x{s}x{s} P={p}" + (" channels-last" if cl else ""),
+                lambda a=(b, s, p, cl): crop_setup(*a, device),
+                dict(B=b, C=3, H=s, W=s, P=p, channels_last=cl),
+                names + ("copy of the output (floor)",),
+                floor_bytes=2 * 4 * b * 3 * p * p,
+            )
+        )
     if have("timm") and size != "quick":
         qs = (0.5, 1.0, 1.5) if size == "default" else (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
         for q in qs:
