@@ -262,6 +262,10 @@ def test_ppo_step_equals_the_official_update(classifier, policy):
     for (name, p), q in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
     assert all(not p.requires_grad for p in ours.policy_old.parameters())
+    with torch.no_grad():
+        ours.policy.actor[0].bias.add_(1.0)
+    ours.sync_acting_policy()
+    assert torch.equal(ours.policy_old.actor[0].bias, ours.policy.actor[0].bias)
     torch.testing.assert_close(ours.policy_old.actor[0].weight, ours.policy.actor[0].weight, rtol=0, atol=0)
 
 

@@ -442,6 +442,12 @@ class GFNet(nn.Module):
             loss = loss + self.dsn_ratio * sum(dsn)
         return loss / self.steps, roll
 
+    def sync_acting_policy(self) -> None:
+        """Copy ``policy`` into ``policy_old`` (the copy that samples actions
+        in stages 2 and 3), as the official code does after loading a
+        checkpoint's policy and after every PPO update."""
+        self.policy_old.load_state_dict(self.policy.state_dict())
+
     def ppo_optimizer(self, lr: float = 3e-4) -> torch.optim.Optimizer:
         """The official PPO optimizer, Adam(lr 3e-4, betas (0.9, 0.999)) on the policy, made once."""
         if self._ppo_optimizer is None:
@@ -487,7 +493,7 @@ class GFNet(nn.Module):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        self.policy_old.load_state_dict(self.policy.state_dict())
+        self.sync_acting_policy()
         return {"loss": loss.detach(), "rewards": rewards}
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
