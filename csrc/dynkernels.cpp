@@ -132,6 +132,11 @@ TORCH_LIBRARY(dynkernels, m) {
   // image index[s] (actions (n, 2), no gradient). Backward (no index) -> (B, C, H, W).
   m.def("crop_patches(Tensor images, Tensor actions, Tensor? index, int patch_size) -> Tensor");
   m.def("crop_patches_backward(Tensor grad, Tensor actions, int height, int width) -> Tensor");
+  // ---- FDIT ----
+  // The frequency pixel loss of fake, real (N, 3, H, W) with the 1-D Gaussian kernel (k,), weights
+  // (w_low, w_high) -> 0-d; backward -> d loss / d fake (the gradient to real is its negative).
+  m.def("frequency_pixel_loss(Tensor fake, Tensor real, Tensor kernel, float w_low, float w_high) -> Tensor");
+  m.def("frequency_pixel_loss_backward(Tensor grad, Tensor fake, Tensor real, Tensor kernel, float w_low, float w_high) -> Tensor");
   // ---- ISDA ----
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_clear_error, assert_close_to_float64, bad_input_params
+from conftest import assert_clear_error, assert_close_to_float64, bad_input_params, kernel_cases
 
 from dynkernels import nn as dnn
 from dynkernels import ops
@@ -53,31 +53,55 @@ def test_split_equals_the_official_decomposition(k, size):
     assert_close_to_float64(high32, torch_high, want_high)
 
 
+PIXEL = kernel_cases("frequency_pixel_loss")
+
+
+@pytest.mark.parametrize("device,backend", PIXEL)
 @pytest.mark.parametrize("k,sigma", [(21, None), (7, None), (9, 2.0)])
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, 2.0)])
-def test_pixel_loss_equals_the_official_loss_and_gradients(k, sigma, weights):
-    fake, real = _images()
+@pytest.mark.parametrize("size", [(37, 30), (8, 5)])
+def test_pixel_loss_equals_the_official_loss_and_gradients(device, backend, k, sigma, weights, size):
+    fake, real = (t.to(device) for t in _images(h=size[0], w=size[1]))
     fake.requires_grad_()
-    ours = ops.frequency_pixel_loss(fake, real, kernel_size=k, sigma=sigma, weights=weights)
+    real.requires_grad_()
+    ours = ops.frequency_pixel_loss(fake, real, kernel_size=k, sigma=sigma, weights=weights, backend=backend)
     want = ref.frequency_pixel_loss(fake, real, k, sigma, weights)
     torch.testing.assert_close(ours, want, rtol=1e-13, atol=0)
-    (g_ours,) = torch.autograd.grad(ours, fake)
-    (g_want,) = torch.autograd.grad(want, fake)
-    torch.testing.assert_close(g_ours, g_want, rtol=1e-12, atol=1e-17)
-    f32, r32 = fake.detach().float(), real.float()
+    g_ours = torch.autograd.grad(ours, (fake, real))
+    g_want = torch.autograd.grad(want, (fake, real))
+    for a, b in zip(g_ours, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-17)
+    f32, r32 = fake.detach().float(), real.detach().float()
     assert_close_to_float64(
-        ops.frequency_pixel_loss(f32, r32, kernel_size=k, sigma=sigma, weights=weights),
+        ops.frequency_pixel_loss(f32, r32, kernel_size=k, sigma=sigma, weights=weights, backend=backend),
         ref.frequency_pixel_loss(f32, r32, k, sigma, weights),
         want.detach(),
     )
+    f32.requires_grad_()
+    loss32 = ops.frequency_pixel_loss(f32, r32, kernel_size=k, sigma=sigma, weights=weights, backend=backend)
+    (g32,) = torch.autograd.grad(loss32, f32)
+    (t32,) = torch.autograd.grad(ref.frequency_pixel_loss(f32, r32, k, sigma, weights), f32)
+    assert_close_to_float64(g32, t32, g_want[0])
 
 
-def test_pixel_loss_gradcheck():
-    fake, real = _images(n=1, h=6, w=5)
+@pytest.mark.parametrize("device,backend", PIXEL)
+def test_pixel_loss_gradcheck(device, backend):
+    fake, real = (t.to(device) for t in _images(n=2, h=6, w=5))
     fake.requires_grad_()
     real.requires_grad_()
-    fn = lambda a, b: ops.frequency_pixel_loss(a, b, kernel_size=5)  # noqa: E731
+    fn = lambda a, b: ops.frequency_pixel_loss(a, b, kernel_size=5, weights=(0.7, 1.3), backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (fake, real))
+
+
+def test_cpp_pixel_loss_passes_opcheck_and_compiles():
+    if not any(c.values[1] == "cpp" for c in PIXEL):
+        pytest.skip("the C++ extension is not built")
+    fake, real = _images(dtype=torch.float32)
+    fake.requires_grad_()
+    kernel = ops.gaussian_kernel(7).float()
+    torch.library.opcheck(torch.ops.dynkernels.frequency_pixel_loss.default, (fake, real, kernel, 1.0, 0.5))
+    fn = lambda a, b: ops.frequency_pixel_loss(a, b, backend="cpp") * 2  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(fake, real), fn(fake, real))
 
 
 @pytest.mark.parametrize("size", [(32, 32), (37, 30), (16, 9)])
@@ -111,6 +135,8 @@ def test_spectral_loss_gradcheck():
     fake, real = _images(n=1, h=6, w=5)
     fake.requires_grad_()
     assert torch.autograd.gradcheck(lambda a: ops.spectral_loss(a, real), (fake,))
+    both = (fake, real.clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda a, b: ops.spectral_loss(a, b, mask=torch.ones(6, 5).double()), both)
     mask = torch.rand(6, 5, dtype=torch.float64)  # drawn once: the function must be deterministic
     assert torch.autograd.gradcheck(lambda a: ops.spectral_loss(a, real, mode="gray", mask=mask), (fake,))
 

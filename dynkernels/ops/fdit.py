@@ -30,8 +30,10 @@ compositions of torch ops held to the official formulation
   (``ifftshift``), keeping the high frequencies as the paper describes.
 
 Float32 and float64 (``torch.fft`` has no half on CPUs, as the official code
-notes). Backends: "composite" (auto; the above), "reference" (the official
-formulation)."""
+notes). Backends: "composite" (the above; auto for the split and the
+spectral loss, and for the pixel loss on GPUs), "cpp" (the pixel loss in one
+fused pass forward and one back, csrc/fdit/frequency_pixel_loss_cpu.cpp;
+auto on CPUs), "reference" (the official formulation)."""
 
 from __future__ import annotations
 
@@ -39,20 +41,27 @@ import torch
 import torch.nn.functional as F
 
 from .._backends import resolve
+from .._extension import has_extension
 from .._registry import register_op
 from ..reference import fdit as ref
+from ._registration import register_kernel_pairs
 from ._validation import check_int, check_same_device, check_tensor
 
 __all__ = ["circle_mask", "frequency_pixel_loss", "frequency_split", "gaussian_kernel", "spectral_loss"]
 
 FAMILY = "fdit"
 _BACKENDS = ("reference", "composite")
-for _name, _ref in (
-    ("frequency_split", ref.frequency_split),
-    ("frequency_pixel_loss", ref.frequency_pixel_loss),
-    ("spectral_loss", ref.spectral_loss),
-):
+for _name, _ref in (("frequency_split", ref.frequency_split), ("spectral_loss", ref.spectral_loss)):
     register_op(_name, FAMILY, _BACKENDS, reference=_ref, differentiable=_BACKENDS)
+_PIXEL_BACKENDS = ("reference", "cpp", "composite")
+register_op(
+    "frequency_pixel_loss",
+    FAMILY,
+    _PIXEL_BACKENDS,
+    reference=ref.frequency_pixel_loss,
+    differentiable=_PIXEL_BACKENDS,
+    auto={"cpu": ("cpp", "composite", "reference"), "cuda": ("composite", "reference")},
+)
 
 _DTYPES = (torch.float32, torch.float64)
 _GRAY = (0.299, 0.587, 0.114)
@@ -119,14 +128,50 @@ def frequency_pixel_loss(
     _check_images(fake=fake, real=real)
     if len(weights) != 2:
         raise ValueError(f"weights must be (w_low, w_high), got {weights}")
-    gaussian_kernel(kernel_size, sigma)
-    if resolve("frequency_pixel_loss", fake.device, backend) == "reference":
+    g = gaussian_kernel(kernel_size, sigma)
+    chosen = resolve("frequency_pixel_loss", fake.device, backend)
+    if chosen == "reference":
         return ref.frequency_pixel_loss(fake, real, kernel_size, sigma, weights)
+    if chosen == "cpp":
+        return torch.ops.dynkernels.frequency_pixel_loss(
+            fake, real, g.to(fake.dtype), float(weights[0]), float(weights[1])
+        )
     four, blurred = _blur4(fake - real, gaussian_kernel(kernel_size, sigma))
     low = blurred[:, :3].abs().mean()
     high = (four[:, 3] - blurred[:, 3]).abs().mean()  # the three official copies have one mean
     return weights[0] * low + weights[1] * high
 
+
+def _fake_pixel(fake, real, kernel, w_low, w_high):
+    return fake.new_empty(())
+
+
+def _fake_pixel_backward(grad, fake, real, kernel, w_low, w_high):
+    return torch.empty_like(fake, memory_format=torch.contiguous_format)
+
+
+def _pixel_setup(ctx, inputs, output):
+    fake, real, kernel, w_low, w_high = inputs
+    ctx.save_for_backward(fake, real, kernel)
+    ctx.weights = (w_low, w_high)
+
+
+def _pixel_backward(ctx, backward_op, grad):
+    fake, real, kernel = ctx.saved_tensors
+    need_fake, need_real = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_fake or need_real):
+        return None, None, None, None, None
+    g = backward_op(grad, fake, real, kernel, *ctx.weights)
+    return (g if need_fake else None), (-g if need_real else None), None, None, None
+
+
+register_kernel_pairs(
+    [("dynkernels::frequency_pixel_loss", "dynkernels::frequency_pixel_loss_backward")] if has_extension() else [],
+    fake=_fake_pixel,
+    fake_backward=_fake_pixel_backward,
+    setup_context=_pixel_setup,
+    backward=_pixel_backward,
+)
 
 _MODES = ("color", "gray")
 
@@ -168,14 +213,55 @@ def spectral_loss(
     if resolve("spectral_loss", fake.device, backend) == "reference":
         return ref.spectral_loss(fake, real, "color", mask)  # fake and real already gray in "gray" mode
     weights = _hermitian_weights(h, w, mask, fake)
-
-    def feature(x):
-        spectrum = torch.fft.rfft2(x)
-        return torch.log1p(torch.sqrt(spectrum.real.square() + spectrum.imag.square() + 1e-8))
-
-    diff = (feature(fake) - feature(real)).abs()
     total = torch.broadcast_shapes(fake.shape, () if mask is None else mask.shape).numel()
-    return (diff * weights).sum() / total
+    return _SpectralL1.apply(fake, real, weights, total)
+
+
+def _magnitude(spectrum: torch.Tensor) -> torch.Tensor:
+    """sqrt(re^2 + im^2 + 1e-8), the official amplitude (one new tensor: large
+    temporaries cost page faults here as much as the arithmetic)."""
+    m = spectrum.real.square()
+    return m.addcmul_(spectrum.imag, spectrum.imag).add_(1e-8).sqrt_()
+
+
+def _rfft2_adjoint_(grad: torch.Tensor, size) -> torch.Tensor:
+    """d L / d x for A = rfft2(x) real, from grad = dL/dRe A + i dL/dIm A (in
+    place on grad): Re sum_{u, v half} grad e^{+i theta} = H W irfft2(grad with
+    columns 1 .. ceil(W/2) - 1 halved), one inverse FFT (torch's rfft2 backward
+    runs a full complex FFT on a zero-filled full spectrum)."""
+    h, w = size
+    grad[..., 1 : (w + 1) // 2] *= 0.5
+    return torch.fft.irfft2(grad, s=(h, w)).mul_(h * w)
+
+
+class _SpectralL1(torch.autograd.Function):
+    """sum w |log1p(m(rfft2 a)) - log1p(m(rfft2 b))| / total, with a backward of
+    one elementwise pass and one irfft2 per input that needs it."""
+
+    @staticmethod
+    def forward(ctx, fake, real, weights, total):
+        a, b = torch.fft.rfft2(fake), torch.fft.rfft2(real)
+        ma, mb = _magnitude(a), _magnitude(b)
+        diff = torch.log1p(ma).sub_(torch.log1p(mb))
+        signed = torch.sign(diff).mul_(weights)  # w sign(d): |d| w = d w sign(d)
+        loss = torch.dot(diff.reshape(-1), signed.reshape(-1)) / total
+        keep_b = ctx.needs_input_grad[1]  # the real image usually needs no gradient: keep nothing of it
+        ctx.save_for_backward(a, b if keep_b else None, ma, mb if keep_b else None, signed)
+        ctx.total, ctx.size = total, fake.shape[-2:]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, ma, mb, signed = ctx.saved_tensors
+        grads = []
+        for need, spectrum, m, sign in ((ctx.needs_input_grad[0], a, ma, 1.0), (ctx.needs_input_grad[1], b, mb, -1.0)):
+            if not need:
+                grads.append(None)
+                continue
+            # d |log1p(m)| / d(re, im) = sign (re, im) / (m (1 + m))
+            factor = torch.div(signed * (grad * (sign / ctx.total)), m.add(1).mul_(m))
+            grads.append(_rfft2_adjoint_(spectrum * factor, ctx.size))
+        return grads[0], grads[1], None, None
 
 
 _KINDS = ("official", "highpass")
