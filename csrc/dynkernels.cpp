@@ -137,6 +137,11 @@ TORCH_LIBRARY(dynkernels, m) {
   // (w_low, w_high) -> 0-d; backward -> d loss / d fake (the gradient to real is its negative).
   m.def("frequency_pixel_loss(Tensor fake, Tensor real, Tensor kernel, float w_low, float w_high) -> Tensor");
   m.def("frequency_pixel_loss_backward(Tensor grad, Tensor fake, Tensor real, Tensor kernel, float w_low, float w_high) -> Tensor");
+  // The spectral loss's elementwise part on rfft2 spectra a, b (complex, one shape) with weights of period
+  // P (dividing the size) -> (loss 0-d, sign(d) int8); backward -> the complex gradient for a (direction 1)
+  // or b (direction -1) (see csrc/fdit/spectral_l1_cpu.cpp).
+  m.def("spectral_l1(Tensor a, Tensor b, Tensor weights, float total) -> (Tensor, Tensor)");
+  m.def("spectral_l1_backward(Tensor grad, Tensor spectrum, Tensor sign, Tensor weights, float total, float direction) -> Tensor");
   // ---- ISDA ----
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.

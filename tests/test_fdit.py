@@ -93,6 +93,22 @@ def test_pixel_loss_gradcheck(device, backend):
     assert torch.autograd.gradcheck(fn, (fake, real))
 
 
+def test_cpp_spectral_loss_passes_opcheck_and_compiles():
+    if not any(c.values[1] == "cpp" for c in SPECTRAL):
+        pytest.skip("the C++ extension is not built")
+    fake, real = _images(dtype=torch.float32)
+    a, b = torch.fft.rfft2(fake), torch.fft.rfft2(real)
+    table = torch.rand(a.shape[-1])
+    torch.library.opcheck(torch.ops.dynkernels.spectral_l1.default, (a, b, table, 100.0))
+    sign = torch.ops.dynkernels.spectral_l1(a, b, table, 100.0)[1]
+    torch.library.opcheck(
+        torch.ops.dynkernels.spectral_l1_backward.default, (torch.tensor(1.0), a, sign, table, 100.0, -1.0)
+    )
+    fake.requires_grad_()
+    fn = lambda x, y: ops.spectral_loss(x, y, backend="cpp") * 2  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(fake, real), fn(fake, real))
+
+
 def test_cpp_pixel_loss_passes_opcheck_and_compiles():
     if not any(c.values[1] == "cpp" for c in PIXEL):
         pytest.skip("the C++ extension is not built")
@@ -104,10 +120,14 @@ def test_cpp_pixel_loss_passes_opcheck_and_compiles():
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(fake, real), fn(fake, real))
 
 
+SPECTRAL = kernel_cases("spectral_loss")
+
+
+@pytest.mark.parametrize("device,backend", SPECTRAL)
 @pytest.mark.parametrize("size", [(32, 32), (37, 30), (16, 9)])
 @pytest.mark.parametrize("mode", ["color", "gray"])
-@pytest.mark.parametrize("mask", [None, "official", "random"])
-def test_spectral_loss_equals_the_full_spectrum_loss(size, mode, mask):
+@pytest.mark.parametrize("mask", [None, "official", "random", "leading"])
+def test_spectral_loss_equals_the_full_spectrum_loss(device, backend, size, mode, mask):
     fake, real = _images(h=size[0], w=size[1])
     fake.requires_grad_()
     h, w = size
@@ -115,10 +135,11 @@ def test_spectral_loss_equals_the_full_spectrum_loss(size, mode, mask):
         None: None,
         "official": ref.circle_mask(max(size), 5)[:h, :w].double(),
         "random": torch.rand(2, 1, h, w).double(),
+        "leading": torch.rand(2, 1, 1, h, w).double(),  # more leading dims than the images: broadcast samples
     }[mask]
-    if mode == "gray" and mask == "random":
+    if mode == "gray" and mask in ("random", "leading"):
         m = m[:, 0]
-    ours = ops.spectral_loss(fake, real, mode=mode, mask=m)
+    ours = ops.spectral_loss(fake, real, mode=mode, mask=m, backend=backend)
     want = ref.spectral_loss(fake, real, mode, m)
     torch.testing.assert_close(ours, want, rtol=1e-13, atol=0)
     (g_ours,) = torch.autograd.grad(ours, fake)
@@ -127,16 +148,24 @@ def test_spectral_loss_equals_the_full_spectrum_loss(size, mode, mask):
     f32, r32 = fake.detach().float(), real.float()
     m32 = None if m is None else m.float()
     assert_close_to_float64(
-        ops.spectral_loss(f32, r32, mode=mode, mask=m32), ref.spectral_loss(f32, r32, mode, m32), want.detach()
+        ops.spectral_loss(f32, r32, mode=mode, mask=m32, backend=backend),
+        ref.spectral_loss(f32, r32, mode, m32),
+        want.detach(),
     )
+    f32.requires_grad_()
+    (g32,) = torch.autograd.grad(ops.spectral_loss(f32, r32, mode=mode, mask=m32, backend=backend), f32)
+    (t32,) = torch.autograd.grad(ref.spectral_loss(f32, r32, mode, m32), f32)
+    assert_close_to_float64(g32, t32, g_want)
 
 
-def test_spectral_loss_gradcheck():
+@pytest.mark.parametrize("device,backend", SPECTRAL)
+def test_spectral_loss_gradcheck(device, backend):
     fake, real = _images(n=1, h=6, w=5)
     fake.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a: ops.spectral_loss(a, real), (fake,))
+    assert torch.autograd.gradcheck(lambda a: ops.spectral_loss(a, real, backend=backend), (fake,))
     both = (fake, real.clone().requires_grad_())
-    assert torch.autograd.gradcheck(lambda a, b: ops.spectral_loss(a, b, mask=torch.ones(6, 5).double()), both)
+    ones = torch.ones(6, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: ops.spectral_loss(a, b, mask=ones, backend=backend), both)
     mask = torch.rand(6, 5, dtype=torch.float64)  # drawn once: the function must be deterministic
     assert torch.autograd.gradcheck(lambda a: ops.spectral_loss(a, real, mode="gray", mask=mask), (fake,))
 

@@ -30,10 +30,11 @@ compositions of torch ops held to the official formulation
   (``ifftshift``), keeping the high frequencies as the paper describes.
 
 Float32 and float64 (``torch.fft`` has no half on CPUs, as the official code
-notes). Backends: "composite" (the above; auto for the split and the
-spectral loss, and for the pixel loss on GPUs), "cpp" (the pixel loss in one
-fused pass forward and one back, csrc/fdit/frequency_pixel_loss_cpu.cpp;
-auto on CPUs), "reference" (the official formulation)."""
+notes). Backends: "composite" (the above; auto for the split, and for the
+losses on GPUs), "cpp" (auto on CPUs: the pixel loss in one fused pass
+forward and one back, csrc/fdit/frequency_pixel_loss_cpu.cpp; the spectral
+loss's elementwise part likewise around torch's FFTs,
+csrc/fdit/spectral_l1_cpu.cpp), "reference" (the official formulation)."""
 
 from __future__ import annotations
 
@@ -51,17 +52,17 @@ __all__ = ["circle_mask", "frequency_pixel_loss", "frequency_split", "gaussian_k
 
 FAMILY = "fdit"
 _BACKENDS = ("reference", "composite")
-for _name, _ref in (("frequency_split", ref.frequency_split), ("spectral_loss", ref.spectral_loss)):
-    register_op(_name, FAMILY, _BACKENDS, reference=_ref, differentiable=_BACKENDS)
-_PIXEL_BACKENDS = ("reference", "cpp", "composite")
-register_op(
-    "frequency_pixel_loss",
-    FAMILY,
-    _PIXEL_BACKENDS,
-    reference=ref.frequency_pixel_loss,
-    differentiable=_PIXEL_BACKENDS,
-    auto={"cpu": ("cpp", "composite", "reference"), "cuda": ("composite", "reference")},
-)
+register_op("frequency_split", FAMILY, _BACKENDS, reference=ref.frequency_split, differentiable=_BACKENDS)
+_KERNEL_BACKENDS = ("reference", "cpp", "composite")
+for _name, _ref in (("frequency_pixel_loss", ref.frequency_pixel_loss), ("spectral_loss", ref.spectral_loss)):
+    register_op(
+        _name,
+        FAMILY,
+        _KERNEL_BACKENDS,
+        reference=_ref,
+        differentiable=_KERNEL_BACKENDS,
+        auto={"cpu": ("cpp", "composite", "reference"), "cuda": ("composite", "reference")},
+    )
 
 _DTYPES = (torch.float32, torch.float64)
 _GRAY = (0.299, 0.587, 0.114)
@@ -210,11 +211,64 @@ def spectral_loss(
         if mask.shape[-2:] != (h, w):
             raise ValueError(f"mask must end in the spectrum's (H, W) = {(h, w)}, got {tuple(mask.shape)}")
         check_same_device(fake=fake, mask=mask)
-    if resolve("spectral_loss", fake.device, backend) == "reference":
+    chosen = resolve("spectral_loss", fake.device, backend)
+    if chosen == "reference":
         return ref.spectral_loss(fake, real, "color", mask)  # fake and real already gray in "gray" mode
     weights = _hermitian_weights(h, w, mask, fake)
-    total = torch.broadcast_shapes(fake.shape, () if mask is None else mask.shape).numel()
+    spectrum_shape = torch.broadcast_shapes(fake.shape, () if mask is None else mask.shape)
+    total = spectrum_shape.numel()
+    if mask is not None and spectrum_shape != fake.shape:  # the mask's leading dims add samples: broadcast them
+        fake, real = fake.expand(spectrum_shape), real.expand(spectrum_shape)
+    if chosen == "cpp":
+        return _SpectralL1Cpp.apply(fake, real, _period_table(weights, (*spectrum_shape[:-1], w // 2 + 1)), total)
     return _SpectralL1.apply(fake, real, weights, total)
+
+
+def _period_table(weights: torch.Tensor, shape) -> torch.Tensor:
+    """The weights as a contiguous table repeating over the spectrum's leading dims."""
+    while weights.dim() > 1 and weights.shape[0] == 1:
+        weights = weights[0]
+    if tuple(weights.shape) != tuple(shape[len(shape) - weights.dim() :]):
+        weights = weights.expand(shape)
+    return weights.contiguous()
+
+
+class _SpectralL1Cpp(torch.autograd.Function):
+    """The same loss with its elementwise part in one C++ pass each way
+    (csrc/fdit/spectral_l1_cpu.cpp); the sign of each bin's difference is kept
+    as int8."""
+
+    @staticmethod
+    def forward(ctx, fake, real, table, total):
+        a, b = torch.fft.rfft2(fake), torch.fft.rfft2(real)
+        loss, sign = torch.ops.dynkernels.spectral_l1(a, b, table, float(total))
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(a if need_a else None, b if need_b else None, sign, table)
+        ctx.total, ctx.size = float(total), fake.shape[-2:]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, sign, table = ctx.saved_tensors
+        grads = []
+        for spectrum, direction in ((a, 1.0), (b, -1.0)):
+            if spectrum is None:
+                grads.append(None)
+                continue
+            g = torch.ops.dynkernels.spectral_l1_backward(grad, spectrum, sign, table, ctx.total, direction)
+            grads.append(_rfft2_adjoint_(g, ctx.size))
+        return grads[0], grads[1], None, None
+
+
+if has_extension():
+
+    @torch.library.register_fake("dynkernels::spectral_l1")
+    def _fake_spectral_l1(a, b, weights, total):
+        return weights.new_empty(()), torch.empty(a.shape, dtype=torch.int8, device=a.device)
+
+    @torch.library.register_fake("dynkernels::spectral_l1_backward")
+    def _fake_spectral_l1_backward(grad, spectrum, sign, weights, total, direction):
+        return torch.empty(spectrum.shape, dtype=spectrum.dtype, device=spectrum.device)
 
 
 def _magnitude(spectrum: torch.Tensor) -> torch.Tensor:
