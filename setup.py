@@ -45,7 +45,14 @@ def _extensions():
     # without the flag every "parallel" CPU kernel silently runs on one thread.
     # -fno-trapping-math: lets GCC if-convert float selects (clamps, maxima) so
     # those loops vectorise; results are unchanged (no FP exception is read).
-    cxx = ["-O3", f"-std={cxx_standard(torch.__version__)}", "-ffp-contract=off", "-fno-trapping-math"]
+    # -fno-math-errno: nothing reads errno, and a sqrt that may set it is a call the vectoriser cannot pass
+    cxx = [
+        "-O3",
+        f"-std={cxx_standard(torch.__version__)}",
+        "-ffp-contract=off",
+        "-fno-trapping-math",
+        "-fno-math-errno",
+    ]
     cxx += ["-fvisibility=hidden", "-fopenmp"]
     link = ["-fopenmp"]
     define_macros = [("DYNKERNELS_TORCH_VERSION", f'"{torch.__version__}"')]

@@ -9,7 +9,8 @@
 // The forward stores sign(d) as int8 (1 byte per bin: what the backward needs
 // besides the spectrum). float32 uses a branch-free log1p (Cephes' logf
 // polynomial on 1 + m, with the log1p correction log(u) m / (u - 1), about
-// 1 ulp) so that the loop vectorises; float64 std::log1p. Sums per period
+// 1 ulp) so that the loop vectorises (with -fno-math-errno: a sqrt that may
+// set errno is a call); float64 std::log1p. Sums per period
 // block in double, added in block order: deterministic.
 #include <ATen/Parallel.h>
 
@@ -51,26 +52,41 @@ DK_INLINE float log1p_approx(float m) {
   y += -0.5f * z;
   const float log_u = x + y + 0.693359375f * ef;
   const float q = u - 1.0f;  // log1p(m) = log(u) m / (u - 1): the rounding of 1 + m undone
-  return q == 0.0f ? m : log_u * (m / q);
+  const float ratio = m / (q == 0.0f ? 1.0f : q);  // divided unconditionally: the loop stays branch-free
+  return q == 0.0f ? m : log_u * ratio;
 }
 DK_INLINE double log1p_approx(double m) { return std::log1p(m); }
 
 template <typename T, dynkernels::CpuIsa I>
 DK_INLINE void forward_block(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w, int64_t p,
                              int8_t* __restrict__ sign, double* __restrict__ out) {
-  constexpr int64_t kSub = 256;
+  // The elementwise loop writes w |d| to a buffer (no reduction in it, so it vectorises without
+  // reassociation); the buffer is summed into 16 lane sums (vectorisable), then in double.
+  constexpr int64_t kSub = 256, kLanes = 16;
+  T buf[kSub];
   double total = 0;
   for (int64_t j0 = 0; j0 < p; j0 += kSub) {
-    const int64_t j1 = std::min(p, j0 + kSub);
-    T acc = 0;
-    for (int64_t j = j0; j < j1; ++j) {
-      const T ar = a[2 * j], ai = a[2 * j + 1], br = b[2 * j], bi = b[2 * j + 1];
+    const int64_t n = std::min(kSub, p - j0);
+    const T* __restrict__ as = a + 2 * j0;
+    const T* __restrict__ bs = b + 2 * j0;
+    const T* __restrict__ ws = w + j0;
+    int8_t* __restrict__ ss = sign + j0;
+    for (int64_t j = 0; j < n; ++j) {
+      const T ar = as[2 * j], ai = as[2 * j + 1], br = bs[2 * j], bi = bs[2 * j + 1];
       const T ma = std::sqrt(ar * ar + ai * ai + T(1e-8)), mb = std::sqrt(br * br + bi * bi + T(1e-8));
       const T d = log1p_approx(ma) - log1p_approx(mb);
-      acc += w[j] * (d < T(0) ? -d : d);
-      sign[j] = int8_t((d > T(0)) - (d < T(0)));
+      buf[j] = ws[j] * (d < T(0) ? -d : d);
+      ss[j] = int8_t((d > T(0)) - (d < T(0)));
     }
-    total += double(acc);
+    T lanes[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += buf[j + l];
+    }
+    double part = 0;
+    for (; j < n; ++j) part += double(buf[j]);
+    for (int64_t l = 0; l < kLanes; ++l) part += double(lanes[l]);
+    total += part;
   }
   *out = total;
 }
