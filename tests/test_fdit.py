@@ -159,6 +159,23 @@ def test_spectral_loss_equals_the_full_spectrum_loss(device, backend, size, mode
 
 
 @pytest.mark.parametrize("device,backend", SPECTRAL)
+def test_spectral_gradient_with_nearly_equal_spectra(device, backend):
+    """Bins whose amplitudes nearly agree: the sign of the difference must be
+    the exact one (the rounded log1p difference could flip it). The loss is
+    scaled by its element count so that the gradients are O(1), well above
+    the two-times rule's absolute floor."""
+    base, _ = _images(n=2, h=64, w=48)
+    fake, real = base.float(), (base * (1 + 1e-5 * torch.randn_like(base))).float()
+    fake64 = fake.double().requires_grad_()  # the truth from the very float32 inputs
+    scale = fake.numel()
+    (truth,) = torch.autograd.grad(ref.spectral_loss(fake64, real.double()) * scale, fake64)
+    fake.requires_grad_()
+    (ours,) = torch.autograd.grad(ops.spectral_loss(fake, real, backend=backend) * scale, fake)
+    (official,) = torch.autograd.grad(ref.spectral_loss(fake, real) * scale, fake)
+    assert_close_to_float64(ours, official, truth)
+
+
+@pytest.mark.parametrize("device,backend", SPECTRAL)
 def test_spectral_loss_gradcheck(device, backend):
     fake, real = _images(n=1, h=6, w=5)
     fake.requires_grad_()

@@ -7,7 +7,8 @@
 //   backward: dL/d(re, im) of a = c w sign(d) (re, im) / (m (1 + m)),
 //   c = grad / total (negated for b).
 // The forward stores sign(d) as int8 (1 byte per bin: what the backward needs
-// besides the spectrum). float32 uses a branch-free log1p (Cephes' logf
+// besides the spectrum), taken as sign(m_a - m_b): log1p is increasing, so this
+// is the exact sign, where the rounded d could flip it for m_a ~ m_b. float32 uses a branch-free log1p (Cephes' logf
 // polynomial on 1 + m, with the log1p correction log(u) m / (u - 1), about
 // 1 ulp) so that the loop vectorises (with -fno-math-errno: a sqrt that may
 // set errno is a call); float64 std::log1p. Sums per period
@@ -76,7 +77,7 @@ DK_INLINE void forward_block(const T* __restrict__ a, const T* __restrict__ b, c
       const T ma = std::sqrt(ar * ar + ai * ai + T(1e-8)), mb = std::sqrt(br * br + bi * bi + T(1e-8));
       const T d = log1p_approx(ma) - log1p_approx(mb);
       buf[j] = ws[j] * (d < T(0) ? -d : d);
-      ss[j] = int8_t((d > T(0)) - (d < T(0)));
+      ss[j] = int8_t((ma > mb) - (ma < mb));  // sign(d) exactly (log1p is increasing), not the rounded d's
     }
     T lanes[kLanes] = {};
     int64_t j = 0;
