@@ -142,6 +142,14 @@ TORCH_LIBRARY(dynkernels, m) {
   // or b (direction -1) (see csrc/fdit/spectral_l1_cpu.cpp).
   m.def("spectral_l1(Tensor a, Tensor b, Tensor weights, float total) -> (Tensor, Tensor)");
   m.def("spectral_l1_backward(Tensor grad, Tensor spectrum, Tensor sign, Tensor weights, float total, float direction) -> Tensor");
+  // ---- Auto Seg-Loss ----
+  // Region surrogates' per-class statistics of logits (N, C, H, W) with labels (N, H, W) (int64, int32
+  // or uint8), an optional uint8 region (N, H, W) (BIoU's trimap) and Bezier curves theta_i, theta_u
+  // (4M - 2 numbers each; theta_u may be empty) -> (3, C): sum m h_i(s_c) [l == c], sum m h_u(s_c)
+  // [l != c], sum m [l == c] (float; double for double logits). Backward from (3, C) -> d / d logits
+  // (see csrc/auto_seg_loss/surrogate_stats_cpu.cpp).
+  m.def("surrogate_stats(Tensor logits, Tensor target, Tensor? region, Tensor theta_i, Tensor theta_u, int ignore_index) -> Tensor");
+  m.def("surrogate_stats_backward(Tensor grad, Tensor logits, Tensor target, Tensor? region, Tensor theta_i, Tensor theta_u, int ignore_index) -> Tensor");
   // ---- ISDA ----
   // In place: the estimator (cov (C, A, A), mean (C, A), amount (C,)) merges the batch's
   // per-class population moments (features (N, A), labels (N,) int64); cov stays exactly symmetric.
