@@ -155,3 +155,16 @@ def test_gfnet_toy_example_trains_three_stages_and_plots_the_budget_sweep(tmp_pa
         exits = [int(v) for v in line.split("exits [")[1].rstrip("]").split(",")]
         assert 0 <= accuracy <= 100 and sum(exits) == 48
     assert out.stat().st_size > 10_000
+
+
+def test_auto_seg_loss_example_searches_and_trains():
+    cmd = [sys.executable, str(ROOT / "examples" / "auto_seg_loss.py"), "--size", "24", "--train", "32", "--test", "16"]
+    cmd += ["--steps", "4", "--proxy-steps", "2", "--search-rounds", "1", "--search-samples", "3"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("search round") for line in lines) == 1
+    finals = [line for line in lines if ": test mIoU " in line]
+    assert [line.split(":")[0] for line in finals] == ["cross-entropy", "searched mIoU surrogate", "official mIoU preset"]
+    for line in finals:
+        assert 0.0 <= float(line.split("test mIoU ")[1].split("%")[0]) <= 100.0

@@ -131,8 +131,8 @@ def _launch_args(logits, target, region, theta_i, theta_u):
 
     acc, _ = _acc(logits)
     like = torch.empty(0, dtype=acc, device=logits.device)
-    t1 = _piece_table(theta_i, like)
-    t2 = _piece_table(theta_u, like) if theta_u.numel() else t1
+    t1 = _piece_table(theta_i.tolist(), like)
+    t2 = _piece_table(theta_u.tolist(), like) if theta_u.numel() else t1
     n, c, h, w = logits.shape
     bc = triton.next_power_of_2(c)
     bp = max(16, min(128, 4096 // bc))

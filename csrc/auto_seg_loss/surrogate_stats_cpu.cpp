@@ -21,8 +21,8 @@
 // the official gradient is inf or NaN there). Pieces are selected as the
 // official code does: the first with x <= B_x, later ones with A_x < x <= B_x.
 //
-// Pixels are cut into fixed blocks; each block's sums (float lanes per tile,
-// then double) land in its own slot, and slots are added in block order, so
+// Pixels are cut into fixed blocks; each block's sums (one float per class
+// and tile lane, then double) land in its own slot, and slots are added in block order, so
 // the result is the same for any thread count. Accumulates in float for
 // float / half / bfloat16 logits, in double for double.
 #include <ATen/OpMathType.h>
@@ -33,7 +33,10 @@
 #include <cmath>
 #include <vector>
 
+#include <type_traits>
+
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/cpu_math.h"
 
 namespace {
@@ -71,113 +74,237 @@ struct Curve {
       inv_w[k] = A(1.0 / (p[4] - p[0]));
     }
   }
-
-  // h(x), and h'(x) in *slope when slope != nullptr
-  inline A eval(A x, A* slope) const {
-    A pax = ax[0], pay = ay[0], pqy = qy[0], pbx = bx[0], pby = by[0], pq = q[0], pinv = inv_w[0];
-    for (int k = 1; k < pieces; ++k) {  // selects, so that loops over pixels vectorise
-      const bool in = x > ax[k];
-      pax = in ? ax[k] : pax;
-      pay = in ? ay[k] : pay;
-      pqy = in ? qy[k] : pqy;
-      pbx = in ? bx[k] : pbx;
-      pby = in ? by[k] : pby;
-      pq = in ? q[k] : pq;
-      pinv = in ? inv_w[k] : pinv;
-    }
-    const A xn = (x - pax) * pinv;
-    A d = pq * pq + (A(1) - A(2) * pq) * xn;
-    d = d > A(0) ? d : A(0);
-    const A root = std::sqrt(d);
-    const A den = pq + root;
-    A t = den > A(0) ? xn / den : A(0);
-    t = x >= pbx ? A(1) : t;  // exactly 1 at the piece's end (x' may round under 1)
-    const A u = A(1) - t;
-    if (slope != nullptr) {
-      const A dydt = A(2) * u * (pqy - pay) + A(2) * t * (pby - pqy);
-      *slope = root > A(0) ? dydt * pinv / (A(2) * root) : A(0);
-    }
-    return u * (u * pay + A(2) * t * pqy) + t * t * pby;  // Bernstein form: exactly A_y at t = 0, B_y at t = 1
-  }
 };
 
-template <typename L>
-inline bool pixel_valid(L label, int64_t classes, int64_t ignore_index) {
-  const int64_t v = static_cast<int64_t>(label);
-  return v >= 0 && v < classes && v != ignore_index;
+// h(x), and h'(x) when SLOPE. P > 0: the curve has P pieces (the piece loop
+// unrolls); P = 0: c.pieces at run time.
+template <int P, bool SLOPE, typename A>
+DK_INLINE A curve_eval(const Curve<A>& c, A x, A& slope) {
+  A pax = c.ax[0], pay = c.ay[0], pqy = c.qy[0], pbx = c.bx[0], pby = c.by[0], pq = c.q[0], pinv = c.inv_w[0];
+  const int pieces = P > 0 ? P : c.pieces;
+  // selects, so that loops over pixels vectorise; unrolled before the vectoriser
+  // looks (a loop left inside the pixel loop blocks it)
+#pragma GCC unroll 16
+  for (int k = 1; k < pieces; ++k) {
+    const bool in = x > c.ax[k];
+    pax = in ? c.ax[k] : pax;
+    pay = in ? c.ay[k] : pay;
+    pqy = in ? c.qy[k] : pqy;
+    pbx = in ? c.bx[k] : pbx;
+    pby = in ? c.by[k] : pby;
+    pq = in ? c.q[k] : pq;
+    pinv = in ? c.inv_w[k] : pinv;
+  }
+  const A xn = (x - pax) * pinv;
+  A d = pq * pq + (A(1) - A(2) * pq) * xn;
+  d = d > A(0) ? d : A(0);
+  const A root = std::sqrt(d);
+  const A den = pq + root;
+  A t = xn / (den > A(0) ? den : A(1));
+  t = den > A(0) ? t : A(0);
+  t = x >= pbx ? A(1) : t;  // exactly 1 at the piece's end (x' may round under 1)
+  const A u = A(1) - t;
+  if (SLOPE) {
+    const A dydt = A(2) * u * (pqy - pay) + A(2) * t * (pby - pqy);
+    const A s = dydt * pinv / (A(2) * (root > A(0) ? root : A(1)));
+    slope = root > A(0) ? s : A(0);
+  }
+  return u * (u * pay + A(2) * t * pqy) + t * t * pby;  // Bernstein form: exactly A_y at t = 0, B_y at t = 1
 }
 
-// softmax over classes of a tile of `count` pixels: s[c * kTile + p]
+template <typename L>
+DK_INLINE int32_t class_of(L label, int64_t classes, int64_t ignore_index) {
+  const int64_t v = static_cast<int64_t>(label);
+  return (v >= 0 && v < classes && v != ignore_index) ? static_cast<int32_t>(v) : -1;
+}
+
+// per pixel of the tile: its class, or -1 where m = 0 (and for the tile's padding)
+DK_INLINE void tile_classes(const void* labels, at::ScalarType kind, const uint8_t* region, int64_t classes,
+                            int64_t ignore_index, int64_t count, int32_t* cls) {
+  for (int64_t p = 0; p < kTile; ++p) cls[p] = -1;
+  for (int64_t p = 0; p < count; ++p) {
+    int32_t v;
+    if (kind == at::kLong) v = class_of(static_cast<const int64_t*>(labels)[p], classes, ignore_index);
+    else if (kind == at::kInt) v = class_of(static_cast<const int32_t*>(labels)[p], classes, ignore_index);
+    else v = class_of(static_cast<const uint8_t*>(labels)[p], classes, ignore_index);
+    cls[p] = (region == nullptr || region[p] != 0) ? v : -1;
+  }
+}
+
+// softmax over classes of a tile of `count` pixels: s[c * kTile + p] (0 past count)
 template <typename T, typename A>
-inline void tile_softmax(const T* z, int64_t hw, int64_t classes, int64_t count, A* s) {
+DK_INLINE void tile_softmax(const T* z, int64_t hw, int64_t classes, int64_t count, A* s) {
   A mx[kTile], total[kTile];
+  for (int64_t c = 0; c < classes; ++c) {
+    const T* zc = z + c * hw;
+    A* sc = s + c * kTile;
+    for (int64_t p = 0; p < count; ++p) sc[p] = A(zc[p]);
+    for (int64_t p = count; p < kTile; ++p) sc[p] = A(0);
+  }
   for (int64_t p = 0; p < kTile; ++p) {
-    mx[p] = p < count ? A(z[p]) : A(0);
+    mx[p] = s[p];
     total[p] = A(0);
   }
   for (int64_t c = 1; c < classes; ++c) {
-    const T* zc = z + c * hw;
-    for (int64_t p = 0; p < count; ++p) mx[p] = A(zc[p]) > mx[p] ? A(zc[p]) : mx[p];
+    const A* sc = s + c * kTile;
+    for (int64_t p = 0; p < kTile; ++p) mx[p] = sc[p] > mx[p] ? sc[p] : mx[p];
   }
   for (int64_t c = 0; c < classes; ++c) {
-    const T* zc = z + c * hw;
     A* sc = s + c * kTile;
-    for (int64_t p = 0; p < count; ++p) {
-      sc[p] = dynkernels::exp_approx(A(zc[p]) - mx[p]);
+    for (int64_t p = 0; p < kTile; ++p) {
+      sc[p] = dynkernels::exp_approx(sc[p] - mx[p]);
       total[p] += sc[p];
     }
   }
-  for (int64_t p = 0; p < count; ++p) total[p] = A(1) / total[p];
+  for (int64_t p = 0; p < kTile; ++p) total[p] = A(1) / total[p];
   for (int64_t c = 0; c < classes; ++c) {
     A* sc = s + c * kTile;
-    for (int64_t p = 0; p < count; ++p) sc[p] *= total[p];
+    for (int64_t p = 0; p < kTile; ++p) sc[p] *= total[p];
   }
 }
 
-// per pixel of the tile: its class (or -1 where m = 0)
-template <typename L>
-inline void tile_classes(const L* labels, const uint8_t* region, int64_t classes, int64_t ignore_index, int64_t count,
-                         int32_t* cls) {
-  for (int64_t p = 0; p < count; ++p) {
-    const bool keep = pixel_valid(labels[p], classes, ignore_index) && (region == nullptr || region[p] != 0);
-    cls[p] = keep ? static_cast<int32_t>(labels[p]) : -1;
-  }
-}
+template <typename A>
+struct Work {  // one call's constants, passed by pointer to the ISA workers
+  const Curve<A>* h1;
+  const Curve<A>* h2;
+  const void* labels;
+  at::ScalarType label_kind;
+  const uint8_t* region;
+  int64_t classes, hw, ignore_index;
+};
 
-template <typename T, typename L>
-void stats_kernel(const T* logits, const L* labels, const uint8_t* region, const Curve<at::opmath_type<T>>& h1,
-                  const Curve<at::opmath_type<T>>& h2, int64_t n, int64_t classes, int64_t hw, int64_t ignore_index,
-                  double* out) {
+// one block's sums: per class and lane in `lanes` (3 x C x kTile), then in
+// double, in order, into acc (3 x C)
+template <typename T, int P, bool U>
+DK_INLINE void stats_block_body(const T* logits, const Work<at::opmath_type<T>>& w, int64_t img, int64_t start,
+                                int64_t stop, at::opmath_type<T>* s, at::opmath_type<T>* lanes, double* acc) {
   using A = at::opmath_type<T>;
-  const int64_t blocks_per_image = (hw + kBlock - 1) / kBlock, blocks = n * blocks_per_image;
-  std::vector<double> partial(static_cast<size_t>(blocks) * 3 * classes, 0.0);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> s(classes * kTile);
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t img = block / blocks_per_image, start = (block % blocks_per_image) * kBlock;
-      const int64_t stop = std::min(hw, start + kBlock);
-      double* acc = partial.data() + block * 3 * classes;
-      for (int64_t p0 = start; p0 < stop; p0 += kTile) {
-        const int64_t count = std::min(kTile, stop - p0);
-        int32_t cls[kTile];
-        tile_classes(labels + img * hw + p0, region == nullptr ? nullptr : region + img * hw + p0, classes,
-                     ignore_index, count, cls);
-        tile_softmax(logits + img * classes * hw + p0, hw, classes, count, s.data());
-        for (int64_t c = 0; c < classes; ++c) {
-          const A* sc = s.data() + c * kTile;
-          A inter = 0, rest = 0, hits = 0;
-          for (int64_t p = 0; p < count; ++p) {
-            const A own = cls[p] == c ? A(1) : A(0);
-            const A other = cls[p] >= 0 && cls[p] != c ? A(1) : A(0);
-            inter += own * h1.eval(sc[p], nullptr);
-            hits += own;
-            if (h2.pieces > 0) rest += other * h2.eval(sc[p], nullptr);
-          }
-          acc[c] += inter;
-          acc[classes + c] += rest;
-          acc[2 * classes + c] += hits;
+  const int64_t classes = w.classes, hw = w.hw;
+  const Curve<A> c1 = *w.h1, c2 = *w.h2;  // locals: no loads the pixel loop's stores might alias
+  for (int64_t i = 0; i < 3 * classes * kTile; ++i) lanes[i] = A(0);
+  for (int64_t p0 = start; p0 < stop; p0 += kTile) {
+    const int64_t count = std::min(kTile, stop - p0);
+    int32_t cls[kTile];
+    const int64_t at = img * hw + p0;
+    tile_classes(static_cast<const char*>(w.labels) + at * c10::elementSize(w.label_kind), w.label_kind,
+                 w.region == nullptr ? nullptr : w.region + at, classes, w.ignore_index, count, cls);
+    tile_softmax(logits + img * classes * hw + p0, hw, classes, count, s);
+    for (int64_t c = 0; c < classes; ++c) {
+      const A* __restrict__ sc = s + c * kTile;
+      A* __restrict__ li = lanes + c * kTile;
+      A* __restrict__ lu = lanes + (classes + c) * kTile;
+      A* __restrict__ lc = lanes + (2 * classes + c) * kTile;
+      const int32_t cc = static_cast<int32_t>(c);
+      for (int64_t p = 0; p < kTile; ++p) {
+        A unused;
+        const A h1 = curve_eval<P, false>(c1, sc[p], unused);
+        li[p] += cls[p] == cc ? h1 : A(0);
+        lc[p] += cls[p] == cc ? A(1) : A(0);
+        if (U) {
+          const A h2 = curve_eval<P, false>(c2, sc[p], unused);
+          lu[p] += (cls[p] >= 0 && cls[p] != cc) ? h2 : A(0);
         }
       }
+    }
+  }
+  for (int64_t i = 0; i < 3 * classes; ++i) {
+    double sum = 0.0;
+    for (int64_t p = 0; p < kTile; ++p) sum += double(lanes[i * kTile + p]);
+    acc[i] = sum;
+  }
+}
+
+template <typename T, int P, bool U>
+DK_INLINE void backward_tile_body(const double* grad, const T* logits, const Work<at::opmath_type<T>>& w, int64_t img,
+                                  int64_t p0, at::opmath_type<T>* s, at::opmath_type<T>* g, T* out) {
+  using A = at::opmath_type<T>;
+  const int64_t classes = w.classes, hw = w.hw;
+  const int64_t count = std::min(kTile, hw - p0);
+  int32_t cls[kTile];
+  const int64_t at = img * hw + p0;
+  tile_classes(static_cast<const char*>(w.labels) + at * c10::elementSize(w.label_kind), w.label_kind,
+               w.region == nullptr ? nullptr : w.region + at, classes, w.ignore_index, count, cls);
+  const int64_t offset = img * classes * hw + p0;
+  tile_softmax(logits + offset, hw, classes, count, s);
+  const Curve<A> c1 = *w.h1, c2 = *w.h2;  // locals: no loads the pixel loop's stores might alias
+  A dot[kTile];
+  for (int64_t p = 0; p < kTile; ++p) dot[p] = A(0);
+  for (int64_t c = 0; c < classes; ++c) {
+    const A* __restrict__ sc = s + c * kTile;
+    A* __restrict__ gc = g + c * kTile;
+    const A g_inter = A(grad[c]), g_rest = A(grad[classes + c]);
+    const int32_t cc = static_cast<int32_t>(c);
+    for (int64_t p = 0; p < kTile; ++p) {
+      A slope1 = 0, slope2 = 0;
+      curve_eval<P, true>(c1, sc[p], slope1);
+      A v = cls[p] == cc ? g_inter * slope1 : A(0);
+      if (U) {
+        curve_eval<P, true>(c2, sc[p], slope2);
+        v += (cls[p] >= 0 && cls[p] != cc) ? g_rest * slope2 : A(0);
+      }
+      gc[p] = v;
+      dot[p] += sc[p] * v;
+    }
+  }
+  for (int64_t c = 0; c < classes; ++c) {
+    const A* sc = s + c * kTile;
+    const A* gc = g + c * kTile;
+    T* oc = out + offset + c * hw;
+    for (int64_t p = 0; p < count; ++p) oc[p] = T(sc[p] * (gc[p] - dot[p]));
+  }
+}
+
+// the curves' piece count as a template argument where it is 1 or 2 (every official preset)
+template <typename F>
+DK_INLINE void with_pieces(int p1, int p2, F&& body) {
+  const bool u = p2 > 0;
+  const int p = (p1 == p2 || !u) ? p1 : 0;
+  if (p == 1) {
+    if (u) body(std::integral_constant<int, 1>{}, std::true_type{});
+    else body(std::integral_constant<int, 1>{}, std::false_type{});
+  } else if (p == 2) {
+    if (u) body(std::integral_constant<int, 2>{}, std::true_type{});
+    else body(std::integral_constant<int, 2>{}, std::false_type{});
+  } else {
+    if (u) body(std::integral_constant<int, 0>{}, std::true_type{});
+    else body(std::integral_constant<int, 0>{}, std::false_type{});
+  }
+}
+
+template <typename T, dynkernels::CpuIsa I>
+DK_INLINE void stats_block(const T* logits, const Work<at::opmath_type<T>>* w, int64_t img, int64_t start,
+                           int64_t stop, at::opmath_type<T>* s, at::opmath_type<T>* lanes, double* acc) {
+  with_pieces(w->h1->pieces, w->h2->pieces, [&](auto p, auto u) {
+    stats_block_body<T, decltype(p)::value, decltype(u)::value>(logits, *w, img, start, stop, s, lanes, acc);
+  });
+}
+DK_ISA_DISPATCH(stats_block)
+
+template <typename T, dynkernels::CpuIsa I>
+DK_INLINE void backward_tiles(const double* grad, const T* logits, const Work<at::opmath_type<T>>* w, int64_t begin,
+                              int64_t end, int64_t tiles_per_image, at::opmath_type<T>* s, at::opmath_type<T>* g,
+                              T* out) {
+  with_pieces(w->h1->pieces, w->h2->pieces, [&](auto p, auto u) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      backward_tile_body<T, decltype(p)::value, decltype(u)::value>(
+          grad, logits, *w, tile / tiles_per_image, (tile % tiles_per_image) * kTile, s, g, out);
+    }
+  });
+}
+DK_ISA_DISPATCH(backward_tiles)
+
+template <typename T>
+void stats_kernel(const T* logits, const Work<at::opmath_type<T>>& w, int64_t n, double* out) {
+  using A = at::opmath_type<T>;
+  const int64_t classes = w.classes;
+  const int64_t blocks_per_image = (w.hw + kBlock - 1) / kBlock, blocks = n * blocks_per_image;
+  std::vector<double> partial(static_cast<size_t>(blocks) * 3 * classes, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> s(classes * kTile), lanes(3 * classes * kTile);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t img = block / blocks_per_image, start = (block % blocks_per_image) * kBlock;
+      stats_block_isa<T>(logits, &w, img, start, std::min(w.hw, start + kBlock), s.data(), lanes.data(),
+                         partial.data() + block * 3 * classes);
     }
   });
   for (int64_t i = 0; i < 3 * classes; ++i) out[i] = 0.0;
@@ -185,49 +312,13 @@ void stats_kernel(const T* logits, const L* labels, const uint8_t* region, const
     for (int64_t i = 0; i < 3 * classes; ++i) out[i] += partial[block * 3 * classes + i];
 }
 
-template <typename T, typename L>
-void backward_kernel(const double* grad, const T* logits, const L* labels, const uint8_t* region,
-                     const Curve<at::opmath_type<T>>& h1, const Curve<at::opmath_type<T>>& h2, int64_t n,
-                     int64_t classes, int64_t hw, int64_t ignore_index, T* out) {
+template <typename T>
+void backward_kernel(const double* grad, const T* logits, const Work<at::opmath_type<T>>& w, int64_t n, T* out) {
   using A = at::opmath_type<T>;
-  const int64_t tiles_per_image = (hw + kTile - 1) / kTile;
-  std::vector<A> g_inter(classes), g_rest(classes);
-  for (int64_t c = 0; c < classes; ++c) {
-    g_inter[c] = A(grad[c]);
-    g_rest[c] = A(grad[classes + c]);
-  }
+  const int64_t tiles_per_image = (w.hw + kTile - 1) / kTile;
   at::parallel_for(0, n * tiles_per_image, 16, [&](int64_t begin, int64_t end) {
-    std::vector<A> s(classes * kTile), g(classes * kTile);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t img = tile / tiles_per_image, p0 = (tile % tiles_per_image) * kTile;
-      const int64_t count = std::min(kTile, hw - p0);
-      int32_t cls[kTile];
-      tile_classes(labels + img * hw + p0, region == nullptr ? nullptr : region + img * hw + p0, classes,
-                   ignore_index, count, cls);
-      const int64_t offset = img * classes * hw + p0;
-      tile_softmax(logits + offset, hw, classes, count, s.data());
-      A dot[kTile];
-      for (int64_t p = 0; p < kTile; ++p) dot[p] = A(0);
-      for (int64_t c = 0; c < classes; ++c) {
-        const A* sc = s.data() + c * kTile;
-        A* gc = g.data() + c * kTile;
-        for (int64_t p = 0; p < count; ++p) {
-          A slope1 = 0, slope2 = 0;
-          h1.eval(sc[p], &slope1);
-          if (h2.pieces > 0) h2.eval(sc[p], &slope2);
-          const A own = cls[p] == c ? A(1) : A(0);
-          const A other = cls[p] >= 0 && cls[p] != c ? A(1) : A(0);
-          gc[p] = own * g_inter[c] * slope1 + other * g_rest[c] * slope2;
-          dot[p] += sc[p] * gc[p];
-        }
-      }
-      for (int64_t c = 0; c < classes; ++c) {
-        const A* sc = s.data() + c * kTile;
-        const A* gc = g.data() + c * kTile;
-        T* oc = out + offset + c * hw;
-        for (int64_t p = 0; p < count; ++p) oc[p] = T(sc[p] * (gc[p] - dot[p]));
-      }
-    }
+    std::vector<A> s(w.classes * kTile), g(w.classes * kTile);
+    backward_tiles_isa<T>(grad, logits, &w, begin, end, tiles_per_image, s.data(), g.data(), out);
   });
 }
 
@@ -252,15 +343,6 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& target, const std:
   TORCH_CHECK(theta_i.device().is_cpu() && theta_u.device().is_cpu(), "theta must be CPU tensors");
 }
 
-template <typename F>
-void dispatch_labels(const at::Tensor& target, F&& body) {
-  switch (target.scalar_type()) {
-    case at::kLong: return body(target.data_ptr<int64_t>());
-    case at::kInt: return body(target.data_ptr<int32_t>());
-    default: return body(target.data_ptr<uint8_t>());
-  }
-}
-
 at::Tensor surrogate_stats_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
                                const std::optional<at::Tensor>& region_in, const at::Tensor& theta_i,
                                const at::Tensor& theta_u, int64_t ignore_index) {
@@ -273,11 +355,9 @@ at::Tensor surrogate_stats_cpu(const at::Tensor& logits_in, const at::Tensor& ta
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "surrogate_stats", [&] {
     using A = at::opmath_type<scalar_t>;
     const Curve<A> h1(theta_i), h2(theta_u);
-    dispatch_labels(target, [&](const auto* labels) {
-      stats_kernel<scalar_t>(logits.data_ptr<scalar_t>(), labels,
-                             region.defined() ? region.data_ptr<uint8_t>() : nullptr, h1, h2, n, classes, hw,
-                             ignore_index, sums.data_ptr<double>());
-    });
+    const Work<A> w{&h1, &h2, target.data_ptr(), target.scalar_type(),
+                    region.defined() ? region.data_ptr<uint8_t>() : nullptr, classes, hw, ignore_index};
+    stats_kernel<scalar_t>(logits.data_ptr<scalar_t>(), w, n, sums.data_ptr<double>());
   });
   return sums.to(acc_type);
 }
@@ -295,11 +375,9 @@ at::Tensor surrogate_stats_backward_cpu(const at::Tensor& grad, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "surrogate_stats_backward", [&] {
     using A = at::opmath_type<scalar_t>;
     const Curve<A> h1(theta_i), h2(theta_u);
-    dispatch_labels(target, [&](const auto* labels) {
-      backward_kernel<scalar_t>(g.data_ptr<double>(), logits.data_ptr<scalar_t>(), labels,
-                                region.defined() ? region.data_ptr<uint8_t>() : nullptr, h1, h2, n, classes, hw,
-                                ignore_index, out.data_ptr<scalar_t>());
-    });
+    const Work<A> w{&h1, &h2, target.data_ptr(), target.scalar_type(),
+                    region.defined() ? region.data_ptr<uint8_t>() : nullptr, classes, hw, ignore_index};
+    backward_kernel<scalar_t>(g.data_ptr<double>(), logits.data_ptr<scalar_t>(), w, n, out.data_ptr<scalar_t>());
   });
   return out;
 }

@@ -35,8 +35,9 @@ __all__ = ["SearchResult", "SurrogateSegLoss", "TruncatedNormal", "monotone_cont
 
 class SurrogateSegLoss(nn.Module):
     """``loss_weight * surrogate_seg_loss(logits, target, theta, metric=...)``;
-    see :func:`dynkernels.ops.surrogate_seg_loss`. theta is a buffer (float64,
-    checked monotone once here)."""
+    see :func:`dynkernels.ops.surrogate_seg_loss`. theta is a hyperparameter
+    (a tuple of floats, checked monotone once here), not a buffer: plain
+    numbers keep torch.compile's graph whole."""
 
     def __init__(
         self,
@@ -57,7 +58,7 @@ class SurrogateSegLoss(nn.Module):
             raise ValueError(f"metric must be one of {tuple(SURROGATE_PRESETS)}, got {metric!r}")
         self.metric = metric
         preset = SURROGATE_PRESETS[metric]
-        self.register_buffer("theta", check_theta(preset["theta"] if theta is None else theta, CURVES[metric]))
+        self.theta = check_theta(preset["theta"] if theta is None else theta, CURVES[metric])
         self.ignore_index = ignore_index
         self.drop_bg = preset["drop_bg"] if drop_bg is None else bool(drop_bg)
         self.boundary_tolerance = boundary_tolerance
@@ -70,7 +71,7 @@ class SurrogateSegLoss(nn.Module):
         loss = ops.surrogate_seg_loss(
             logits,
             target,
-            self.theta.cpu(),
+            self.theta,
             metric=self.metric,
             ignore_index=self.ignore_index,
             drop_bg=self.drop_bg,

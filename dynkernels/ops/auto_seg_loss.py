@@ -118,41 +118,44 @@ _LABEL_DTYPES = (torch.uint8, torch.int32, torch.int64)
 # ---------------------------------------------------------------- theta
 
 
-def _as_theta(theta) -> torch.Tensor:
+def check_theta(theta, curves: int = 1, name: str = "theta") -> tuple[float, ...]:
+    """theta as a tuple of Python floats (`curves` curves of 4M - 2 numbers
+    each), after checking that every curve is monotone (see the module
+    docstring). Plain numbers keep torch.compile's graph whole; a tensor is
+    read once (a host sync on GPUs, a graph break under compile)."""
     if isinstance(theta, torch.Tensor):
-        return theta.detach()
-    return torch.tensor([float(v) for v in theta], dtype=torch.float64)
-
-
-def check_theta(theta, curves: int = 1, name: str = "theta") -> torch.Tensor:
-    """theta as a float64 CPU tensor, split-ready into `curves` curves of 4M - 2
-    numbers each, after checking that every curve is monotone (see the module
-    docstring). A CUDA theta is copied to the host once (a sync)."""
-    t = _as_theta(theta)
-    if t.dim() != 1 or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be a 1-D sequence of numbers, got shape {tuple(t.shape)}")
-    t = t.to("cpu", torch.float64)
-    per_curve, rest = divmod(t.numel(), curves)
+        if theta.dim() != 1 or theta.is_complex() or theta.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D sequence of numbers, got shape {tuple(theta.shape)}")
+        theta = theta.detach().cpu().tolist()
+    try:
+        values = tuple(float(v) for v in theta)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a 1-D sequence of numbers, got {theta!r}") from None
+    per_curve, rest = divmod(len(values), curves)
     if rest or per_curve < 2 or per_curve % 4 != 2:
         raise ValueError(
-            f"{name} must hold {curves} curve(s) of 4M - 2 numbers (2, 6, 10, ...), got {t.numel()} numbers"
+            f"{name} must hold {curves} curve(s) of 4M - 2 numbers (2, 6, 10, ...), got {len(values)} numbers"
         )
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, got {t.tolist()}")
-    for k, curve in enumerate(t.split(per_curve)):
-        points = torch.cat([t.new_zeros(2), curve, t.new_ones(2)]).view(-1, 2)  # (0,0), Q1, P1, ..., (1,1)
-        inside = bool(((points >= 0) & (points <= 1)).all())
-        monotone = bool((points[1:] >= points[:-1]).all())
-        widths = points[2::2, 0] - points[0:-2:2, 0]  # each piece's B_x - A_x
-        if not (inside and monotone and bool((widths > 0).all())):
+    for k in range(curves):
+        curve = values[k * per_curve : (k + 1) * per_curve]
+        points = [(0.0, 0.0)] + [(curve[i], curve[i + 1]) for i in range(0, per_curve, 2)] + [(1.0, 1.0)]
+        inside = all(0.0 <= v <= 1.0 for p in points for v in p)  # False for NaN too
+        monotone = all(b[0] >= a[0] and b[1] >= a[1] for a, b in zip(points, points[1:]))
+        widths = all(points[i + 2][0] > points[i][0] for i in range(0, len(points) - 2, 2))
+        if not (inside and monotone and widths):
             raise ValueError(
                 f"{name}: curve {k} must be monotone (control points non-decreasing in x and y within [0, 1], "
-                f"each piece of positive width), got control points {points.tolist()}"
+                f"each piece of positive width), got control points {points}"
             )
-    return t
+    return values
 
 
-def _theta_for(metric: str, theta) -> torch.Tensor:
+def _split(theta: tuple[float, ...], parts: int) -> list[tuple[float, ...]]:
+    size = len(theta) // parts
+    return [theta[k * size : (k + 1) * size] for k in range(parts)]
+
+
+def _theta_for(metric: str, theta) -> tuple[float, ...]:
     return check_theta(SURROGATE_PRESETS[metric]["theta"] if theta is None else theta, CURVES[metric])
 
 
@@ -174,12 +177,13 @@ class _Bezier(torch.autograd.Function):
         return grad * slope, None
 
 
-def _piece_table(theta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(M, 7): A_x, A_y, q, Q_y, B_x, B_y, 1 / (B_x - A_x) per piece, in like's dtype and device."""
-    cp = torch.cat([theta.new_zeros(2), theta, theta.new_ones(2)])
+def _piece_table(theta, like: torch.Tensor) -> torch.Tensor:
+    """(M, 7): A_x, A_y, q, Q_y, B_x, B_y, 1 / (B_x - A_x) per piece of one
+    curve (floats), in like's floating dtype and device."""
+    cp = (0.0, 0.0, *(float(v) for v in theta), 1.0, 1.0)
     rows = []
-    for k in range((cp.numel() - 2) // 4):
-        a_x, a_y, q_x, q_y, b_x, b_y = cp[4 * k : 4 * k + 6].tolist()
+    for k in range((len(cp) - 2) // 4):
+        a_x, a_y, q_x, q_y, b_x, b_y = cp[4 * k : 4 * k + 6]
         rows.append([a_x, a_y, (q_x - a_x) / (b_x - a_x), q_y, b_x, b_y, 1.0 / (b_x - a_x)])
     return torch.tensor(rows, dtype=like.dtype if like.is_floating_point() else torch.float32, device=like.device)
 
@@ -211,7 +215,7 @@ def bezier_surrogate(x: torch.Tensor, theta, *, backend=None) -> torch.Tensor:
         raise TypeError(f"x must be floating, got {x.dtype}")
     t = check_theta(theta)
     if resolve("bezier_surrogate", x.device, backend) == "reference":
-        return ref.bezier_surrogate(x, t.to(x.device, x.dtype))
+        return ref.bezier_surrogate(x, torch.tensor(t, dtype=x.dtype, device=x.device))
     return _Bezier.apply(x, _piece_table(t, x))
 
 
@@ -326,10 +330,13 @@ def surrogate_seg_loss(
         drop_bg = SURROGATE_PRESETS[metric]["drop_bg"]
     classes = logits.shape[1]
     _check_labels(target, classes, ignore_index, check_labels)
+    if metric == "bf1" and backend is None:
+        backend = "composite"  # BF1 has no kernel of its own yet: auto runs the composite
     chosen = resolve("surrogate_seg_loss", logits.device, backend)
     if chosen == "reference":
+        theta_t = torch.tensor(th, dtype=torch.float64, device=logits.device)
         return ref.surrogate_seg_loss(
-            logits, target, th.to(logits.device), metric, ignore_index, drop_bg, boundary_tolerance, eps, "zero"
+            logits, target, theta_t, metric, ignore_index, drop_bg, boundary_tolerance, eps, "zero"
         )
     if metric == "bf1":
         if chosen != "composite":
@@ -340,13 +347,14 @@ def surrogate_seg_loss(
         region = boundary_region(
             target, classes, ignore_index=ignore_index, drop_bg=drop_bg, boundary_tolerance=boundary_tolerance
         )
-    theta_i, theta_u = (th.chunk(2) if CURVES[metric] == 2 else (th, th.new_empty(0)))
+    theta_i, theta_u = _split(th, 2) if CURVES[metric] == 2 else (th, ())
     if chosen == "composite":
         stats = _stats_composite(logits, target, region, theta_i, theta_u, ignore_index)
     else:
         op = torch.ops.dynkernels.surrogate_stats if chosen == "cpp" else torch.ops.dynkernels.surrogate_stats_triton
         region_u8 = None if region is None else region.to(torch.uint8)
-        stats = op(logits, target, region_u8, theta_i, theta_u, ignore_index)
+        as_tensor = lambda t: torch.tensor(t, dtype=torch.float64)  # noqa: E731  (CPU: a constant under compile)
+        stats = op(logits, target, region_u8, as_tensor(theta_i), as_tensor(theta_u), ignore_index)
     return _loss_from_stats(stats, metric, eps)
 
 
@@ -377,7 +385,7 @@ def _stats_composite(logits, target, region, theta_i, theta_u, ignore_index):
     other = valid.unsqueeze(1) & ~own
     h1 = _Bezier.apply(s, _piece_table(theta_i, s))
     inter = (h1 * own).sum((0, 2, 3))
-    if theta_u.numel():
+    if theta_u:
         rest = (_Bezier.apply(s, _piece_table(theta_u, s)) * other).sum((0, 2, 3))
     else:
         rest = torch.zeros_like(inter)
@@ -396,7 +404,7 @@ def _bf1_composite(logits, target, theta, ignore_index, drop_bg, tol, eps):
     with torch.no_grad():
         near_y = _max_filter(edge_y, tol)
     erode = -F.max_pool2d(-F.pad(s, (1, 1, 1, 1), value=1.0), 3, stride=1)
-    tables = [_piece_table(t, s) for t in theta.chunk(4)]
+    tables = [_piece_table(t, s) for t in _split(theta, 4)]
     h3, h4 = _Bezier.apply(s, tables[2]), _Bezier.apply(erode, tables[3])
     edge_s = h3 + h4 - h3 * h4 - _Bezier.apply(s, tables[0]) * _Bezier.apply(erode, tables[1])
     near_s = F.max_pool2d(edge_s, 2 * tol + 1, stride=1, padding=tol) if tol > 0 else edge_s
